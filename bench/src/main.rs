@@ -1,0 +1,4 @@
+//! ocelot-bench — the benchmark harness.
+#![forbid(unsafe_code)]
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! SKELETON — the parser helper replaces this file.

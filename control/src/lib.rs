@@ -1,0 +1,2 @@
+//! # control — from cluster objects to classifier snapshots
+#![forbid(unsafe_code)]

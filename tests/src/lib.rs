@@ -1,0 +1,2 @@
+//! Shared helpers for ocelot's end-to-end tests.
+#![forbid(unsafe_code)]

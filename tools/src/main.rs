@@ -1,0 +1,4 @@
+//! ocelotctl — the operator's CLI.
+#![forbid(unsafe_code)]
+
+fn main() {}
