@@ -140,14 +140,12 @@ impl Worker {
         }
         let hop = *snap.routes.lookup(ip.dst).ok_or(DropReason::NoRoute)?;
         let from_pod = matches!(port.kind, PortKind::Pod { .. });
+        if hop.kind == HopKind::Host && from_pod && snap.config.pod_to_host == PodToHost::Drop {
+            return Err(DropReason::PodToHostDenied);
+        }
         self.admit(snap, frame, &meta, &ip, now)?;
         match hop.kind {
-            HopKind::Host => {
-                if from_pod && snap.config.pod_to_host == PodToHost::Drop {
-                    return Err(DropReason::PodToHostDenied);
-                }
-                Ok(Verdict::ToHost)
-            }
+            HopKind::Host => Ok(Verdict::ToHost),
             HopKind::Port => {
                 rewrite::decrement_ttl(frame, &meta)?;
                 if !rewrite::set_macs(frame, hop.src_mac, hop.dst_mac) {
@@ -404,4 +402,543 @@ fn quoted_flow(inner: &[u8], v6: bool) -> Option<FlowKey> {
         dport,
         proto,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use etherparse::{Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header};
+
+    use super::*;
+    use crate::conntrack::CtConfig;
+    use crate::net::Cidr;
+    use crate::parse::TcpFlags;
+    use crate::policy::PolicyTable;
+    use crate::policy::compile::CompileOptions;
+    use crate::policy::model::*;
+    use crate::snapshot::{NextHop, PathConfig, RouteTable};
+    use crate::testing::{FrameSpec, L4Spec};
+
+    const A_IP: Ipv4Addr = Ipv4Addr::new(10, 65, 0, 1);
+    const B_IP: Ipv4Addr = Ipv4Addr::new(10, 65, 0, 2);
+    const C_IP: Ipv4Addr = Ipv4Addr::new(10, 65, 0, 3);
+    const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 10);
+    const A_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xa];
+    const B_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xb];
+    const C_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xc];
+    const GW_A: [u8; 6] = [0xee, 0xee, 0xee, 0xee, 0xee, 0xa];
+    const GW_B: [u8; 6] = [0xee, 0xee, 0xee, 0xee, 0xee, 0xb];
+    const GW_C: [u8; 6] = [0xee, 0xee, 0xee, 0xee, 0xee, 0xc];
+    const PA: PortId = PortId(0);
+    const PB: PortId = PortId(1);
+    const PC: PortId = PortId(2);
+    const NOW: Nanos = 5_000_000_000;
+
+    fn pod(name: &str, ip: Ipv4Addr, app: &str) -> Pod {
+        Pod {
+            namespace: "default".into(),
+            name: name.into(),
+            labels: [("app".to_string(), app.to_string())].into(),
+            ips: vec![IpAddr::V4(ip)],
+            ports: vec![ContainerPort {
+                name: Some("http".into()),
+                port: 80,
+                protocol: Protocol::Tcp,
+            }],
+            host_network: false,
+            node: Some("node-0".into()),
+        }
+    }
+
+    /// `b` accepts TCP 80 only from `a`; `c` is not isolated; `a` may only talk to 10/8.
+    fn policies(b_port: u16) -> Vec<NetworkPolicy> {
+        vec![
+            NetworkPolicy {
+                namespace: "default".into(),
+                name: "b-from-a".into(),
+                pod_selector: LabelSelector {
+                    match_labels: [("app".to_string(), "b".to_string())].into(),
+                    match_expressions: vec![],
+                },
+                ingress_isolation: true,
+                egress_isolation: false,
+                ingress: vec![Rule {
+                    peers: vec![Peer::Pods {
+                        namespaces: NamespaceScope::PolicyNamespace,
+                        pods: LabelSelector {
+                            match_labels: [("app".to_string(), "a".to_string())].into(),
+                            match_expressions: vec![],
+                        },
+                    }],
+                    ports: vec![PortSpec {
+                        protocol: Protocol::Tcp,
+                        port: Some(PortRef::Number(b_port)),
+                        end_port: None,
+                    }],
+                }],
+                egress: vec![],
+            },
+            NetworkPolicy {
+                namespace: "default".into(),
+                name: "a-egress".into(),
+                pod_selector: LabelSelector {
+                    match_labels: [("app".to_string(), "a".to_string())].into(),
+                    match_expressions: vec![],
+                },
+                ingress_isolation: false,
+                egress_isolation: true,
+                ingress: vec![],
+                egress: vec![Rule {
+                    peers: vec![Peer::IpBlock {
+                        cidr: "10.0.0.0/8".parse().unwrap(),
+                        except: vec![],
+                    }],
+                    ports: vec![],
+                }],
+            },
+        ]
+    }
+
+    fn snapshot(epoch: u32, b_port: u16, pod_to_host: PodToHost) -> Snapshot {
+        let cluster = Cluster {
+            namespaces: vec![Namespace {
+                name: "default".into(),
+                labels: BTreeMap::new(),
+            }],
+            pods: vec![
+                pod("a", A_IP, "a"),
+                pod("b", B_IP, "b"),
+                pod("c", C_IP, "c"),
+            ],
+            policies: policies(b_port),
+        };
+        let (policy, errors) = PolicyTable::compile(&cluster, &CompileOptions::default());
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut routes = RouteTable::new();
+        let mut ports = Vec::new();
+        for (ip, mac, gw, port) in [
+            (A_IP, A_MAC, GW_A, PA),
+            (B_IP, B_MAC, GW_B, PB),
+            (C_IP, C_MAC, GW_C, PC),
+        ] {
+            routes.insert(
+                Cidr::host(IpAddr::V4(ip)),
+                NextHop {
+                    kind: HopKind::Port,
+                    port,
+                    src_mac: gw,
+                    dst_mac: mac,
+                },
+            );
+            ports.push(Port {
+                name: format!("cali{}", port.0),
+                mac: gw,
+                kind: PortKind::Pod {
+                    endpoint: policy.endpoint(IpAddr::V4(ip)),
+                    ip4: Some(ip),
+                    ip6: None,
+                    pod_mac: Some(mac),
+                },
+            });
+        }
+        routes.insert(
+            Cidr::host(IpAddr::V4(NODE_IP)),
+            NextHop {
+                kind: HopKind::Host,
+                port: PortId(0),
+                src_mac: [0; 6],
+                dst_mac: [0; 6],
+            },
+        );
+        Snapshot {
+            epoch,
+            policy,
+            routes,
+            ports,
+            config: PathConfig { pod_to_host },
+        }
+    }
+
+    fn worker() -> Worker {
+        Worker::new(Arc::new(Conntrack::new(CtConfig::default())))
+    }
+
+    fn mac_of(ip: Ipv4Addr) -> [u8; 6] {
+        match ip {
+            A_IP => A_MAC,
+            B_IP => B_MAC,
+            _ => C_MAC,
+        }
+    }
+
+    fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+        FrameSpec {
+            src_mac: mac_of(src),
+            dst_mac: GW_A,
+            src: IpAddr::V4(src),
+            dst: IpAddr::V4(dst),
+            ttl: 64,
+            l4: L4Spec::Tcp {
+                sport,
+                dport,
+                flags,
+            },
+        }
+        .build()
+    }
+
+    fn send(
+        w: &mut Worker,
+        snap: &Snapshot,
+        mut frame: Vec<u8>,
+        port: PortId,
+    ) -> (Verdict, Vec<u8>) {
+        let v = w.process_one(snap, &mut frame, port, NOW);
+        (v, frame)
+    }
+
+    const SYN: u8 = TcpFlags::SYN;
+    const SYNACK: u8 = TcpFlags::SYN | TcpFlags::ACK;
+    const ACK: u8 = TcpFlags::ACK;
+
+    #[test]
+    fn allowed_handshake_is_forwarded_and_rewritten() {
+        let snap = snapshot(1, 80, PodToHost::Drop);
+        let mut w = worker();
+        let (v, out) = send(&mut w, &snap, tcp(A_IP, B_IP, 40000, 80, SYN), PA);
+        assert_eq!(v, Verdict::Forward(PB));
+        let meta = parse::parse(&out).unwrap();
+        assert_eq!(meta.dst_mac, B_MAC);
+        assert_eq!(meta.src_mac, GW_B);
+        assert_eq!(meta.ip().unwrap().ttl, 63);
+        let (v, _) = send(&mut w, &snap, tcp(B_IP, A_IP, 80, 40000, SYNACK), PB);
+        assert_eq!(v, Verdict::Forward(PA), "reply allowed through conntrack");
+        let (v, _) = send(&mut w, &snap, tcp(A_IP, B_IP, 40000, 80, ACK), PA);
+        assert_eq!(v, Verdict::Forward(PB));
+        assert_eq!(w.counters().ct_created, 1);
+        assert_eq!(w.counters().ct_hits, 2);
+        assert_eq!(w.counters().forwarded, 3);
+    }
+
+    #[test]
+    fn policy_denials_name_the_direction() {
+        let snap = snapshot(1, 80, PodToHost::Drop);
+        let mut w = worker();
+        // c → b:80: b's ingress admits only a.
+        let (v, _) = send(&mut w, &snap, tcp(C_IP, B_IP, 40000, 80, SYN), PC);
+        assert_eq!(v, Verdict::Drop(DropReason::PolicyIngress));
+        // a → b:81: wrong port.
+        let (v, _) = send(&mut w, &snap, tcp(A_IP, B_IP, 40000, 81, SYN), PA);
+        assert_eq!(v, Verdict::Drop(DropReason::PolicyIngress));
+        assert_eq!(w.counters().drops_for(DropReason::PolicyIngress), 2);
+        // c is not isolated: a → c is fine; c → a too (a is not ingress-isolated).
+        let (v, _) = send(&mut w, &snap, tcp(A_IP, C_IP, 40000, 9999, SYN), PA);
+        assert_eq!(v, Verdict::Forward(PC));
+    }
+
+    #[test]
+    fn egress_policy_applies_to_host_traffic_before_the_host_default() {
+        let accept = snapshot(1, 80, PodToHost::Accept);
+        let mut w = worker();
+        // a may only reach 10/8: the node's 192.168 address is refused by egress policy even
+        // though pod-to-host traffic is accepted.
+        let (v, _) = send(&mut w, &accept, tcp(A_IP, NODE_IP, 40000, 22, SYN), PA);
+        assert_eq!(v, Verdict::Drop(DropReason::PolicyEgress));
+        // c has no egress policy: accepted to the host.
+        let (v, _) = send(&mut w, &accept, tcp(C_IP, NODE_IP, 40000, 22, SYN), PC);
+        assert_eq!(v, Verdict::ToHost);
+        let drop = snapshot(1, 80, PodToHost::Drop);
+        let (v, _) = send(&mut w, &drop, tcp(C_IP, NODE_IP, 40001, 22, SYN), PC);
+        assert_eq!(v, Verdict::Drop(DropReason::PodToHostDenied));
+    }
+
+    #[test]
+    fn mid_stream_packet_without_entry_is_invalid() {
+        let snap = snapshot(1, 80, PodToHost::Drop);
+        let mut w = worker();
+        let (v, _) = send(&mut w, &snap, tcp(A_IP, B_IP, 40000, 80, ACK), PA);
+        assert_eq!(v, Verdict::Drop(DropReason::CtInvalid));
+    }
+
+    #[test]
+    fn spoofed_sources_are_dropped() {
+        let snap = snapshot(1, 80, PodToHost::Drop);
+        let mut w = worker();
+        // a's frame arriving on b's port.
+        let (v, _) = send(&mut w, &snap, tcp(A_IP, C_IP, 40000, 80, SYN), PB);
+        assert_eq!(v, Verdict::Drop(DropReason::SpoofedSourceIp));
+        // Right IP, wrong MAC.
+        let mut f = tcp(A_IP, C_IP, 40000, 80, SYN);
+        f[6..12].copy_from_slice(&C_MAC);
+        let (v, _) = send(&mut w, &snap, f, PA);
+        assert_eq!(v, Verdict::Drop(DropReason::SpoofedSourceMac));
+    }
+
+    #[test]
+    fn unknown_port_no_route_and_ttl_expiry() {
+        let snap = snapshot(1, 80, PodToHost::Drop);
+        let mut w = worker();
+        let (v, _) = send(&mut w, &snap, tcp(A_IP, B_IP, 1, 80, SYN), PortId(9));
+        assert_eq!(v, Verdict::Drop(DropReason::UnknownIngress));
+        let (v, _) = send(
+            &mut w,
+            &snap,
+            tcp(A_IP, Ipv4Addr::new(10, 99, 0, 1), 1, 80, SYN),
+            PA,
+        );
+        assert_eq!(v, Verdict::Drop(DropReason::NoRoute));
+        let mut f = FrameSpec {
+            src_mac: A_MAC,
+            dst_mac: GW_A,
+            src: IpAddr::V4(A_IP),
+            dst: IpAddr::V4(C_IP),
+            ttl: 1,
+            l4: L4Spec::Tcp {
+                sport: 1,
+                dport: 80,
+                flags: SYN,
+            },
+        }
+        .build();
+        let v = w.process_one(&snap, &mut f, PA, NOW);
+        assert_eq!(v, Verdict::Drop(DropReason::TtlExpired));
+    }
+
+    #[test]
+    fn proxy_arp_answers_with_the_host_side_mac() {
+        let snap = snapshot(1, 80, PodToHost::Drop);
+        let mut w = worker();
+        let req = arp_request(A_MAC, A_IP, crate::snapshot::POD_GATEWAY_V4);
+        let (v, out) = send(&mut w, &snap, req, PA);
+        assert_eq!(v, Verdict::Reply);
+        let meta = parse::parse(&out).unwrap();
+        let Net::Arp(arp) = meta.net else {
+            panic!("not ARP: {meta:?}")
+        };
+        assert_eq!(arp.operation, 2);
+        assert_eq!(arp.sender_mac, GW_A);
+        assert_eq!(arp.sender_ip, crate::snapshot::POD_GATEWAY_V4);
+        assert_eq!(arp.target_ip, A_IP);
+        assert_eq!(meta.dst_mac, A_MAC);
+        // A pod asking with someone else's address is spoofing.
+        let (v, _) = send(
+            &mut w,
+            &snap,
+            arp_request(A_MAC, B_IP, crate::snapshot::POD_GATEWAY_V4),
+            PA,
+        );
+        assert_eq!(v, Verdict::Drop(DropReason::SpoofedSourceIp));
+    }
+
+    fn arp_request(mac: [u8; 6], ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&[0xff; 6]);
+        f.extend_from_slice(&mac);
+        f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        f.extend_from_slice(&mac);
+        f.extend_from_slice(&ip.octets());
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&target.octets());
+        f.resize(60, 0);
+        f
+    }
+
+    #[test]
+    fn policy_change_applies_to_existing_connections() {
+        let before = snapshot(1, 80, PodToHost::Drop);
+        let mut w = worker();
+        assert_eq!(
+            send(&mut w, &before, tcp(A_IP, B_IP, 40000, 80, SYN), PA).0,
+            Verdict::Forward(PB)
+        );
+        assert_eq!(
+            send(&mut w, &before, tcp(B_IP, A_IP, 80, 40000, SYNACK), PB).0,
+            Verdict::Forward(PA)
+        );
+        // Same policy, new generation: the connection is re-checked and survives.
+        let same = snapshot(2, 80, PodToHost::Drop);
+        assert_eq!(
+            send(&mut w, &same, tcp(A_IP, B_IP, 40000, 80, ACK), PA).0,
+            Verdict::Forward(PB)
+        );
+        // b now accepts only port 8080: the established connection to 80 is cut, from either side.
+        let after = snapshot(3, 8080, PodToHost::Drop);
+        assert_eq!(
+            send(&mut w, &after, tcp(B_IP, A_IP, 80, 40000, ACK), PB).0,
+            Verdict::Drop(DropReason::PolicyIngress)
+        );
+        // The entry is gone, so the next packet is a mid-stream packet without an entry.
+        assert_eq!(
+            send(&mut w, &after, tcp(A_IP, B_IP, 40000, 80, ACK), PA).0,
+            Verdict::Drop(DropReason::CtInvalid)
+        );
+    }
+
+    #[test]
+    fn icmp_echo_is_a_pseudo_connection() {
+        let snap = snapshot(1, 80, PodToHost::Drop);
+        let mut w = worker();
+        let echo = |src: Ipv4Addr, dst: Ipv4Addr, reply: bool| {
+            FrameSpec {
+                src_mac: mac_of(src),
+                dst_mac: GW_A,
+                src: IpAddr::V4(src),
+                dst: IpAddr::V4(dst),
+                ttl: 64,
+                l4: L4Spec::IcmpEcho { id: 7, reply },
+            }
+            .build()
+        };
+        // A reply nobody asked for.
+        assert_eq!(
+            send(&mut w, &snap, echo(C_IP, A_IP, true), PC).0,
+            Verdict::Drop(DropReason::CtInvalid)
+        );
+        // b's ingress has only a port rule, so ICMP to b is refused; c accepts anything.
+        assert_eq!(
+            send(&mut w, &snap, echo(A_IP, B_IP, false), PA).0,
+            Verdict::Drop(DropReason::PolicyIngress)
+        );
+        assert_eq!(
+            send(&mut w, &snap, echo(A_IP, C_IP, false), PA).0,
+            Verdict::Forward(PC)
+        );
+        assert_eq!(
+            send(&mut w, &snap, echo(C_IP, A_IP, true), PC).0,
+            Verdict::Forward(PA)
+        );
+    }
+
+    fn ipv4_fragment(
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        id: u16,
+        offset: u16,
+        more: bool,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut ip = Ipv4Header::new(
+            payload.len() as u16,
+            64,
+            IpNumber::UDP,
+            src.octets(),
+            dst.octets(),
+        )
+        .unwrap();
+        ip.identification = id;
+        ip.more_fragments = more;
+        ip.fragment_offset = IpFragOffset::try_new(offset).unwrap();
+        ip.header_checksum = ip.calc_header_checksum();
+        let mut f = Vec::new();
+        Ethernet2Header {
+            source: mac_of(src),
+            destination: GW_A,
+            ether_type: etherparse::EtherType::IPV4,
+        }
+        .write(&mut f)
+        .unwrap();
+        ip.write(&mut f).unwrap();
+        f.extend_from_slice(payload);
+        f.resize(f.len().max(60), 0);
+        f
+    }
+
+    #[test]
+    fn later_fragments_follow_their_first_fragment_and_never_bypass_ports() {
+        let snap = snapshot(1, 53, PodToHost::Drop);
+        let mut w = worker();
+        // UDP header (a:5000 → c:53) plus data, split in two.
+        let mut udp = vec![0x13, 0x88, 0, 53, 0, 24, 0, 0];
+        udp.extend_from_slice(&[0xab; 16]);
+        let first = ipv4_fragment(A_IP, C_IP, 77, 0, true, &udp[..16]);
+        let later = ipv4_fragment(A_IP, C_IP, 77, 2, false, &udp[16..]);
+        assert_eq!(send(&mut w, &snap, first, PA).0, Verdict::Forward(PC));
+        assert_eq!(send(&mut w, &snap, later, PA).0, Verdict::Forward(PC));
+        // To b (port rule only): a later fragment with no first fragment seen is refused.
+        let orphan = ipv4_fragment(A_IP, B_IP, 78, 2, false, &udp[16..]);
+        assert_eq!(
+            send(&mut w, &snap, orphan, PA).0,
+            Verdict::Drop(DropReason::FragmentUnmatched)
+        );
+        // To c (no policy: every port allowed), an orphan is allowed by the port-less check.
+        let orphan = ipv4_fragment(A_IP, C_IP, 79, 2, false, &udp[16..]);
+        assert_eq!(send(&mut w, &snap, orphan, PA).0, Verdict::Forward(PC));
+    }
+
+    #[test]
+    fn icmp_errors_pass_only_for_tracked_flows() {
+        let snap = snapshot(1, 80, PodToHost::Drop);
+        let mut w = worker();
+        let syn = tcp(A_IP, C_IP, 40000, 5555, SYN);
+        assert_eq!(send(&mut w, &snap, syn.clone(), PA).0, Verdict::Forward(PC));
+        // c answers with port unreachable quoting a's SYN.
+        let unreachable = |quoted: &[u8]| {
+            let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+            icmp.extend_from_slice(&quoted[14..14 + 28]);
+            let mut ip = Ipv4Header::new(
+                icmp.len() as u16,
+                64,
+                IpNumber::ICMP,
+                C_IP.octets(),
+                A_IP.octets(),
+            )
+            .unwrap();
+            ip.header_checksum = ip.calc_header_checksum();
+            let mut f = Vec::new();
+            Ethernet2Header {
+                source: C_MAC,
+                destination: GW_C,
+                ether_type: etherparse::EtherType::IPV4,
+            }
+            .write(&mut f)
+            .unwrap();
+            ip.write(&mut f).unwrap();
+            f.extend_from_slice(&icmp);
+            f
+        };
+        assert_eq!(
+            send(&mut w, &snap, unreachable(&syn), PC).0,
+            Verdict::Forward(PA)
+        );
+        let stranger = tcp(A_IP, C_IP, 41000, 5555, SYN);
+        assert_eq!(
+            send(&mut w, &snap, unreachable(&stranger), PC).0,
+            Verdict::Drop(DropReason::IcmpUnrelated)
+        );
+    }
+
+    #[test]
+    fn burst_equals_one_by_one() {
+        let snap = snapshot(1, 80, PodToHost::Drop);
+        let frames = vec![
+            (tcp(A_IP, B_IP, 1, 80, SYN), PA),
+            (tcp(C_IP, B_IP, 2, 80, SYN), PC),
+            (vec![0u8; 10], PA),
+            (tcp(B_IP, A_IP, 80, 1, SYNACK), PB),
+            (tcp(A_IP, C_IP, 3, 1, ACK), PA),
+        ];
+        let mut one = worker();
+        let expected: Vec<_> = frames
+            .iter()
+            .map(|(f, p)| send(&mut one, &snap, f.clone(), *p))
+            .collect();
+        let mut burst = worker();
+        let mut bufs: Vec<_> = frames.iter().map(|(f, _)| f.clone()).collect();
+        let mut pkts: Vec<_> = bufs
+            .iter_mut()
+            .zip(&frames)
+            .map(|(b, (_, p))| Packet {
+                data: b.as_mut_slice(),
+                ingress: *p,
+            })
+            .collect();
+        let mut verdicts = vec![Verdict::ToHost; pkts.len()];
+        burst.process_burst(&snap, &mut pkts, &mut verdicts, NOW);
+        for (i, (v, out)) in expected.iter().enumerate() {
+            assert_eq!(verdicts[i], *v, "frame {i}");
+            assert_eq!(&bufs[i], out, "frame {i} bytes");
+        }
+        assert_eq!(one.counters(), burst.counters());
+    }
 }
