@@ -21,6 +21,8 @@ pub struct CidrError {
     pub why: &'static str,
 }
 
+// `len` is a prefix length, not the size of a collection; an `is_empty` would mean nothing.
+#[allow(clippy::len_without_is_empty)]
 impl Cidr {
     /// Builds a prefix, clearing host bits. Fails if `len` exceeds the family's width.
     pub fn new(addr: IpAddr, len: u8) -> Result<Cidr, CidrError> {
