@@ -462,7 +462,11 @@ fn convert_pod(at: &ObjectRef, pod: &core::Pod) -> Result<Pod, Error> {
                             ),
                         )
                     })?;
-                let protocol = parse_protocol(at, p.protocol.as_deref())?;
+                let protocol = parse_protocol(
+                    at,
+                    &format!("container {:?} port {}", c.name, p.container_port),
+                    p.protocol.as_deref(),
+                )?;
                 out.ports.push(ContainerPort {
                     name: p.name.clone(),
                     port,
@@ -489,13 +493,13 @@ fn convert_pod(at: &ObjectRef, pod: &core::Pod) -> Result<Pod, Error> {
     Ok(out)
 }
 
-fn parse_protocol(at: &ObjectRef, p: Option<&str>) -> Result<Protocol, Error> {
+fn parse_protocol(at: &ObjectRef, field: &str, p: Option<&str>) -> Result<Protocol, Error> {
     match p {
         None => Ok(Protocol::Tcp),
         Some(s) => Protocol::parse(s).ok_or_else(|| {
             invalid(
                 at,
-                format!("protocol {s:?} is not one of \"TCP\", \"UDP\", \"SCTP\""),
+                format!("{field}: protocol {s:?} is not one of \"TCP\", \"UDP\", \"SCTP\""),
             )
         }),
     }
@@ -622,7 +626,7 @@ fn convert_port(
     port: Option<&IntOrString>,
     end_port: Option<i32>,
 ) -> Result<PortSpec, Error> {
-    let protocol = parse_protocol(at, protocol)?;
+    let protocol = parse_protocol(at, field, protocol)?;
     let port = match port {
         None => None,
         Some(IntOrString::Int(n)) => Some(PortRef::Number(
