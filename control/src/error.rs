@@ -55,8 +55,8 @@ pub enum Error {
     /// An object that Kubernetes would reject, or that ocelot cannot represent.
     #[error("{at}: {why}")]
     Invalid {
-        /// The object.
-        at: ObjectRef,
+        /// The object (boxed to keep `Result`s small).
+        at: Box<ObjectRef>,
         /// What is wrong with it.
         why: String,
     },
@@ -64,9 +64,9 @@ pub enum Error {
     #[error("{at}: duplicate object, first defined at {first}")]
     Duplicate {
         /// The second definition.
-        at: ObjectRef,
+        at: Box<ObjectRef>,
         /// The first definition.
-        first: ObjectRef,
+        first: Box<ObjectRef>,
     },
     /// A probe line that cannot be parsed or resolved.
     #[error("probe line {line}: {why}")]

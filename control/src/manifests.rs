@@ -213,7 +213,7 @@ struct Loader {
 
 fn invalid(at: &ObjectRef, why: impl Into<String>) -> Error {
     Error::Invalid {
-        at: at.clone(),
+        at: Box::new(at.clone()),
         why: why.into(),
     }
 }
@@ -310,8 +310,8 @@ impl Loader {
         let key = (at.kind.clone(), at.name.clone());
         if let Some(first) = self.seen.get(&key) {
             return Err(Error::Duplicate {
-                at,
-                first: first.clone(),
+                at: Box::new(at),
+                first: Box::new(first.clone()),
             });
         }
         self.seen.insert(key, at.clone());
