@@ -276,7 +276,9 @@ impl Loader {
             return Err(invalid(&at, "missing `kind`"));
         }
         match (kind.as_str(), api_version.as_str()) {
-            ("List", "v1") => {
+            // `kubectl get -o yaml` writes `kind: List`; the API's typed lists (`PodList`, …)
+            // have the same shape.
+            (k, _) if k == "List" || (k.ends_with("List") && value.get("items").is_some()) => {
                 let items = match value.get("items") {
                     None => return Ok(()),
                     Some(serde_yaml::Value::Sequence(items)) => items.clone(),
@@ -307,7 +309,9 @@ impl Loader {
         if legacy {
             at.kind = format!("NetworkPolicy ({LEGACY_API_VERSION})");
         }
-        let key = (at.kind.clone(), at.name.clone());
+        // Both NetworkPolicy forms share one key: a legacy and a v1 policy of one name would
+        // be one object in the API.
+        let key = (kind.clone(), at.name.clone());
         if let Some(first) = self.seen.get(&key) {
             return Err(Error::Duplicate {
                 at: Box::new(at),

@@ -349,6 +349,10 @@ items:
   - {apiVersion: v1, kind: Namespace, metadata: {name: x}}
   - {apiVersion: v1, kind: Service, metadata: {name: s, namespace: x}}
 ---
+apiVersion: v1
+kind: NamespaceList
+items: [{apiVersion: v1, kind: Namespace, metadata: {name: w}}]
+---
 {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "y"}}
 ---
 apiVersion: apps/v1
@@ -358,10 +362,10 @@ metadata: {name: d}
 "#;
     let m = load(yaml);
     let names: Vec<_> = m.cluster.namespaces.iter().map(|n| &n.name).collect();
-    assert_eq!(names, ["x", "y"]);
+    assert_eq!(names, ["x", "w", "y"]);
     assert_eq!(m.warnings.len(), 2, "{:?}", m.warnings);
     assert!(m.warnings[0].contains("document 1 item 2 (Service x/s): skipped"));
-    assert!(m.warnings[1].contains("document 3 (Deployment default/d): skipped"));
+    assert!(m.warnings[1].contains("document 4 (Deployment default/d): skipped"));
 }
 
 const LEGACY_NS: &str = "
@@ -455,6 +459,18 @@ fn legacy_policies_elsewhere_are_skipped() {
 #[test]
 fn legacy_errors() {
     let cases: &[(String, &[&str])] = &[
+        (
+            format!(
+                "{LEGACY_NS}---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+                 metadata: {{namespace: iso, name: lp}}\n{}",
+                legacy_policy("iso")
+            ),
+            &[
+                "document 4",
+                "iso/lp): duplicate object",
+                "first defined at m.yaml document 3",
+            ],
+        ),
         (
             format!(
                 "{LEGACY_NS}---\nkind: NetworkPolicy\napiVersion: {LEGACY_API_VERSION}\n\
