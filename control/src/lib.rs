@@ -1,2 +1,17 @@
 //! # control — from cluster objects to classifier snapshots
+//!
+//! The only layer that reads Kubernetes objects. Today its inputs are manifest files
+//! ([`manifests`]), which it converts into the classifier's policy model with the API
+//! server's defaulting, and its output is the compiled `PolicyTable` queried offline by
+//! [`verdicts`] (the library behind `ocelotctl policy verdicts`).
+//!
+//! **Architecture Invariant**: verdicts come from the compiled table only; control never
+//! evaluates NetworkPolicy rules itself, so what the CLI shows is what the dataplane enforces.
 #![forbid(unsafe_code)]
+
+pub mod error;
+pub mod manifests;
+pub mod verdicts;
+
+pub use error::{Error, ManifestError, ObjectRef};
+pub use manifests::{Manifests, load_dir};
