@@ -9,7 +9,6 @@
 //! same-namespace allow. Probes check that the allowed and denied pairs really are, against
 //! the reference walk, before timing them.
 
-use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -38,8 +37,13 @@ fn sel(pairs: &[(&str, &str)]) -> LabelSelector {
     }
 }
 
+/// Namespace 0 is kube-system, where the cluster DNS runs.
 fn ns_name(n: u32) -> String {
-    format!("ns-{n}")
+    if n == 0 {
+        "kube-system".into()
+    } else {
+        format!("ns-{n}")
+    }
 }
 
 /// Address of pod `p` of namespace `n`.
@@ -168,18 +172,14 @@ fn cluster() -> Cluster {
         } else {
             format!("team-{}", n % 50)
         };
-        let name = if n == 0 {
-            "kube-system".to_string()
-        } else {
-            ns_name(n)
-        };
+        let name = ns_name(n);
         c.namespaces.push(Namespace {
             labels: labels(&[
                 ("kubernetes.io/metadata.name", &name),
                 ("env", env),
                 ("team", &team),
             ]),
-            name: ns_name(n),
+            name,
         });
         for p in 0..PODS_PER_NS {
             let (app, tier, port) = role(p);
@@ -209,11 +209,6 @@ fn cluster() -> Cluster {
             });
         }
         c.policies.push(policy(n));
-    }
-    // kube-system's namespace object must carry the name label the DNS rule selects.
-    if let Some(ns) = c.namespaces.first_mut() {
-        ns.labels
-            .insert("kubernetes.io/metadata.name".into(), "kube-system".into());
     }
     c
 }

@@ -354,7 +354,9 @@ impl DirTable {
 /// Compiled policy for a set of endpoints.
 #[derive(Debug, Default)]
 pub struct PolicyTable {
-    by_ip: AHashMap<IpAddr, EndpointId>,
+    /// Address owners, split by family so that the key hashes as one integer.
+    by_v4: AHashMap<u32, EndpointId>,
+    by_v6: AHashMap<u128, EndpointId>,
     endpoints: Vec<Endpoint>,
     infos: Vec<EndpointInfo>,
     tables: Vec<DirTable>,
@@ -373,7 +375,10 @@ impl PolicyTable {
     /// cluster's pod list owns it.
     #[inline]
     pub fn endpoint(&self, ip: IpAddr) -> Option<EndpointId> {
-        self.by_ip.get(&ip).copied()
+        match ip {
+            IpAddr::V4(a) => self.by_v4.get(&u32::from(a)).copied(),
+            IpAddr::V6(a) => self.by_v6.get(&u128::from(a)).copied(),
+        }
     }
 
     /// Checks a connection attempt; `dport` is `None` when the packet carries no port.
@@ -470,7 +475,8 @@ impl PolicyTable {
                 .iter()
                 .map(|e| size_of_val(&*e.named))
                 .sum::<usize>()
-            + self.by_ip.capacity() * (size_of::<(IpAddr, EndpointId)>() + 1)
+            + self.by_v4.capacity() * (size_of::<(u32, EndpointId)>() + 1)
+            + self.by_v6.capacity() * (size_of::<(u128, EndpointId)>() + 1)
             + self.tables.iter().map(DirTable::bytes).sum::<usize>()
             + self
                 .sets
@@ -661,7 +667,10 @@ impl<'a> Compiler<'a> {
             }
             let id = EndpointId(table.endpoints.len() as u32);
             for ip in &pod.ips {
-                table.by_ip.entry(*ip).or_insert(id);
+                match ip {
+                    IpAddr::V4(a) => table.by_v4.entry(u32::from(*a)).or_insert(id),
+                    IpAddr::V6(a) => table.by_v6.entry(u128::from(*a)).or_insert(id),
+                };
             }
             table.endpoints.push(Endpoint {
                 identity,

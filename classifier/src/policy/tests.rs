@@ -496,7 +496,13 @@ fn named_ports_resolve_against_the_destination() {
             "prod",
             "web",
             sel("app=web"),
-            vec![rule(vec![], vec![named(Protocol::Tcp, "http")])],
+            vec![rule(
+                vec![],
+                vec![
+                    named(Protocol::Tcp, "http"),
+                    named(Protocol::Udp, "metrics"),
+                ],
+            )],
         ),
         ingress(
             "dev",
@@ -511,6 +517,9 @@ fn named_ports_resolve_against_the_destination() {
             (PROM, WEB, TCP, Some(80), Allow),
             (PROM, WEB, TCP, Some(8080), DenyIngress),
             (PROM, WEB, UDP, Some(80), DenyIngress),
+            // "metrics" is a TCP port; the rule names it for UDP.
+            (PROM, WEB, UDP, Some(9090), DenyIngress),
+            (PROM, WEB, TCP, Some(9090), DenyIngress),
             (PROM, DEV_WEB, TCP, Some(8080), Allow),
             (PROM, DEV_WEB, TCP, Some(80), DenyIngress),
         ],
@@ -1057,7 +1066,7 @@ fn arb_probe() -> impl Strategy<Value = (IpAddr, IpAddr, u8, Option<u16>)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig::with_cases(2048))]
 
     #[test]
     fn table_agrees_with_reference(
