@@ -504,14 +504,16 @@ fn validate(policy: &NetworkPolicy) -> Result<(), String> {
     let ingress = policy
         .ingress
         .iter()
+        .enumerate()
         .filter(|_| policy.ingress_isolation)
-        .map(|r| ("ingress", r));
+        .map(|(i, r)| ("ingress", i, r));
     let egress = policy
         .egress
         .iter()
+        .enumerate()
         .filter(|_| policy.egress_isolation)
-        .map(|r| ("egress", r));
-    for (i, (dir, rule)) in ingress.chain(egress).enumerate() {
+        .map(|(i, r)| ("egress", i, r));
+    for (dir, i, rule) in ingress.chain(egress) {
         for p in &rule.ports {
             match (&p.port, p.end_port) {
                 (_, None) => {}

@@ -732,6 +732,7 @@ fn compile_errors_fail_closed_for_the_selected_pods_only() {
     let broken = [
         (
             "named-range",
+            "ingress rule 0: endPort 6000 with named port",
             allow_all(
                 "x",
                 vec![PortSpec {
@@ -744,10 +745,12 @@ fn compile_errors_fail_closed_for_the_selected_pods_only() {
         ),
         (
             "backwards-range",
+            "endPort 5000 below port 6000",
             allow_all("x", vec![range(Protocol::Tcp, 6000, 5000)], vec![]),
         ),
         (
             "range-without-port",
+            "endPort 6000 without a port",
             allow_all(
                 "x",
                 vec![PortSpec {
@@ -760,18 +763,21 @@ fn compile_errors_fail_closed_for_the_selected_pods_only() {
         ),
         (
             "except-outside",
+            "not a strict subset",
             allow_all("x", vec![], vec![block("10.0.0.0/24", &["10.1.0.0/30"])]),
         ),
         (
             "except-equal",
+            "10.0.0.0/24 is not a strict subset of 10.0.0.0/24",
             allow_all("x", vec![], vec![block("10.0.0.0/24", &["10.0.0.0/24"])]),
         ),
         (
             "mixed-family",
+            "mixes address families",
             allow_all("x", vec![], vec![block("10.0.0.0/24", &["fd00::/64"])]),
         ),
     ];
-    for (what, mut bad) in broken {
+    for (what, why, mut bad) in broken {
         bad.name = what.into();
         let c = base(vec![
             bad,
@@ -789,6 +795,7 @@ fn compile_errors_fail_closed_for_the_selected_pods_only() {
             (errors[0].namespace.as_str(), errors[0].name.as_str()),
             ("prod", what)
         );
+        assert!(errors[0].why.contains(why), "{what}: {}", errors[0]);
         assert!(!reference::policy_is_valid(&c.policies[0]), "{what}");
         check(
             &c,
