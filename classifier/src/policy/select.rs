@@ -220,4 +220,53 @@ mod tests {
         );
         check(sel("", &[("app", Operator::In, &[])]), &[]);
     }
+
+    fn arb_labels() -> impl proptest::strategy::Strategy<Value = Labels> {
+        use proptest::prelude::*;
+        prop::collection::btree_map(
+            prop::sample::select(vec!["a", "b", "c"]).prop_map(str::to_string),
+            prop::sample::select(vec!["x", "y"]).prop_map(str::to_string),
+            0..=3,
+        )
+    }
+
+    fn arb_selector() -> impl proptest::strategy::Strategy<Value = LabelSelector> {
+        use proptest::prelude::*;
+        let op = prop::sample::select(vec![
+            Operator::In,
+            Operator::NotIn,
+            Operator::Exists,
+            Operator::DoesNotExist,
+        ]);
+        let req = (
+            prop::sample::select(vec!["a", "b", "c"]),
+            op,
+            prop::collection::vec(prop::sample::select(vec!["x", "y", "z"]), 0..=3),
+        )
+            .prop_map(|(key, operator, values)| Requirement {
+                key: key.into(),
+                operator,
+                values: values.into_iter().map(str::to_string).collect(),
+            });
+        (arb_labels(), prop::collection::vec(req, 0..=2)).prop_map(
+            |(match_labels, match_expressions)| LabelSelector {
+                match_labels,
+                match_expressions,
+            },
+        )
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn select_is_a_filter_with_matches(
+            universe in proptest::collection::vec(arb_labels(), 0..12),
+            s in arb_selector(),
+        ) {
+            let index = LabelIndex::new(universe.iter().collect());
+            let model: Vec<u32> = (0..universe.len() as u32)
+                .filter(|&i| s.matches(&universe[i as usize]))
+                .collect();
+            proptest::prop_assert_eq!(index.select(&s), model);
+        }
+    }
 }

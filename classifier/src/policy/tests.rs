@@ -823,6 +823,29 @@ fn compile_errors_fail_closed_for_the_selected_pods_only() {
 }
 
 #[test]
+fn dual_stack_pods_are_one_endpoint() {
+    let mut c = base(vec![ingress(
+        "prod",
+        "db",
+        sel("app=db"),
+        vec![rule(vec![block("fd00::/64", &["fd00::1/128"])], vec![])],
+    )]);
+    c.pods[1].ips.push(ip("fd00::2"));
+    c.pods[3].ips.push(ip("fd00::4"));
+    let (table, _) = PolicyTable::compile(&c, &CompileOptions::default());
+    assert_eq!(table.endpoint(ip("fd00::2")), table.endpoint(ip(DB)));
+    check(
+        &c,
+        &[
+            ("fd00::4", "fd00::2", TCP, Some(5432), Allow),
+            ("fd00::1", "fd00::2", TCP, Some(5432), DenyIngress),
+            (PROM, DB, TCP, Some(5432), DenyIngress),
+            ("fd00::4", DB, TCP, Some(5432), Allow),
+        ],
+    );
+}
+
+#[test]
 fn shared_addresses_belong_to_the_first_pod() {
     let mut c = base(vec![ingress("dev", "deny", sel(""), vec![])]);
     c.pods
