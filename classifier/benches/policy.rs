@@ -16,7 +16,8 @@ use classifier::net::Cidr;
 use classifier::policy::reference;
 use classifier::policy::{
     Cluster, CompileOptions, ContainerPort, LabelSelector, Labels, Namespace, NamespaceScope,
-    NetworkPolicy, Peer, Pod, PolicyDecision, PolicyTable, PortRef, PortSpec, Protocol, Rule,
+    NetworkPolicy, Operator, Peer, Pod, PolicyDecision, PolicyTable, PortRef, PortSpec, Protocol,
+    Requirement, Rule,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
 
@@ -213,6 +214,29 @@ fn cluster() -> Cluster {
     c
 }
 
+/// The cluster with one extra peer per policy that selects by `NotIn` only.
+fn with_unindexable_peers(cluster: &Cluster) -> Cluster {
+    let mut c = cluster.clone();
+    for (i, p) in c.policies.iter_mut().enumerate() {
+        let peer = Peer::Pods {
+            namespaces: NamespaceScope::Selector(LabelSelector::default()),
+            pods: LabelSelector {
+                match_labels: Labels::new(),
+                match_expressions: vec![Requirement {
+                    key: "app".into(),
+                    operator: Operator::NotIn,
+                    values: vec![format!("app-{i}")],
+                }],
+            },
+        };
+        p.ingress.push(Rule {
+            peers: vec![peer],
+            ports: vec![tcp(9)],
+        });
+    }
+    c
+}
+
 fn bench(c: &mut Criterion) {
     let cluster = cluster();
     let all = CompileOptions::default();
@@ -227,6 +251,12 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("10k_pods_1k_ns_1k_policies_one_node", |b| {
         b.iter(|| PolicyTable::compile(black_box(&cluster), &node))
+    });
+    // Worst case for selector resolution: every policy also has a distinct peer that no
+    // label index can narrow (`NotIn` across all namespaces), so each is a full scan.
+    let scans = with_unindexable_peers(&cluster);
+    g.bench_function("10k_pods_1k_ns_1k_policies_unindexable_peers", |b| {
+        b.iter(|| PolicyTable::compile(black_box(&scans), &all))
     });
     g.finish();
 

@@ -67,10 +67,11 @@ impl<'a> LabelIndex<'a> {
         self.labels.get(i as usize).copied()
     }
 
-    /// How many candidates `select` would confirm for `sel`; a cost estimate for planners.
+    /// Roughly how many label-set matches `select` costs for `sel`, for planners.
     pub(crate) fn estimate(&self, sel: &LabelSelector) -> usize {
         match self.candidates(sel) {
-            Candidates::All => self.len(),
+            // Only negative terms: set operations on posting lists, no label matching.
+            Candidates::All => self.len() / 16,
             Candidates::Lists(lists) => lists.iter().map(|l| l.len()).sum(),
         }
     }
@@ -78,9 +79,7 @@ impl<'a> LabelIndex<'a> {
     /// The objects `sel` selects, in increasing order.
     pub(crate) fn select(&self, sel: &LabelSelector) -> Vec<u32> {
         match self.candidates(sel) {
-            Candidates::All => (0..self.labels.len() as u32)
-                .filter(|&i| self.matches(sel, i))
-                .collect(),
+            Candidates::All => self.select_negative(sel),
             Candidates::Lists(lists) => {
                 let mut out: Vec<u32> = lists
                     .iter()
@@ -93,6 +92,42 @@ impl<'a> LabelIndex<'a> {
                 out
             }
         }
+    }
+
+    /// `select` for a selector with no positive term: every term is `NotIn` or
+    /// `DoesNotExist` (or there are none), so the answer is exactly the objects outside the
+    /// union of the posting lists those terms name, and no labels need matching.
+    fn select_negative(&self, sel: &LabelSelector) -> Vec<u32> {
+        let mut excluded = vec![false; self.labels.len()];
+        let mut exclude = |list: Option<&Vec<u32>>| {
+            for &i in list.map_or(&[][..], Vec::as_slice) {
+                if let Some(e) = excluded.get_mut(i as usize) {
+                    *e = true;
+                }
+            }
+        };
+        for r in &sel.match_expressions {
+            match r.operator {
+                Operator::NotIn => {
+                    for v in &r.values {
+                        exclude(self.by_pair.get(&(r.key.as_str(), v.as_str())));
+                    }
+                }
+                Operator::DoesNotExist => exclude(self.by_key.get(r.key.as_str())),
+                // `candidates` found no positive term; keep the general path just in case.
+                Operator::In | Operator::Exists => {
+                    return (0..self.labels.len() as u32)
+                        .filter(|&i| self.matches(sel, i))
+                        .collect();
+                }
+            }
+        }
+        excluded
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !**e)
+            .map(|(i, _)| i as u32)
+            .collect()
     }
 
     /// Whether `sel` selects object `i`.
