@@ -15,6 +15,12 @@
 //!   a list of (identity set → port set) entries and a list of ipBlock entries. Tables are
 //!   interned by the list of policies they merge, so identities selected by the same policies
 //!   share one table. A direction with no table is not isolated and allows everything.
+//!   Entries are keyed by identity *set* rather than expanded into a per-identity map: a peer
+//!   such as "any pod in any namespace with app=x" stays one entry in every table that uses
+//!   it instead of one entry per identity per table, so memory and compile time follow
+//!   (sets + tables), and a check walks the few entries of one table.
+//! - Selectors are resolved through label indexes (see `select`), so compile cost follows
+//!   the candidates a selector names rather than identities × policies.
 //! - Named ports are kept as (name, protocol) in port sets and resolved at check time against
 //!   the *destination* endpoint's declared ports, for both directions. For ingress that is the
 //!   table's own pod; resolving it at check time rather than compile time is what lets pods
