@@ -3,6 +3,14 @@
 
 pub mod compile;
 pub mod model;
+#[doc(hidden)]
+pub mod reference;
+mod select;
+#[cfg(test)]
+mod tests;
 
-pub use compile::{CompileError, EndpointId, PolicyDecision, PolicyTable};
+pub use compile::{
+    CompileError, CompileOptions, EndpointId, EndpointInfo, PolicyDecision, PolicyStats,
+    PolicyTable,
+};
 pub use model::*;
