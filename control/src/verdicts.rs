@@ -227,7 +227,15 @@ impl<'m> Evaluator<'m> {
     }
 
     /// Checks one connection between addresses.
+    ///
+    /// A pod's traffic to its own address never leaves its network namespace (the kernel
+    /// delivers it over loopback), so no dataplane — ocelot's, Calico's or Cilium's — can see,
+    /// let alone refuse, it. The answer for such a probe is therefore always `Allow`, which is
+    /// also what real traffic shows in `ocelot lab`.
     pub fn check(&self, src: IpAddr, dst: IpAddr, port: u16, protocol: Protocol) -> PolicyDecision {
+        if src == dst && self.table.endpoint(src).is_some() {
+            return PolicyDecision::Allow;
+        }
         self.table.check(src, dst, protocol.ip_number(), Some(port))
     }
 
