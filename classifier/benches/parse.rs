@@ -8,7 +8,10 @@ use std::hint::black_box;
 use classifier::parse::parse;
 use classifier::rewrite::{checksum_adjust, decrement_ttl};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use etherparse::{IpHeaders, Ipv6Extensions, Ipv6Header, Ipv6RawExtHeader, PacketBuilder, ArpPacket, ArpHardwareId, ArpOperation, EtherType, ip_number};
+use etherparse::{
+    ArpHardwareId, ArpOperation, ArpPacket, EtherType, IpHeaders, Ipv6Extensions, Ipv6Header,
+    Ipv6RawExtHeader, PacketBuilder, ip_number,
+};
 
 const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
 const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];

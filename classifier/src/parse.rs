@@ -566,3 +566,895 @@ fn parse_icmp(bytes: &[u8], echo_types: [u8; 2]) -> Result<L4, DropReason> {
     };
     Ok(L4::Icmp { ty, code, id })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{
+        ArpHardwareId, ArpOperation, ArpPacket, IpAuthHeader, IpFragOffset, IpHeaders, IpNumber,
+        Ipv4Extensions, Ipv4Header, Ipv6Extensions, Ipv6FragmentHeader, Ipv6Header,
+        Ipv6RawExtHeader, Ipv6RoutingExtensions, PacketBuilder, PacketBuilderStep,
+    };
+    use proptest::prelude::*;
+
+    const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
+    const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
+    const V4_SRC: [u8; 4] = [10, 0, 0, 1];
+    const V4_DST: [u8; 4] = [10, 0, 0, 2];
+    const V6_SRC: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    const V6_DST: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+
+    fn check(frame: &[u8], expected: Result<PacketMeta, DropReason>) {
+        let got = parse(frame);
+        assert_eq!(got, expected, "frame {frame:02x?}");
+        if let Ok(meta) = got {
+            assert_invariants(frame, &meta);
+        }
+    }
+
+    fn check_err(frame: &[u8], expected: DropReason) {
+        check(frame, Err(expected));
+    }
+
+    /// The promises the module docs make about every `Ok` result.
+    fn assert_invariants(frame: &[u8], meta: &PacketMeta) {
+        let l3 = usize::from(meta.l3_offset);
+        let l4 = usize::from(meta.l4_offset);
+        assert!(l3 == 14 || l3 == 18 || l3 == 22, "l3_offset {l3}");
+        match meta.net {
+            Net::Arp(_) => {
+                assert_eq!(l4, 0);
+                assert!(frame.len() >= l3 + 28);
+            }
+            Net::Ip(ip) => {
+                let min = match ip.l4 {
+                    L4::None => 0,
+                    L4::Tcp { .. } => 20,
+                    L4::Udp { .. } | L4::Icmp { .. } => 8,
+                    L4::Sctp { .. } => 12,
+                };
+                assert_eq!(l4 == 0, ip.l4 == L4::None, "l4_offset {l4} vs {:?}", ip.l4);
+                if l4 != 0 {
+                    assert!(l4 >= l3 + 20, "l4_offset {l4} inside the IP header");
+                    assert!(
+                        frame.len() >= l4 + min,
+                        "transport header outside the frame"
+                    );
+                }
+                if let Fragment::Later { .. } = ip.fragment {
+                    assert_eq!(ip.l4, L4::None);
+                }
+                if let L4::Tcp {
+                    sport,
+                    dport,
+                    flags,
+                } = ip.l4
+                {
+                    assert_eq!(sport, u16::from_be_bytes([frame[l4], frame[l4 + 1]]));
+                    assert_eq!(dport, u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]));
+                    assert_eq!(flags.0, frame[l4 + 13]);
+                }
+            }
+        }
+    }
+
+    fn eth() -> PacketBuilderStep<etherparse::Ethernet2Header> {
+        PacketBuilder::ethernet2(SRC_MAC, DST_MAC)
+    }
+
+    fn write(step: PacketBuilderStep<IpHeaders>, proto: u8, payload: &[u8]) -> Vec<u8> {
+        let mut frame = Vec::new();
+        step.write(&mut frame, IpNumber(proto), payload).unwrap();
+        frame
+    }
+
+    fn v4_header(proto: u8, ttl: u8) -> Ipv4Header {
+        Ipv4Header::new(0, ttl, IpNumber(proto), V4_SRC, V4_DST).unwrap()
+    }
+
+    fn v6_header(hop_limit: u8) -> Ipv6Header {
+        Ipv6Header {
+            hop_limit,
+            source: V6_SRC,
+            destination: V6_DST,
+            ..Default::default()
+        }
+    }
+
+    fn tcp_v4() -> Vec<u8> {
+        let mut frame = Vec::new();
+        eth()
+            .ipv4(V4_SRC, V4_DST, 64)
+            .tcp(40000, 80, 7, 1024)
+            .syn()
+            .write(&mut frame, &[0; 10])
+            .unwrap();
+        frame
+    }
+
+    fn udp_v6() -> Vec<u8> {
+        let mut frame = Vec::new();
+        eth()
+            .ipv6(V6_SRC, V6_DST, 63)
+            .udp(5353, 53)
+            .write(&mut frame, &[1, 2, 3])
+            .unwrap();
+        frame
+    }
+
+    fn arp(op: ArpOperation) -> Vec<u8> {
+        let packet = ArpPacket::new(
+            ArpHardwareId::ETHERNET,
+            EtherType::IPV4,
+            op,
+            &SRC_MAC,
+            &V4_SRC,
+            &[0; 6],
+            &[169, 254, 1, 1],
+        )
+        .unwrap();
+        let mut frame = Vec::new();
+        eth().arp(packet).write(&mut frame).unwrap();
+        frame
+    }
+
+    fn meta(l4_offset: u16, ip: IpMeta) -> PacketMeta {
+        PacketMeta {
+            dst_mac: DST_MAC,
+            src_mac: SRC_MAC,
+            vlan: None,
+            l3_offset: 14,
+            l4_offset,
+            net: Net::Ip(ip),
+        }
+    }
+
+    fn ip4(proto: u8, ttl: u8, fragment: Fragment, l4: L4) -> IpMeta {
+        IpMeta {
+            src: IpAddr::from(V4_SRC),
+            dst: IpAddr::from(V4_DST),
+            proto,
+            ttl,
+            fragment,
+            l4,
+        }
+    }
+
+    fn ip6(proto: u8, ttl: u8, fragment: Fragment, l4: L4) -> IpMeta {
+        IpMeta {
+            src: IpAddr::from(V6_SRC),
+            dst: IpAddr::from(V6_DST),
+            ..ip4(proto, ttl, fragment, l4)
+        }
+    }
+
+    const TCP_SYN: L4 = L4::Tcp {
+        sport: 40000,
+        dport: 80,
+        flags: TcpFlags(TcpFlags::SYN),
+    };
+    const UDP_DNS: L4 = L4::Udp {
+        sport: 5353,
+        dport: 53,
+    };
+
+    #[test]
+    fn ipv4_transports() {
+        check(&tcp_v4(), Ok(meta(34, ip4(6, 64, Fragment::None, TCP_SYN))));
+        let mut frame = Vec::new();
+        eth()
+            .ipv4(V4_SRC, V4_DST, 5)
+            .udp(5353, 53)
+            .write(&mut frame, &[9; 4])
+            .unwrap();
+        check(&frame, Ok(meta(34, ip4(17, 5, Fragment::None, UDP_DNS))));
+
+        let mut frame = Vec::new();
+        eth()
+            .ipv4(V4_SRC, V4_DST, 64)
+            .icmpv4_echo_request(0xbeef, 1)
+            .write(&mut frame, &[])
+            .unwrap();
+        let echo = L4::Icmp {
+            ty: 8,
+            code: 0,
+            id: 0xbeef,
+        };
+        check(&frame, Ok(meta(34, ip4(1, 64, Fragment::None, echo))));
+
+        // Destination unreachable (type 3, code 3): bytes 4..6 are not an identifier.
+        let icmp = [3, 3, 0, 0, 0x12, 0x34, 0, 0];
+        let frame = write(eth().ipv4(V4_SRC, V4_DST, 64), 1, &icmp);
+        let unreachable = L4::Icmp {
+            ty: 3,
+            code: 3,
+            id: 0,
+        };
+        check(
+            &frame,
+            Ok(meta(34, ip4(1, 64, Fragment::None, unreachable))),
+        );
+
+        // SCTP: ports from the common header.
+        let sctp = [0x0b, 0x59, 0x0e, 0x1c, 1, 2, 3, 4, 0, 0, 0, 0, 0xaa];
+        let frame = write(eth().ipv4(V4_SRC, V4_DST, 64), 132, &sctp);
+        let ports = L4::Sctp {
+            sport: 2905,
+            dport: 3612,
+        };
+        check(&frame, Ok(meta(34, ip4(132, 64, Fragment::None, ports))));
+
+        // GRE, and ICMPv6 carried in IPv4: not looked into.
+        let frame = write(eth().ipv4(V4_SRC, V4_DST, 64), 47, &[0; 8]);
+        check(&frame, Ok(meta(0, ip4(47, 64, Fragment::None, L4::None))));
+        let frame = write(
+            eth().ipv4(V4_SRC, V4_DST, 64),
+            58,
+            &[128, 0, 0, 0, 0, 1, 0, 0],
+        );
+        check(&frame, Ok(meta(0, ip4(58, 64, Fragment::None, L4::None))));
+    }
+
+    #[test]
+    fn ipv4_options_and_auth_header() {
+        let mut header = v4_header(6, 64);
+        header.options = [1u8; 12].as_slice().try_into().unwrap();
+        let mut frame = Vec::new();
+        eth()
+            .ip(IpHeaders::Ipv4(header, Ipv4Extensions::default()))
+            .tcp(40000, 80, 7, 1024)
+            .syn()
+            .write(&mut frame, &[])
+            .unwrap();
+        check(
+            &frame,
+            Ok(meta(14 + 32, ip4(6, 64, Fragment::None, TCP_SYN))),
+        );
+
+        let exts = Ipv4Extensions {
+            auth: Some(IpAuthHeader::new(IpNumber::UDP, 1, 2, &[0; 8]).unwrap()),
+        };
+        let mut frame = Vec::new();
+        eth()
+            .ip(IpHeaders::Ipv4(v4_header(17, 64), exts))
+            .udp(5353, 53)
+            .write(&mut frame, &[])
+            .unwrap();
+        // AH of 12 + 8 bytes; proto is the protocol after it.
+        check(
+            &frame,
+            Ok(meta(14 + 20 + 20, ip4(17, 64, Fragment::None, UDP_DNS))),
+        );
+    }
+
+    #[test]
+    fn ipv6_transports_and_extension_headers() {
+        check(
+            &udp_v6(),
+            Ok(meta(54, ip6(17, 63, Fragment::None, UDP_DNS))),
+        );
+
+        let mut frame = Vec::new();
+        eth()
+            .ipv6(V6_SRC, V6_DST, 64)
+            .icmpv6_echo_reply(7, 1)
+            .write(&mut frame, &[])
+            .unwrap();
+        let reply = L4::Icmp {
+            ty: 129,
+            code: 0,
+            id: 7,
+        };
+        check(&frame, Ok(meta(54, ip6(58, 64, Fragment::None, reply))));
+
+        // Neighbour solicitation: not an echo, so no identifier.
+        let ns = [135, 0, 0, 0, 0xff, 0xff, 0, 0];
+        let frame = write(
+            eth().ip(IpHeaders::Ipv6(v6_header(255), Default::default())),
+            58,
+            &ns,
+        );
+        let ns_meta = L4::Icmp {
+            ty: 135,
+            code: 0,
+            id: 0,
+        };
+        check(&frame, Ok(meta(54, ip6(58, 255, Fragment::None, ns_meta))));
+
+        // ICMPv4 carried in IPv6 is not looked into.
+        let frame = write(eth().ipv6(V6_SRC, V6_DST, 64), 1, &[8, 0, 0, 0, 0, 1, 0, 0]);
+        check(&frame, Ok(meta(0, ip6(1, 64, Fragment::None, L4::None))));
+
+        // Hop-by-hop, destination options, routing, final destination options and AH.
+        let raw = |len: usize| Ipv6RawExtHeader::new_raw(IpNumber(0), &vec![0; len]).unwrap();
+        let exts = Ipv6Extensions {
+            hop_by_hop_options: Some(raw(6)),
+            destination_options: Some(raw(14)),
+            routing: Some(Ipv6RoutingExtensions {
+                routing: raw(6),
+                final_destination_options: Some(raw(6)),
+            }),
+            fragment: None,
+            auth: Some(IpAuthHeader::new(IpNumber(0), 1, 2, &[0; 4]).unwrap()),
+        };
+        let mut frame = Vec::new();
+        eth()
+            .ip(IpHeaders::Ipv6(v6_header(9), exts))
+            .tcp(40000, 80, 7, 1024)
+            .syn()
+            .write(&mut frame, &[])
+            .unwrap();
+        let ext_len = 8 + 16 + 8 + 8 + 16;
+        check(
+            &frame,
+            Ok(meta(54 + ext_len, ip6(6, 9, Fragment::None, TCP_SYN))),
+        );
+
+        // ESP and "no next header" end the walk with no transport.
+        for proto in [50, 59] {
+            let frame = write(eth().ipv6(V6_SRC, V6_DST, 64), proto, &[0; 16]);
+            check(
+                &frame,
+                Ok(meta(0, ip6(proto, 64, Fragment::None, L4::None))),
+            );
+        }
+    }
+
+    fn v4_fragment(more: bool, offset: u16, id: u16) -> Ipv4Header {
+        let mut header = v4_header(6, 64);
+        header.identification = id;
+        header.more_fragments = more;
+        header.fragment_offset = IpFragOffset::try_new(offset).unwrap();
+        header
+    }
+
+    #[test]
+    fn ipv4_fragments() {
+        // First fragment: transport header parsed.
+        let mut frame = Vec::new();
+        eth()
+            .ip(IpHeaders::Ipv4(
+                v4_fragment(true, 0, 0xabcd),
+                Default::default(),
+            ))
+            .tcp(40000, 80, 7, 1024)
+            .syn()
+            .write(&mut frame, &[0; 16])
+            .unwrap();
+        let first = Fragment::First { id: 0xabcd };
+        check(&frame, Ok(meta(34, ip4(6, 64, first, TCP_SYN))));
+
+        // A first UDP fragment's length field covers the whole datagram: not checked.
+        let mut udp = vec![0x14, 0xe9, 0, 53, 0x05, 0xdc, 0, 0];
+        udp.extend_from_slice(&[0; 8]);
+        let mut header = v4_fragment(true, 0, 1);
+        header.protocol = IpNumber::UDP;
+        let frame = write(
+            eth().ip(IpHeaders::Ipv4(header, Default::default())),
+            17,
+            &udp,
+        );
+        check(
+            &frame,
+            Ok(meta(34, ip4(17, 64, Fragment::First { id: 1 }, UDP_DNS))),
+        );
+
+        // Later fragments: never ports, even if the payload looks like a TCP header.
+        for (more, offset) in [(true, 1), (false, 185), (false, 8191)] {
+            let payload = &tcp_v4()[34..];
+            let frame = write(
+                eth().ip(IpHeaders::Ipv4(
+                    v4_fragment(more, offset, 0xabcd),
+                    Default::default(),
+                )),
+                6,
+                payload,
+            );
+            let later = Fragment::Later { id: 0xabcd };
+            check(&frame, Ok(meta(0, ip4(6, 64, later, L4::None))));
+        }
+
+        // A first fragment too short for its TCP header (RFC 1858 tiny fragment).
+        let frame = write(
+            eth().ip(IpHeaders::Ipv4(v4_fragment(true, 0, 5), Default::default())),
+            6,
+            &[0; 8],
+        );
+        check_err(&frame, DropReason::Truncated);
+    }
+
+    fn v6_with_fragment(offset: u16, more: bool, id: u32, proto: u8, payload: &[u8]) -> Vec<u8> {
+        let exts = Ipv6Extensions {
+            fragment: Some(Ipv6FragmentHeader::new(
+                IpNumber(0),
+                IpFragOffset::try_new(offset).unwrap(),
+                more,
+                id,
+            )),
+            ..Default::default()
+        };
+        write(
+            eth().ip(IpHeaders::Ipv6(v6_header(64), exts)),
+            proto,
+            payload,
+        )
+    }
+
+    #[test]
+    fn ipv6_fragments() {
+        let udp = [0x14, 0xe9, 0, 53, 0x05, 0xdc, 0, 0, 1, 2, 3, 4];
+        let first = Fragment::First { id: 0xdead_beef };
+        check(
+            &v6_with_fragment(0, true, 0xdead_beef, 17, &udp),
+            Ok(meta(62, ip6(17, 64, first, UDP_DNS))),
+        );
+        let later = Fragment::Later { id: 0xdead_beef };
+        check(
+            &v6_with_fragment(100, true, 0xdead_beef, 17, &udp),
+            Ok(meta(0, ip6(17, 64, later, L4::None))),
+        );
+        check(
+            &v6_with_fragment(100, false, 0xdead_beef, 17, &udp),
+            Ok(meta(0, ip6(17, 64, later, L4::None))),
+        );
+        // An atomic fragment (offset 0, no more fragments) is a whole datagram; its UDP
+        // length is then checked like any other.
+        let udp = [0x14, 0xe9, 0, 53, 0, 12, 0, 0, 1, 2, 3, 4];
+        check(
+            &v6_with_fragment(0, false, 1, 17, &udp),
+            Ok(meta(62, ip6(17, 64, Fragment::None, UDP_DNS))),
+        );
+    }
+
+    #[test]
+    fn vlan_tags() {
+        let mut frame = Vec::new();
+        eth()
+            .single_vlan(100.try_into().unwrap())
+            .ipv4(V4_SRC, V4_DST, 64)
+            .tcp(40000, 80, 7, 1024)
+            .syn()
+            .write(&mut frame, &[])
+            .unwrap();
+        let expected = PacketMeta {
+            vlan: Some(100),
+            l3_offset: 18,
+            ..meta(38, ip4(6, 64, Fragment::None, TCP_SYN))
+        };
+        check(&frame, Ok(expected));
+
+        let mut frame = Vec::new();
+        eth()
+            .double_vlan(200.try_into().unwrap(), 4095.try_into().unwrap())
+            .ipv6(V6_SRC, V6_DST, 63)
+            .udp(5353, 53)
+            .write(&mut frame, &[])
+            .unwrap();
+        let expected = PacketMeta {
+            vlan: Some(200),
+            l3_offset: 22,
+            ..meta(62, ip6(17, 63, Fragment::None, UDP_DNS))
+        };
+        check(&frame, Ok(expected));
+
+        // A third tag.
+        let mut triple = frame[..12].to_vec();
+        triple.extend_from_slice(&[0x81, 0x00, 0x00, 0x01]);
+        triple.extend_from_slice(&frame[12..]);
+        check_err(&triple, DropReason::UnsupportedEthertype);
+        // A tag cut short.
+        check_err(&frame[..16], DropReason::Truncated);
+    }
+
+    #[test]
+    fn arp_requests_and_replies() {
+        let expected = |operation| PacketMeta {
+            dst_mac: DST_MAC,
+            src_mac: SRC_MAC,
+            vlan: None,
+            l3_offset: 14,
+            l4_offset: 0,
+            net: Net::Arp(ArpMeta {
+                operation,
+                sender_mac: SRC_MAC,
+                sender_ip: Ipv4Addr::from(V4_SRC),
+                target_mac: [0; 6],
+                target_ip: Ipv4Addr::new(169, 254, 1, 1),
+            }),
+        };
+        check(&arp(ArpOperation::REQUEST), Ok(expected(1)));
+        check(&arp(ArpOperation::REPLY), Ok(expected(2)));
+        // Padded to the Ethernet minimum.
+        let mut padded = arp(ArpOperation::REQUEST);
+        padded.resize(60, 0);
+        check(&padded, Ok(expected(1)));
+
+        check_err(&arp(ArpOperation(3)), DropReason::UnsupportedArp);
+        // Byte offsets in the frame: hardware type, protocol type, the two lengths.
+        for (at, value) in [(15, 6), (16, 0x86), (18, 8), (19, 16)] {
+            let mut frame = arp(ArpOperation::REQUEST);
+            frame[at] = value;
+            frame.resize(80, 0);
+            check_err(&frame, DropReason::UnsupportedArp);
+        }
+        check_err(&arp(ArpOperation::REQUEST)[..41], DropReason::Truncated);
+    }
+
+    #[test]
+    fn drop_reasons() {
+        let with = |base: Vec<u8>, at: usize, value: u8| {
+            let mut frame = base;
+            frame[at] = value;
+            frame
+        };
+        let tcp = tcp_v4();
+        // Ethernet.
+        check_err(&[], DropReason::Truncated);
+        check_err(&tcp[..13], DropReason::Truncated);
+        check_err(
+            &with(tcp.clone(), 12, 0x88),
+            DropReason::UnsupportedEthertype,
+        );
+        let lldp = with(with(tcp.clone(), 12, 0x88), 13, 0xcc);
+        check_err(&lldp, DropReason::UnsupportedEthertype);
+        let ieee802_3 = with(with(tcp.clone(), 12, 0x00), 13, 0x2e);
+        check_err(&ieee802_3, DropReason::UnsupportedEthertype);
+        // IPv4 header.
+        check_err(&tcp[..14 + 19], DropReason::Truncated);
+        check_err(&with(tcp.clone(), 14, 0x44), DropReason::Malformed); // IHL 4
+        check_err(&with(tcp.clone(), 14, 0x65), DropReason::Malformed); // version 6
+        check_err(&with(tcp.clone(), 14, 0x4f), DropReason::Truncated); // IHL 15 > frame
+        check_err(&with(tcp.clone(), 17, 19), DropReason::Malformed); // total < header
+        check_err(&with(tcp.clone(), 17, 100), DropReason::Truncated); // total > frame
+        check_err(&tcp[..tcp.len() - 1], DropReason::Truncated);
+        // TCP: data offset 4 and 15.
+        check_err(&with(tcp.clone(), 46, 0x40), DropReason::Malformed);
+        check_err(&with(tcp.clone(), 46, 0xf0), DropReason::Truncated);
+        // IPv6.
+        let udp = udp_v6();
+        check_err(&with(udp.clone(), 14, 0x45), DropReason::Malformed);
+        check_err(&udp[..14 + 39], DropReason::Truncated);
+        check_err(&with(udp.clone(), 19, 200), DropReason::Truncated); // payload length
+        check_err(&with(udp.clone(), 19, 7), DropReason::Truncated); // UDP cut by length
+        // UDP length field.
+        check_err(&with(udp.clone(), 59, 7), DropReason::Malformed);
+        check_err(&with(udp.clone(), 59, 12), DropReason::Truncated);
+        // Ethernet padding after the IP packet is ignored, and a shorter UDP length is fine.
+        let mut padded = udp.clone();
+        padded.resize(100, 0xee);
+        assert_eq!(parse(&padded), parse(&udp));
+        check(
+            &with(udp.clone(), 59, 8),
+            Ok(meta(54, ip6(17, 63, Fragment::None, UDP_DNS))),
+        );
+        // SCTP and ICMP headers cut short by the IP length.
+        check_err(
+            &write(eth().ipv4(V4_SRC, V4_DST, 1), 132, &[0; 11]),
+            DropReason::Truncated,
+        );
+        check_err(
+            &write(eth().ipv4(V4_SRC, V4_DST, 1), 1, &[0; 7]),
+            DropReason::Truncated,
+        );
+        check_err(
+            &write(eth().ipv6(V6_SRC, V6_DST, 1), 58, &[0; 7]),
+            DropReason::Truncated,
+        );
+    }
+
+    #[test]
+    fn bad_extension_headers() {
+        // AH with a zero payload length.
+        let zero_ah = [17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        check_err(
+            &write(eth().ipv6(V6_SRC, V6_DST, 1), 51, &zero_ah),
+            DropReason::Malformed,
+        );
+        check_err(
+            &write(eth().ipv4(V4_SRC, V4_DST, 1), 51, &zero_ah),
+            DropReason::Malformed,
+        );
+        // Hop-by-hop after a destination options header.
+        let hop_by_hop_late = [0, 0, 0, 0, 0, 0, 0, 0, 59, 0, 0, 0, 0, 0, 0, 0];
+        let frame = write(eth().ipv6(V6_SRC, V6_DST, 1), 60, &hop_by_hop_late);
+        check_err(&frame, DropReason::Malformed);
+        // An extension header longer than the payload.
+        let frame = write(
+            eth().ipv6(V6_SRC, V6_DST, 1),
+            60,
+            &[59, 1, 0, 0, 0, 0, 0, 0],
+        );
+        check_err(&frame, DropReason::Truncated);
+        // A chain of MAX_IPV6_EXT_HEADERS destination options headers is fine, one more is not.
+        let chain = |n: usize| {
+            let mut payload = Vec::new();
+            for i in 0..n {
+                let next = if i + 1 == n { 59 } else { 60 };
+                payload.extend_from_slice(&[next, 0, 0, 0, 0, 0, 0, 0]);
+            }
+            write(eth().ipv6(V6_SRC, V6_DST, 1), 60, &payload)
+        };
+        check(
+            &chain(MAX_IPV6_EXT_HEADERS),
+            Ok(meta(0, ip6(59, 1, Fragment::None, L4::None))),
+        );
+        check_err(&chain(MAX_IPV6_EXT_HEADERS + 1), DropReason::Malformed);
+    }
+
+    /// Every prefix of a valid frame parses to Ok or Err without panicking; prefixes that cut
+    /// the IP packet (or ARP body) are errors, and longer ones parse like the whole frame.
+    #[test]
+    fn every_prefix() {
+        let mut padded_udp = udp_v6();
+        let ip_end = padded_udp.len();
+        padded_udp.resize(ip_end + 6, 0);
+        let mut ah_frame = Vec::new();
+        eth()
+            .single_vlan(3.try_into().unwrap())
+            .ip(IpHeaders::Ipv4(
+                v4_header(6, 64),
+                Ipv4Extensions {
+                    auth: Some(IpAuthHeader::new(IpNumber::TCP, 1, 2, &[0; 4]).unwrap()),
+                },
+            ))
+            .tcp(1, 2, 3, 4)
+            .write(&mut ah_frame, &[5; 5])
+            .unwrap();
+        let fragment = v6_with_fragment(0, true, 9, 6, &tcp_v4()[34..]);
+        let cases = [
+            (tcp_v4(), tcp_v4().len()),
+            (padded_udp, ip_end),
+            (arp(ArpOperation::REQUEST), 42),
+            (fragment.clone(), fragment.len()),
+            (ah_frame.clone(), ah_frame.len()),
+        ];
+        for (frame, complete_at) in cases {
+            let whole = parse(&frame);
+            assert!(whole.is_ok(), "{whole:?}");
+            for n in 0..=frame.len() {
+                let got = parse(&frame[..n]);
+                if n < complete_at {
+                    assert!(got.is_err(), "prefix {n} of {frame:02x?}: {got:?}");
+                } else {
+                    assert_eq!(got, whole, "prefix {n}");
+                }
+            }
+        }
+    }
+
+    fn valid_frames() -> Vec<Vec<u8>> {
+        vec![
+            tcp_v4(),
+            udp_v6(),
+            arp(ArpOperation::REQUEST),
+            v6_with_fragment(0, true, 9, 6, &tcp_v4()[34..]),
+            v6_with_fragment(8, false, 9, 6, &[0; 8]),
+        ]
+    }
+
+    /// Transport choices for the round-trip property.
+    #[derive(Clone, Debug)]
+    enum Proto {
+        /// TCP with these FIN/SYN/RST/PSH/ACK bits.
+        Tcp(u8),
+        Udp,
+        IcmpEcho {
+            request: bool,
+        },
+    }
+
+    fn proto_strategy() -> impl Strategy<Value = Proto> {
+        prop_oneof![
+            (0u8..32).prop_map(Proto::Tcp),
+            Just(Proto::Udp),
+            any::<bool>().prop_map(|request| Proto::IcmpEcho { request }),
+        ]
+    }
+
+    fn addrs_strategy() -> impl Strategy<Value = (IpAddr, IpAddr)> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<[u8; 4]>())
+                .prop_map(|(s, d)| (IpAddr::from(s), IpAddr::from(d))),
+            (any::<[u8; 16]>(), any::<[u8; 16]>())
+                .prop_map(|(s, d)| (IpAddr::from(s), IpAddr::from(d))),
+        ]
+    }
+
+    /// Builds a frame from the round-trip inputs; returns it with the transport summary and
+    /// protocol number the parser must report.
+    fn build(
+        src: IpAddr,
+        dst: IpAddr,
+        sport: u16,
+        dport: u16,
+        proto: &Proto,
+        vlan: Option<u16>,
+        ttl: u8,
+        payload: &[u8],
+    ) -> (Vec<u8>, u8, L4) {
+        let headers = match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => IpHeaders::Ipv4(
+                Ipv4Header::new(0, ttl, IpNumber::TCP, s.octets(), d.octets()).unwrap(),
+                Default::default(),
+            ),
+            (IpAddr::V6(s), IpAddr::V6(d)) => IpHeaders::Ipv6(
+                Ipv6Header {
+                    hop_limit: ttl,
+                    source: s.octets(),
+                    destination: d.octets(),
+                    ..Default::default()
+                },
+                Default::default(),
+            ),
+            _ => panic!("the strategy pairs addresses of one family"),
+        };
+        let step = match vlan {
+            Some(id) => eth().single_vlan(id.try_into().unwrap()).ip(headers),
+            None => eth().ip(headers),
+        };
+        let mut frame = Vec::new();
+        let (ip_proto, l4) = match *proto {
+            Proto::Tcp(bits) => {
+                let mut tcp = step.tcp(sport, dport, 1, 2);
+                if bits & 1 != 0 {
+                    tcp = tcp.fin();
+                }
+                if bits & 2 != 0 {
+                    tcp = tcp.syn();
+                }
+                if bits & 4 != 0 {
+                    tcp = tcp.rst();
+                }
+                if bits & 8 != 0 {
+                    tcp = tcp.psh();
+                }
+                if bits & 16 != 0 {
+                    tcp = tcp.ack(3);
+                }
+                tcp.write(&mut frame, payload).unwrap();
+                let flags = TcpFlags(bits);
+                (
+                    6,
+                    L4::Tcp {
+                        sport,
+                        dport,
+                        flags,
+                    },
+                )
+            }
+            Proto::Udp => {
+                step.udp(sport, dport).write(&mut frame, payload).unwrap();
+                (17, L4::Udp { sport, dport })
+            }
+            Proto::IcmpEcho { request } => {
+                // The identifier is `sport`; `dport` serves as the sequence number.
+                let (proto, ty) = match (src.is_ipv6(), request) {
+                    (false, true) => {
+                        let icmp = step.icmpv4_echo_request(sport, dport);
+                        icmp.write(&mut frame, payload).unwrap();
+                        (1, 8)
+                    }
+                    (false, false) => {
+                        let icmp = step.icmpv4_echo_reply(sport, dport);
+                        icmp.write(&mut frame, payload).unwrap();
+                        (1, 0)
+                    }
+                    (true, true) => {
+                        let icmp = step.icmpv6_echo_request(sport, dport);
+                        icmp.write(&mut frame, payload).unwrap();
+                        (58, 128)
+                    }
+                    (true, false) => {
+                        let icmp = step.icmpv6_echo_reply(sport, dport);
+                        icmp.write(&mut frame, payload).unwrap();
+                        (58, 129)
+                    }
+                };
+                let l4 = L4::Icmp {
+                    ty,
+                    code: 0,
+                    id: sport,
+                };
+                (proto, l4)
+            }
+        };
+        (frame, ip_proto, l4)
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            if let Ok(meta) = parse(&bytes) {
+                assert_invariants(&bytes, &meta);
+            }
+        }
+
+        /// Likely EtherTypes after a MAC header, so that random bytes reach the IP parsers.
+        #[test]
+        fn never_panics_on_arbitrary_payloads(
+            ether_type in prop_oneof![
+                Just(0x0800u16), Just(0x86dd), Just(0x0806), Just(0x8100), any::<u16>()
+            ],
+            body in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            let mut frame = vec![0u8; 12];
+            frame.extend_from_slice(&ether_type.to_be_bytes());
+            frame.extend_from_slice(&body);
+            if let Ok(meta) = parse(&frame) {
+                assert_invariants(&frame, &meta);
+            }
+        }
+
+        #[test]
+        fn never_panics_on_mutated_frames(
+            which in any::<prop::sample::Index>(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let frames = valid_frames();
+            let mut frame = which.get(&frames).clone();
+            for (at, value) in edits {
+                let i = at.index(frame.len());
+                frame[i] = value;
+            }
+            frame.truncate(cut.index(frame.len() + 1));
+            if let Ok(meta) = parse(&frame) {
+                assert_invariants(&frame, &meta);
+            }
+        }
+
+        /// Frames built by etherparse parse back to the fields they were built from.
+        #[test]
+        fn round_trip(
+            (src, dst) in addrs_strategy(),
+            sport in any::<u16>(),
+            dport in any::<u16>(),
+            proto in proto_strategy(),
+            vlan in proptest::option::of(0u16..4096),
+            ttl in any::<u8>(),
+            payload_len in 0usize..64,
+        ) {
+            let payload = vec![0x5a; payload_len];
+            let (frame, ip_proto, l4) =
+                build(src, dst, sport, dport, &proto, vlan, ttl, &payload);
+            let l3_offset = if vlan.is_some() { 18 } else { 14 };
+            let ip_len = if src.is_ipv4() { 20 } else { 40 };
+            let expected = PacketMeta {
+                dst_mac: DST_MAC,
+                src_mac: SRC_MAC,
+                vlan,
+                l3_offset,
+                l4_offset: l3_offset + ip_len,
+                net: Net::Ip(IpMeta {
+                    src,
+                    dst,
+                    proto: ip_proto,
+                    ttl,
+                    fragment: Fragment::None,
+                    l4,
+                }),
+            };
+            prop_assert_eq!(parse(&frame), Ok(expected));
+        }
+    }
+
+    #[test]
+    fn helpers() {
+        assert_eq!(TCP_SYN.ports(), Some((40000, 80)));
+        assert_eq!(UDP_DNS.ports(), Some((5353, 53)));
+        let echo = L4::Icmp {
+            ty: 8,
+            code: 0,
+            id: 1,
+        };
+        assert_eq!(echo.ports(), None);
+        assert_eq!(L4::None.ports(), None);
+        assert_eq!(Fragment::Later { id: 3 }.id(), Some(3));
+        assert_eq!(Fragment::First { id: 4 }.id(), Some(4));
+        assert_eq!(Fragment::None.id(), None);
+        let arp_meta = parse(&arp(ArpOperation::REQUEST)).unwrap();
+        assert!(arp_meta.arp().is_some() && arp_meta.ip().is_none());
+        let tcp_meta = parse(&tcp_v4()).unwrap();
+        assert!(tcp_meta.arp().is_none() && tcp_meta.ip().is_some());
+    }
+}

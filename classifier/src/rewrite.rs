@@ -91,8 +91,23 @@ pub fn decrement_ttl(frame: &mut [u8], meta: &PacketMeta) -> Result<(), DropReas
     };
     let l3 = usize::from(meta.l3_offset);
     if src.is_ipv4() {
-        let Some([version_ihl, _, _, _, _, _, _, _, ttl, proto, csum_hi, csum_lo, ..]) =
-            frame.get_mut(l3..l3 + IPV4_MIN_LEN)
+        let Some(
+            [
+                version_ihl,
+                _,
+                _,
+                _,
+                _,
+                _,
+                _,
+                _,
+                ttl,
+                proto,
+                csum_hi,
+                csum_lo,
+                ..,
+            ],
+        ) = frame.get_mut(l3..l3 + IPV4_MIN_LEN)
         else {
             return Err(DropReason::Truncated);
         };
@@ -375,8 +390,16 @@ mod tests {
             assert_eq!(copy, frame);
         };
         for ttl in [0, 1] {
-            check(udp_v4(ttl), parse(&udp_v4(ttl)).unwrap(), DropReason::TtlExpired);
-            check(udp_v6(ttl), parse(&udp_v6(ttl)).unwrap(), DropReason::TtlExpired);
+            check(
+                udp_v4(ttl),
+                parse(&udp_v4(ttl)).unwrap(),
+                DropReason::TtlExpired,
+            );
+            check(
+                udp_v6(ttl),
+                parse(&udp_v6(ttl)).unwrap(),
+                DropReason::TtlExpired,
+            );
         }
         // The frame is shorter than the meta says.
         let meta = parse(&udp_v4(64)).unwrap();
