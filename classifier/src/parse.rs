@@ -1265,8 +1265,7 @@ mod tests {
     fn build(
         src: IpAddr,
         dst: IpAddr,
-        sport: u16,
-        dport: u16,
+        (sport, dport): (u16, u16),
         proto: &Proto,
         vlan: Option<u16>,
         ttl: u8,
@@ -1416,7 +1415,7 @@ mod tests {
         ) {
             let payload = vec![0x5a; payload_len];
             let (frame, ip_proto, l4) =
-                build(src, dst, sport, dport, &proto, vlan, ttl, &payload);
+                build(src, dst, (sport, dport), &proto, vlan, ttl, &payload);
             let l3_offset = if vlan.is_some() { 18 } else { 14 };
             let ip_len = if src.is_ipv4() { 20 } else { 40 };
             let expected = PacketMeta {
