@@ -305,32 +305,72 @@ pub fn parse(frame: &[u8]) -> Result<PacketMeta, DropReason> {
         rest = tag.payload_slice();
         tags += 1;
     }
-    let l3_offset = ETH_LEN + tags * VLAN_LEN;
-
-    let (net, l4_rel) = match ether_type {
-        EtherType::IPV4 => {
-            let (ip, l4) = parse_ipv4(rest)?;
-            (Net::Ip(ip), l4)
-        }
-        EtherType::IPV6 => {
-            let (ip, l4) = parse_ipv6(rest)?;
-            (Net::Ip(ip), l4)
-        }
-        EtherType::ARP => (Net::Arp(parse_arp(rest)?), 0),
-        _ => return Err(DropReason::UnsupportedEthertype),
-    };
-    // The transport offset is relative to the network header; 0 means "none" and stays 0.
-    let l4_offset = if l4_rel == 0 { 0 } else { l3_offset + l4_rel };
-    Ok(PacketMeta {
+    let link = Link {
         dst_mac: eth.destination(),
         src_mac: eth.source(),
         vlan,
-        // l3_offset is at most 22; l4_offset at most 22 + 60 + 1028 for IPv4 and
-        // 22 + 40 + MAX_IPV6_EXT_HEADERS * 2048 for IPv6, so neither can overflow a u16.
-        l3_offset: l3_offset as u16,
-        l4_offset: u16::try_from(l4_offset).map_err(|_| DropReason::Malformed)?,
-        net,
-    })
+        l3_offset: ETH_LEN + tags * VLAN_LEN,
+    };
+    match ether_type {
+        EtherType::IPV4 => parse_ipv4(&link, rest),
+        EtherType::IPV6 => parse_ipv6(&link, rest),
+        EtherType::ARP => parse_arp(&link, rest),
+        _ => Err(DropReason::UnsupportedEthertype),
+    }
+}
+
+/// The link-layer facts gathered before the network header.
+struct Link {
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    vlan: Option<u16>,
+    l3_offset: usize,
+}
+
+/// The network-layer facts of an IP packet, as scalars.
+///
+/// The parsers collect these and build the [`PacketMeta`] once, in [`Link::ip_meta`]:
+/// filling an `IpMeta` field by field on the stack and then copying it into the result
+/// made the compiler read back bytes it had just written with wider loads, which stalls
+/// store forwarding and cost more than the rest of the parse.
+struct IpFacts {
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    ttl: u8,
+    fragment: Fragment,
+    l4: L4,
+    /// Offset of the transport header from the start of the IP header; 0 when none.
+    l4_rel: usize,
+}
+
+impl Link {
+    #[inline(always)]
+    fn ip_meta(&self, ip: IpFacts) -> Result<PacketMeta, DropReason> {
+        // The transport offset is relative to the network header; 0 means "none".
+        let l4_offset = if ip.l4_rel == 0 {
+            0
+        } else {
+            self.l3_offset + ip.l4_rel
+        };
+        Ok(PacketMeta {
+            dst_mac: self.dst_mac,
+            src_mac: self.src_mac,
+            vlan: self.vlan,
+            // l3_offset is at most 22; l4_offset at most 22 + 60 + 1028 for IPv4 and
+            // 22 + 40 + MAX_IPV6_EXT_HEADERS * 2048 for IPv6, so neither overflows a u16.
+            l3_offset: self.l3_offset as u16,
+            l4_offset: u16::try_from(l4_offset).map_err(|_| DropReason::Malformed)?,
+            net: Net::Ip(IpMeta {
+                src: ip.src,
+                dst: ip.dst,
+                proto: ip.proto,
+                ttl: ip.ttl,
+                fragment: ip.fragment,
+                l4: ip.l4,
+            }),
+        })
+    }
 }
 
 /// The tag protocol identifiers of 802.1Q, 802.1ad and the pre-standard QinQ 0x9100.
@@ -345,7 +385,7 @@ fn is_vlan_tpid(ether_type: EtherType) -> bool {
 }
 
 /// Parses an Ethernet/IPv4 ARP request or reply.
-fn parse_arp(packet: &[u8]) -> Result<ArpMeta, DropReason> {
+fn parse_arp(link: &Link, packet: &[u8]) -> Result<PacketMeta, DropReason> {
     let arp = ArpPacketSlice::from_slice(packet).map_err(|_| DropReason::Truncated)?;
     let operation = arp.operation();
     if arp.hw_addr_type() != ArpHardwareId::ETHERNET
@@ -364,19 +404,25 @@ fn parse_arp(packet: &[u8]) -> Result<ArpMeta, DropReason> {
             .map(Ipv4Addr::from)
             .map_err(|_| DropReason::UnsupportedArp)
     };
-    Ok(ArpMeta {
-        operation: operation.0,
-        sender_mac: mac(arp.sender_hw_addr())?,
-        sender_ip: ip(arp.sender_protocol_addr())?,
-        target_mac: mac(arp.target_hw_addr())?,
-        target_ip: ip(arp.target_protocol_addr())?,
+    Ok(PacketMeta {
+        dst_mac: link.dst_mac,
+        src_mac: link.src_mac,
+        vlan: link.vlan,
+        l3_offset: link.l3_offset as u16,
+        l4_offset: 0,
+        net: Net::Arp(ArpMeta {
+            operation: operation.0,
+            sender_mac: mac(arp.sender_hw_addr())?,
+            sender_ip: ip(arp.sender_protocol_addr())?,
+            target_mac: mac(arp.target_hw_addr())?,
+            target_ip: ip(arp.target_protocol_addr())?,
+        }),
     })
 }
 
-/// Parses an IPv4 packet; returns its summary and the transport header's offset from the
-/// start of the IPv4 header (0 when there is none).
+/// Parses an IPv4 packet that starts at `link.l3_offset`.
 #[inline]
-fn parse_ipv4(packet: &[u8]) -> Result<(IpMeta, usize), DropReason> {
+fn parse_ipv4(link: &Link, packet: &[u8]) -> Result<PacketMeta, DropReason> {
     let header = Ipv4HeaderSlice::from_slice(packet).map_err(|e| match e {
         ipv4::HeaderSliceError::Len(_) => DropReason::Truncated,
         ipv4::HeaderSliceError::Content(_) => DropReason::Malformed,
@@ -390,6 +436,10 @@ fn parse_ipv4(packet: &[u8]) -> Result<(IpMeta, usize), DropReason> {
     let packet = packet.get(..total_len).ok_or(DropReason::Truncated)?;
 
     let id = u32::from(header.identification());
+    let src = IpAddr::V4(header.source_addr());
+    let dst = IpAddr::V4(header.destination_addr());
+    let ttl = header.ttl();
+    let mut proto = header.protocol().0;
     let fragment = if header.fragments_offset().value() != 0 {
         Fragment::Later { id }
     } else if header.more_fragments() {
@@ -397,35 +447,44 @@ fn parse_ipv4(packet: &[u8]) -> Result<(IpMeta, usize), DropReason> {
     } else {
         Fragment::None
     };
-    let mut ip = IpMeta {
-        src: IpAddr::V4(header.source_addr()),
-        dst: IpAddr::V4(header.destination_addr()),
-        proto: header.protocol().0,
-        ttl: header.ttl(),
-        fragment,
-        l4: L4::None,
-    };
     if let Fragment::Later { .. } = fragment {
         // The payload of a later fragment starts mid-datagram: nothing in it is a header.
-        return Ok((ip, 0));
+        let l4 = L4::None;
+        return link.ip_meta(IpFacts {
+            src,
+            dst,
+            proto,
+            ttl,
+            fragment,
+            l4,
+            l4_rel: 0,
+        });
     }
 
     let mut l4_start = header_len;
-    if ip.proto == PROTO_AUTH {
+    if proto == PROTO_AUTH {
         let auth = IpAuthHeaderSlice::from_slice(packet.get(l4_start..).unwrap_or_default())
             .map_err(map_auth_error)?;
-        ip.proto = auth.next_header().0;
+        proto = auth.next_header().0;
         l4_start += auth.slice().len();
     }
     let l4_bytes = packet.get(l4_start..).unwrap_or_default();
-    ip.l4 = parse_l4(ip.proto, false, l4_bytes, fragment != Fragment::None)?;
-    Ok((ip, if ip.l4 == L4::None { 0 } else { l4_start }))
+    let l4 = parse_l4(proto, false, l4_bytes, fragment != Fragment::None)?;
+    let l4_rel = if l4 == L4::None { 0 } else { l4_start };
+    link.ip_meta(IpFacts {
+        src,
+        dst,
+        proto,
+        ttl,
+        fragment,
+        l4,
+        l4_rel,
+    })
 }
 
-/// Parses an IPv6 packet and its extension headers; returns its summary and the transport
-/// header's offset from the start of the IPv6 header (0 when there is none).
+/// Parses an IPv6 packet, walking its extension headers, that starts at `link.l3_offset`.
 #[inline]
-fn parse_ipv6(packet: &[u8]) -> Result<(IpMeta, usize), DropReason> {
+fn parse_ipv6(link: &Link, packet: &[u8]) -> Result<PacketMeta, DropReason> {
     let header = Ipv6HeaderSlice::from_slice(packet).map_err(|e| match e {
         ipv6::HeaderSliceError::Len(_) => DropReason::Truncated,
         ipv6::HeaderSliceError::Content(_) => DropReason::Malformed,
@@ -435,19 +494,16 @@ fn parse_ipv6(packet: &[u8]) -> Result<(IpMeta, usize), DropReason> {
     let end = IPV6_LEN + usize::from(header.payload_length());
     let packet = packet.get(..end).ok_or(DropReason::Truncated)?;
 
-    let mut ip = IpMeta {
-        src: IpAddr::V6(header.source_addr()),
-        dst: IpAddr::V6(header.destination_addr()),
-        proto: header.next_header().0,
-        ttl: header.hop_limit(),
-        fragment: Fragment::None,
-        l4: L4::None,
-    };
+    let src = IpAddr::V6(header.source_addr());
+    let dst = IpAddr::V6(header.destination_addr());
+    let ttl = header.hop_limit();
+    let mut proto = header.next_header().0;
+    let mut fragment = Fragment::None;
     let mut offset = IPV6_LEN;
     let mut walked = 0;
     loop {
         let rest = packet.get(offset..).unwrap_or_default();
-        let (len, next) = match ip.proto {
+        let (len, next) = match proto {
             // RFC 8200 §4.1: hop-by-hop options may only directly follow the IPv6 header.
             PROTO_HOP_BY_HOP if offset != IPV6_LEN => return Err(DropReason::Malformed),
             PROTO_HOP_BY_HOP | PROTO_ROUTE | PROTO_DEST_OPTIONS => {
@@ -460,14 +516,21 @@ fn parse_ipv6(packet: &[u8]) -> Result<(IpMeta, usize), DropReason> {
                     Ipv6FragmentHeaderSlice::from_slice(rest).map_err(|_| DropReason::Truncated)?;
                 let id = frag.identification();
                 if frag.fragment_offset().value() != 0 {
-                    ip.fragment = Fragment::Later { id };
-                    ip.proto = frag.next_header().0;
-                    return Ok((ip, 0));
+                    // A later fragment: what follows is mid-datagram, not headers.
+                    return link.ip_meta(IpFacts {
+                        src,
+                        dst,
+                        proto: frag.next_header().0,
+                        ttl,
+                        fragment: Fragment::Later { id },
+                        l4: L4::None,
+                        l4_rel: 0,
+                    });
                 }
                 // Offset 0 without more-fragments is an atomic fragment (RFC 6946): the
                 // whole datagram is here, so it is not a fragment for the packet path.
                 if frag.more_fragments() {
-                    ip.fragment = Fragment::First { id };
+                    fragment = Fragment::First { id };
                 }
                 (frag.slice().len(), frag.next_header().0)
             }
@@ -482,11 +545,20 @@ fn parse_ipv6(packet: &[u8]) -> Result<(IpMeta, usize), DropReason> {
             return Err(DropReason::Malformed);
         }
         offset += len;
-        ip.proto = next;
+        proto = next;
     }
     let l4_bytes = packet.get(offset..).unwrap_or_default();
-    ip.l4 = parse_l4(ip.proto, true, l4_bytes, ip.fragment != Fragment::None)?;
-    Ok((ip, if ip.l4 == L4::None { 0 } else { offset }))
+    let l4 = parse_l4(proto, true, l4_bytes, fragment != Fragment::None)?;
+    let l4_rel = if l4 == L4::None { 0 } else { offset };
+    link.ip_meta(IpFacts {
+        src,
+        dst,
+        proto,
+        ttl,
+        fragment,
+        l4,
+        l4_rel,
+    })
 }
 
 /// Maps an authentication header error: a zero payload length is a bad field value.
