@@ -65,7 +65,7 @@
 //! updates in [`crate::rewrite`] preserve a bad checksum as bad, so nothing the dataplane
 //! forwards turns a corrupt header into a valid one.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::err::{ip_auth, ipv4, ipv6, tcp};
 use etherparse::{
@@ -494,8 +494,10 @@ fn parse_ipv6(link: &Link, packet: &[u8]) -> Result<PacketMeta, DropReason> {
     let end = IPV6_LEN + usize::from(header.payload_length());
     let packet = packet.get(..end).ok_or(DropReason::Truncated)?;
 
-    let src = IpAddr::V6(header.source_addr());
-    let dst = IpAddr::V6(header.destination_addr());
+    // Held as u128 until the result is built: kept as byte arrays across the extension
+    // header loop, the addresses were spilled and copied into the result one byte at a time.
+    let src = u128::from_be_bytes(header.source());
+    let dst = u128::from_be_bytes(header.destination());
     let ttl = header.hop_limit();
     let mut proto = header.next_header().0;
     let mut fragment = Fragment::None;
@@ -518,8 +520,8 @@ fn parse_ipv6(link: &Link, packet: &[u8]) -> Result<PacketMeta, DropReason> {
                 if frag.fragment_offset().value() != 0 {
                     // A later fragment: what follows is mid-datagram, not headers.
                     return link.ip_meta(IpFacts {
-                        src,
-                        dst,
+                        src: IpAddr::V6(Ipv6Addr::from(src)),
+                        dst: IpAddr::V6(Ipv6Addr::from(dst)),
                         proto: frag.next_header().0,
                         ttl,
                         fragment: Fragment::Later { id },
@@ -551,8 +553,8 @@ fn parse_ipv6(link: &Link, packet: &[u8]) -> Result<PacketMeta, DropReason> {
     let l4 = parse_l4(proto, true, l4_bytes, fragment != Fragment::None)?;
     let l4_rel = if l4 == L4::None { 0 } else { offset };
     link.ip_meta(IpFacts {
-        src,
-        dst,
+        src: IpAddr::V6(Ipv6Addr::from(src)),
+        dst: IpAddr::V6(Ipv6Addr::from(dst)),
         proto,
         ttl,
         fragment,
