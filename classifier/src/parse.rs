@@ -306,8 +306,10 @@ pub fn parse(frame: &[u8]) -> Result<PacketMeta, DropReason> {
         tags += 1;
     }
     let link = Link {
-        dst_mac: eth.destination(),
-        src_mac: eth.source(),
+        // Read as two 6-byte copies rather than through `Ethernet2Slice::destination()` and
+        // `source()`, which load and shift one byte at a time.
+        dst_mac: mac_at(frame, 0),
+        src_mac: mac_at(frame, 6),
         vlan,
         l3_offset: ETH_LEN + tags * VLAN_LEN,
     };
@@ -371,6 +373,16 @@ impl Link {
             }),
         })
     }
+}
+
+/// The six bytes at `at` as a MAC address; zeros if out of range (the caller has checked
+/// the Ethernet header's length).
+#[inline(always)]
+fn mac_at(frame: &[u8], at: usize) -> [u8; 6] {
+    frame
+        .get(at..at + 6)
+        .and_then(|b| <[u8; 6]>::try_from(b).ok())
+        .unwrap_or_default()
 }
 
 /// The tag protocol identifiers of 802.1Q, 802.1ad and the pre-standard QinQ 0x9100.
