@@ -2,6 +2,16 @@
 //!
 //! Run with `cargo bench -p classifier --bench parse -- --quick`. The frames are built once
 //! with etherparse's `PacketBuilder`; each iteration parses (or rewrites) one frame.
+//!
+//! Wall-clock figures from a shared machine move with its load. For a figure that does not,
+//! count instructions per call with callgrind (`parse` is not inlined into the bench loop):
+//!
+//! ```sh
+//! valgrind --tool=callgrind --callgrind-out-file=cg.out \
+//!     target/release/deps/parse-<hash> --bench --profile-time 1 parse/tcp_v4_64B
+//! ```
+//!
+//! and divide the inclusive cost of `classifier::parse::parse` by its call count.
 
 use std::hint::black_box;
 
