@@ -248,7 +248,7 @@ impl<const K: usize> Table<K> {
     }
 
     /// The first live copy of `key` in probe order.
-    fn find(&self, key: &[u64; K]) -> Option<(usize, &Slot<K>, u64, u32)> {
+    pub(super) fn find(&self, key: &[u64; K]) -> Option<(usize, &Slot<K>, u64, u32)> {
         self.window(key)
             .find_map(|(p, slot)| slot.read_match(key).map(|(c, e)| (p, slot, c, e)))
     }
@@ -423,7 +423,7 @@ impl<const K: usize> Table<K> {
 
     /// Frees whichever of two live copies of `key` sits later in probe order (see the module
     /// docs). `mine` is the copy this thread just published at window position `pos`.
-    fn dedupe(&self, key: &[u64; K], pos: usize, mine: &Slot<K>, seq: u64) {
+    pub(super) fn dedupe(&self, key: &[u64; K], pos: usize, mine: &Slot<K>, seq: u64) {
         fence(Ordering::SeqCst);
         for (p, slot) in self.window(key) {
             if p == pos {
@@ -442,6 +442,24 @@ impl<const K: usize> Table<K> {
             }
             return;
         }
+    }
+
+    /// Publishes a copy of `key` at window position `pos` without looking for an existing
+    /// one, as a racing writer would; returns the slot and its sequence number.
+    #[cfg(test)]
+    pub(super) fn force_copy(&self, key: &[u64; K], pos: usize, now: u32) -> (&Slot<K>, u64) {
+        let (_, slot) = self.window(key).nth(pos).expect("window position");
+        let seq = (ctl_seq(slot.ctl.load(Ordering::Relaxed)) + 2) & SEQ_MASK;
+        for (w, k) in slot.key.iter().zip(key) {
+            w.store(*k, Ordering::Relaxed);
+        }
+        slot.epoch.store(seq << 32, Ordering::Relaxed);
+        slot.ctl.store(
+            make_ctl(seq, Some(CtState::UdpNew), F_INIT_LO, now),
+            Ordering::Release,
+        );
+        self.live.fetch_add(1, Ordering::Relaxed);
+        (slot, seq)
     }
 
     pub(super) fn remove(&self, key: &[u64; K]) -> bool {

@@ -560,9 +560,9 @@ fn eviction_keeps_established_flows() {
     for j in 0..200u16 {
         let now = T0 + 17 * SEC + u64::from(j) * TICK_NS;
         ct.insert(&nth_key(100 + j), &syn, 0, now).unwrap();
-        let oldest_half_open = nth_key(100 + j - 1);
+        let previous = nth_key(100 + j - 1);
         if j > 0 {
-            assert!(ct.get(&oldest_half_open, now).is_some());
+            assert!(ct.get(&previous, now).is_some());
         }
     }
     for i in (0..WINDOW as u16).step_by(2) {
@@ -893,4 +893,67 @@ fn concurrent_lookups_never_see_torn_keys() {
         }
     }
     assert_eq!(ct.len(), 0);
+}
+
+/// Threads released together insert the same new flow: exactly one live copy remains.
+#[test]
+fn racing_inserts_leave_one_entry() {
+    let ct = small();
+    let barrier = std::sync::Barrier::new(3);
+    for round in 0..300u16 {
+        let key = nth_key(round);
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| {
+                    barrier.wait();
+                    ct.insert(&key, &tcp(SYN), 0, T0).unwrap();
+                });
+            }
+        });
+        assert!(ct.remove(&key), "round {round}");
+        assert!(
+            !ct.remove(&key),
+            "round {round}: a second live copy remained"
+        );
+    }
+    assert_eq!(ct.len(), 0);
+}
+
+/// The two sides of the duplicate-insert race, replayed deterministically: whichever writer
+/// notices the other, the copy later in probe order is the one freed.
+#[test]
+fn dedupe_frees_the_later_copy() {
+    let udp = L4::Udp { sport: 1, dport: 2 };
+    for later_writer_notices in [true, false] {
+        let ct = small();
+        let k = FlowKey {
+            proto: 17,
+            ..tcp_key()
+        };
+        let Normalised::V4(words, _) = normalise(&k) else {
+            unreachable!()
+        };
+        // The first writer lands at window position 0 of an empty table.
+        ct.insert(&k, &udp, 4, T0).unwrap();
+        let (copy, seq) = ct.v4.force_copy(&words, 3, tick_of(T0));
+        assert_eq!(ct.len(), 2);
+        if later_writer_notices {
+            ct.v4.dedupe(&words, 3, copy, seq);
+        } else {
+            let (first, first_seq) = {
+                let (_, s, c, _) = ct.v4.find(&words).unwrap();
+                (s, table_seq(c))
+            };
+            ct.v4.dedupe(&words, 0, first, first_seq);
+        }
+        assert_eq!(ct.len(), 1);
+        // The survivor is the first copy (its epoch, 4, not the forged copy's 0).
+        assert_eq!(ct.get(&k, T0).unwrap().epoch, 4);
+        assert!(ct.remove(&k));
+        assert!(!ct.remove(&k));
+    }
+}
+
+fn table_seq(c: u64) -> u64 {
+    c >> 40
 }
