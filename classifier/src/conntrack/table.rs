@@ -43,14 +43,19 @@
 //!   handshake (or its retransmission) redoes it. The two copies never disagree on the key or
 //!   the initiator in a way a packet could exploit: both were admitted by policy for the
 //!   same packet.
+//! - **A lookup racing with the replacement of its own entry** (an `insert` of a key that is
+//!   already present) finds the slot owned by the writer and answers `Miss`; the pipeline
+//!   then evaluates policy for that one packet.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
 
 use super::{CtEntry, CtState, CtTableStats, CtVerdict, Direction, F_INIT_LO, Step, Timeouts};
 use crate::parse::L4;
 
-/// Slots a flow may occupy, starting at its hash: lookups and inserts examine this many.
-pub const WINDOW: usize = 16;
+/// Slots in one of the two aligned groups a flow may occupy.
+const GROUP: usize = 8;
+/// Slots a flow may occupy (its two groups): lookups and inserts examine this many.
+pub const WINDOW: usize = 2 * GROUP;
 
 /// Normalised IPv4 key: addresses, then ports and protocol.
 pub(super) type Key4 = [u64; 2];
@@ -183,7 +188,6 @@ enum Take {
 pub(super) struct Table<const K: usize> {
     slots: Box<[Slot<K>]>,
     mask: usize,
-    window: usize,
     seed: u64,
     live: AtomicUsize,
     evictions: AtomicU64,
@@ -199,7 +203,6 @@ impl<const K: usize> Table<K> {
         let slots: Box<[Slot<K>]> = (0..n).map(|_| Slot::empty()).collect();
         Table {
             mask: n - 1,
-            window: WINDOW.min(n),
             slots,
             seed,
             live: AtomicUsize::new(0),
@@ -225,25 +228,35 @@ impl<const K: usize> Table<K> {
         }
     }
 
-    /// First slot of the key's window. A keyed multiply-xorshift mix: cheap, and the seed
-    /// keeps remote peers from predicting windows.
-    fn start(&self, key: &[u64; K]) -> usize {
+    /// A keyed multiply-xorshift mix of the key words: cheap, and the seed keeps remote
+    /// peers from predicting windows.
+    fn hash(&self, key: &[u64; K]) -> u64 {
         let mut h = self.seed ^ 0x243f_6a88_85a3_08d3;
         for &w in key {
             h = (h ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             h ^= h >> 29;
         }
         h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        (h ^ (h >> 32)) as usize
+        h ^ (h >> 32)
     }
 
-    /// The slots of the key's window, in probe order, with their position in it.
+    /// The slots of the key's window, in probe order, with their position in it: two
+    /// aligned groups of [`GROUP`] slots chosen by two halves of the hash (never the same
+    /// group twice), so that one crowded neighbourhood does not refuse a flow.
     fn window(&self, key: &[u64; K]) -> impl Iterator<Item = (usize, &Slot<K>)> {
-        let start = self.start(key);
-        (0..self.window).filter_map(move |p| {
-            self.slots
-                .get(start.wrapping_add(p) & self.mask)
-                .map(|s| (p, s))
+        let h = self.hash(key);
+        let first = (h as usize) & self.mask & !(GROUP - 1);
+        let mut second = ((h >> 32) as usize) & self.mask & !(GROUP - 1);
+        if second == first {
+            second ^= GROUP;
+        }
+        (0..WINDOW).filter_map(move |p| {
+            let index = if p < GROUP {
+                first + p
+            } else {
+                second + (p - GROUP)
+            };
+            self.slots.get(index & self.mask).map(|s| (p, s))
         })
     }
 
@@ -387,7 +400,7 @@ impl<const K: usize> Table<K> {
     }
 
     /// Picks the slot for a new entry: the key's own slot, else the first free or expired
-    /// slot, else the least recently seen evictable entry. Returns its window position, how
+    /// slot of the group with more of them, else the least recently seen evictable entry. Returns its window position, how
     /// it is taken, and the control value it was judged by.
     fn choose_slot(
         &self,
@@ -395,30 +408,41 @@ impl<const K: usize> Table<K> {
         now: u32,
         timeouts: &Timeouts,
     ) -> Option<(usize, &Slot<K>, Take, u64)> {
-        let mut reusable = None;
+        // Per group: its first free or expired slot, and how many it has.
+        let mut reusable = [None, None];
+        let mut room = [0usize; 2];
         let mut victim: Option<(usize, &Slot<K>, u64)> = None;
         for (p, slot) in self.window(key) {
+            let group = usize::from(p >= GROUP);
             let c = slot.ctl.load(Ordering::Acquire);
             if ctl_busy(c) {
                 continue;
             }
-            let Some(state) = ctl_state(c) else {
-                reusable = reusable.or(Some((p, slot, Take::Free, c)));
-                continue;
-            };
             if let Some((c, _)) = slot.read_match(key) {
+                // The key's own entry is replaced, from the validated control value.
                 return Some((p, slot, Take::Same, c));
             }
-            if timeouts.expired(state, ctl_time(c), now) {
-                reusable = reusable.or(Some((p, slot, Take::Expired, c)));
-            } else if state.evictable()
-                && victim
-                    .is_none_or(|(_, _, v)| ctl_time(c).wrapping_sub(ctl_time(v)) > u32::MAX / 2)
-            {
-                victim = Some((p, slot, c));
+            let take = match ctl_state(c) {
+                None => Take::Free,
+                Some(state) if timeouts.expired(state, ctl_time(c), now) => Take::Expired,
+                Some(state) => {
+                    let older = |v: u64| ctl_time(c).wrapping_sub(ctl_time(v)) > u32::MAX / 2;
+                    if state.evictable() && victim.is_none_or(|(_, _, v)| older(v)) {
+                        victim = Some((p, slot, c));
+                    }
+                    continue;
+                }
+            };
+            if let (Some(first), Some(n)) = (reusable.get_mut(group), room.get_mut(group)) {
+                *n += 1;
+                first.get_or_insert((p, slot, take, c));
             }
         }
-        reusable.or(victim.map(|(p, slot, c)| (p, slot, Take::Evict, c)))
+        // The emptier group, so that both fill evenly and the table reaches a high load
+        // before any flow finds both its groups full.
+        let [a, b] = reusable;
+        let chosen = if room[1] > room[0] { b.or(a) } else { a.or(b) };
+        chosen.or(victim.map(|(p, slot, c)| (p, slot, Take::Evict, c)))
     }
 
     /// Frees whichever of two live copies of `key` sits later in probe order (see the module

@@ -957,3 +957,33 @@ fn dedupe_frees_the_later_copy() {
 fn table_seq(c: u64) -> u64 {
     c >> 40
 }
+
+/// Non-evictable flows fill a table to a known load before the first `CtFull` (0.78 with
+/// the seed of `Conntrack::new`; 0.46 with a contiguous 16-slot window, 0.48 with two
+/// groups filled first-fit): sizing `capacity` for a load of 0.75 is safe.
+#[test]
+fn fills_to_high_load_before_first_failure() {
+    let ct = Conntrack::new(CtConfig {
+        capacity: 1 << 14,
+        timeouts: CtTimeouts::default(),
+    });
+    let udp = L4::Udp { sport: 0, dport: 0 };
+    let mut n = 0u32;
+    loop {
+        let k = FlowKey {
+            src: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)),
+            dst: v4(1),
+            sport: 1234,
+            dport: 53,
+            proto: 17,
+        };
+        if ct.insert(&k, &udp, 0, T0).is_err() {
+            break;
+        }
+        ct.track(&k.reversed(), &udp, T0);
+        n += 1;
+    }
+    let load = f64::from(n) / (1 << 14) as f64;
+    assert!(load > 0.75, "{load}");
+    assert_eq!(ct.stats().v4.evictions, 0);
+}
