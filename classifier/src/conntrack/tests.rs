@@ -415,6 +415,8 @@ fn can_open_table() {
     for (flags, expected) in [
         (SYN, true),
         (SYN | PSH, true),
+        // ECN-setup SYN (ECE | CWR).
+        (SYN | 0xc0, true),
         (SYN | ACK, false),
         (SYN | RST, false),
         (SYN | FIN, false),
