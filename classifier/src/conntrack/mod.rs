@@ -111,10 +111,12 @@ pub use table::WINDOW;
 /// (2^26 ns ≈ 67 ms). Coarse ticks let a busy flow skip the write on most packets.
 pub const TICK_NS: u64 = 1 << 26;
 
-/// Bytes one IPv4 slot occupies (a control word, two key words, an epoch word).
-pub const ENTRY_BYTES_V4: usize = std::mem::size_of::<table::Slot<2>>();
-/// Bytes one IPv6 slot occupies (a control word, five key words, an epoch word).
-pub const ENTRY_BYTES_V6: usize = std::mem::size_of::<table::Slot<5>>();
+/// Bytes one IPv4 slot costs: a control word, two key words, an epoch word, and its byte of
+/// the group's tag word.
+pub const ENTRY_BYTES_V4: usize = std::mem::size_of::<table::Slot<2>>() + table::TAG_BYTES;
+/// Bytes one IPv6 slot costs: a control word, five key words, an epoch word, and its byte of
+/// the group's tag word.
+pub const ENTRY_BYTES_V6: usize = std::mem::size_of::<table::Slot<5>>() + table::TAG_BYTES;
 
 /// A connection's 5-tuple as seen in one packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -216,7 +218,7 @@ pub struct CtConfig {
 }
 
 impl Default for CtConfig {
-    /// 512 Ki slots per family: 16 MiB for IPv4 and 28 MiB for IPv6.
+    /// 512 Ki slots per family: 16.5 MiB for IPv4 and 28.5 MiB for IPv6.
     fn default() -> Self {
         CtConfig {
             capacity: 512 * 1024,

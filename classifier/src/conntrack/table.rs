@@ -4,7 +4,10 @@
 //!
 //! A table is a power-of-two array of [`Slot`]s, each made of `AtomicU64` words: a control
 //! word, `K` key words (2 for IPv4: both addresses, then ports and protocol; 5 for IPv6) and
-//! an epoch word. IPv4 slots are 32 bytes, IPv6 slots 56. The control word packs
+//! an epoch word; beside the slots, one tag word per group of [`GROUP`] slots holds a byte
+//! of each slot's key hash so that a lookup reads two tag words and then only the slots
+//! whose byte matches. IPv4 entries cost 32 + 1 bytes, IPv6 entries 56 + 1. The control
+//! word packs
 //!
 //! | bits | field |
 //! |---|---|
@@ -54,6 +57,8 @@ use crate::parse::L4;
 
 /// Slots in one of the two aligned groups a flow may occupy.
 const GROUP: usize = 8;
+/// Bytes of tag word per slot.
+pub(super) const TAG_BYTES: usize = std::mem::size_of::<AtomicU64>() / GROUP;
 /// Slots a flow may occupy (its two groups): lookups and inserts examine this many.
 pub const WINDOW: usize = 2 * GROUP;
 
@@ -171,6 +176,14 @@ impl<const K: usize> Slot<K> {
     }
 }
 
+/// Where a key may live; see [`Table::probe`].
+pub(super) struct Probe {
+    /// First slot of each of the two groups.
+    groups: [usize; 2],
+    /// The key's tag byte.
+    tag: u8,
+}
+
 /// How an insert obtained its slot.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Take {
@@ -187,6 +200,9 @@ enum Take {
 /// A fixed-capacity open-addressing table of flows with `K`-word keys.
 pub(super) struct Table<const K: usize> {
     slots: Box<[Slot<K>]>,
+    /// One word per group: a byte of the key's hash for each of its slots, written before
+    /// the slot is published. A hint only: lookups read the slots whose byte matches.
+    tags: Box<[AtomicU64]>,
     mask: usize,
     seed: u64,
     live: AtomicUsize,
@@ -203,6 +219,7 @@ impl<const K: usize> Table<K> {
         let slots: Box<[Slot<K>]> = (0..n).map(|_| Slot::empty()).collect();
         Table {
             mask: n - 1,
+            tags: (0..n / GROUP).map(|_| AtomicU64::new(0)).collect(),
             slots,
             seed,
             live: AtomicUsize::new(0),
@@ -240,30 +257,65 @@ impl<const K: usize> Table<K> {
         h ^ (h >> 32)
     }
 
-    /// The slots of the key's window, in probe order, with their position in it: two
-    /// aligned groups of [`GROUP`] slots chosen by two halves of the hash (never the same
-    /// group twice), so that one crowded neighbourhood does not refuse a flow.
-    fn window(&self, key: &[u64; K]) -> impl Iterator<Item = (usize, &Slot<K>)> {
+    /// Where a key may live: two aligned groups of [`GROUP`] slots chosen by two parts of
+    /// the hash (never the same group twice, so that one crowded neighbourhood does not
+    /// refuse a flow), and the key's tag byte.
+    pub(super) fn probe(&self, key: &[u64; K]) -> Probe {
         let h = self.hash(key);
         let first = (h as usize) & self.mask & !(GROUP - 1);
         let mut second = ((h >> 32) as usize) & self.mask & !(GROUP - 1);
         if second == first {
             second ^= GROUP;
         }
+        Probe {
+            groups: [first, second],
+            tag: (h >> 56) as u8,
+        }
+    }
+
+    /// The slots of the key's window, in probe order, with their position in it and their
+    /// index in the table.
+    fn window(&self, probe: &Probe) -> impl Iterator<Item = (usize, usize, &Slot<K>)> {
+        let groups = probe.groups;
         (0..WINDOW).filter_map(move |p| {
-            let index = if p < GROUP {
-                first + p
-            } else {
-                second + (p - GROUP)
-            };
-            self.slots.get(index & self.mask).map(|s| (p, s))
+            let index = groups.get(p / GROUP)? + p % GROUP;
+            self.slots.get(index).map(|s| (p, index, s))
         })
     }
 
-    /// The first live copy of `key` in probe order.
+    /// Sets the tag byte of slot `index`.
+    fn set_tag(&self, index: usize, tag: u8) {
+        let shift = (index % GROUP) * 8;
+        if let Some(word) = self.tags.get(index / GROUP) {
+            let _ = word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                Some((w & !(0xff << shift)) | (u64::from(tag) << shift))
+            });
+        }
+    }
+
+    /// The first live copy of `key` in probe order. Only slots whose tag byte matches are
+    /// read: a live entry's tag was written before it was published and stays until the
+    /// slot is rewritten, so no stable entry is skipped.
     pub(super) fn find(&self, key: &[u64; K]) -> Option<(usize, &Slot<K>, u64, u32)> {
-        self.window(key)
-            .find_map(|(p, slot)| slot.read_match(key).map(|(c, e)| (p, slot, c, e)))
+        let probe = self.probe(key);
+        for (g, &base) in probe.groups.iter().enumerate() {
+            let word = self.tags.get(base / GROUP)?.load(Ordering::Acquire);
+            // Bytes of `word` equal to the tag become zero in `x`; the classic SWAR test then
+            // flags them (and, rarely, a byte above a flagged one: a harmless extra read).
+            let x = word ^ (u64::from(probe.tag) * 0x0101_0101_0101_0101);
+            let mut hits = x.wrapping_sub(0x0101_0101_0101_0101) & !x & 0x8080_8080_8080_8080;
+            while hits != 0 {
+                let i = (hits.trailing_zeros() / 8) as usize;
+                hits &= hits - 1;
+                let Some(slot) = self.slots.get(base + i) else {
+                    continue;
+                };
+                if let Some((c, e)) = slot.read_match(key) {
+                    return Some((g * GROUP + i, slot, c, e));
+                }
+            }
+        }
+        None
     }
 
     pub(super) fn track(
@@ -361,8 +413,10 @@ impl<const K: usize> Table<K> {
         timeouts: &Timeouts,
     ) -> Result<(), super::CtFull> {
         let flags = if from_lo { F_INIT_LO } else { 0 };
+        let probe = self.probe(key);
         for _ in 0..RETRIES {
-            let Some((pos, slot, take, c)) = self.choose_slot(key, now, timeouts) else {
+            let Some((pos, index, slot, take, c)) = self.choose_slot(key, &probe, now, timeouts)
+            else {
                 break;
             };
             let owned = make_ctl(ctl_seq(c).wrapping_add(1), None, 0, 0);
@@ -375,6 +429,7 @@ impl<const K: usize> Table<K> {
                 continue;
             }
             fence(Ordering::Release);
+            self.set_tag(index, probe.tag);
             for (w, k) in slot.key.iter().zip(key) {
                 w.store(*k, Ordering::Relaxed);
             }
@@ -392,7 +447,7 @@ impl<const K: usize> Table<K> {
                 }
                 Take::Same | Take::Expired => {}
             }
-            self.dedupe(key, pos, slot, seq);
+            self.dedupe(key, &probe, pos, slot, seq);
             return Ok(());
         }
         self.insert_failures.fetch_add(1, Ordering::Relaxed);
@@ -405,14 +460,15 @@ impl<const K: usize> Table<K> {
     fn choose_slot(
         &self,
         key: &[u64; K],
+        probe: &Probe,
         now: u32,
         timeouts: &Timeouts,
-    ) -> Option<(usize, &Slot<K>, Take, u64)> {
+    ) -> Option<(usize, usize, &Slot<K>, Take, u64)> {
         // Per group: its first free or expired slot, and how many it has.
         let mut reusable = [None, None];
         let mut room = [0usize; 2];
-        let mut victim: Option<(usize, &Slot<K>, u64)> = None;
-        for (p, slot) in self.window(key) {
+        let mut victim: Option<(usize, usize, &Slot<K>, u64)> = None;
+        for (p, index, slot) in self.window(probe) {
             let group = usize::from(p >= GROUP);
             let c = slot.ctl.load(Ordering::Acquire);
             if ctl_busy(c) {
@@ -420,36 +476,43 @@ impl<const K: usize> Table<K> {
             }
             if let Some((c, _)) = slot.read_match(key) {
                 // The key's own entry is replaced, from the validated control value.
-                return Some((p, slot, Take::Same, c));
+                return Some((p, index, slot, Take::Same, c));
             }
             let take = match ctl_state(c) {
                 None => Take::Free,
                 Some(state) if timeouts.expired(state, ctl_time(c), now) => Take::Expired,
                 Some(state) => {
                     let older = |v: u64| ctl_time(c).wrapping_sub(ctl_time(v)) > u32::MAX / 2;
-                    if state.evictable() && victim.is_none_or(|(_, _, v)| older(v)) {
-                        victim = Some((p, slot, c));
+                    if state.evictable() && victim.is_none_or(|(_, _, _, v)| older(v)) {
+                        victim = Some((p, index, slot, c));
                     }
                     continue;
                 }
             };
             if let (Some(first), Some(n)) = (reusable.get_mut(group), room.get_mut(group)) {
                 *n += 1;
-                first.get_or_insert((p, slot, take, c));
+                first.get_or_insert((p, index, slot, take, c));
             }
         }
         // The emptier group, so that both fill evenly and the table reaches a high load
         // before any flow finds both its groups full.
         let [a, b] = reusable;
         let chosen = if room[1] > room[0] { b.or(a) } else { a.or(b) };
-        chosen.or(victim.map(|(p, slot, c)| (p, slot, Take::Evict, c)))
+        chosen.or(victim.map(|(p, index, slot, c)| (p, index, slot, Take::Evict, c)))
     }
 
     /// Frees whichever of two live copies of `key` sits later in probe order (see the module
     /// docs). `mine` is the copy this thread just published at window position `pos`.
-    pub(super) fn dedupe(&self, key: &[u64; K], pos: usize, mine: &Slot<K>, seq: u64) {
+    pub(super) fn dedupe(
+        &self,
+        key: &[u64; K],
+        probe: &Probe,
+        pos: usize,
+        mine: &Slot<K>,
+        seq: u64,
+    ) {
         fence(Ordering::SeqCst);
-        for (p, slot) in self.window(key) {
+        for (p, _, slot) in self.window(probe) {
             if p == pos {
                 continue;
             }
@@ -472,7 +535,9 @@ impl<const K: usize> Table<K> {
     /// one, as a racing writer would; returns the slot and its sequence number.
     #[cfg(test)]
     pub(super) fn force_copy(&self, key: &[u64; K], pos: usize, now: u32) -> (&Slot<K>, u64) {
-        let (_, slot) = self.window(key).nth(pos).expect("window position");
+        let probe = self.probe(key);
+        let (_, index, slot) = self.window(&probe).nth(pos).expect("window position");
+        self.set_tag(index, probe.tag);
         let seq = (ctl_seq(slot.ctl.load(Ordering::Relaxed)) + 2) & SEQ_MASK;
         for (w, k) in slot.key.iter().zip(key) {
             w.store(*k, Ordering::Relaxed);

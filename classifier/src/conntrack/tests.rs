@@ -491,10 +491,12 @@ fn remove_set_epoch_and_counts() {
 
 #[test]
 fn entry_sizes() {
-    assert_eq!(ENTRY_BYTES_V4, std::mem::size_of::<table::Slot<2>>());
-    assert_eq!(ENTRY_BYTES_V6, std::mem::size_of::<table::Slot<5>>());
-    assert_eq!(ENTRY_BYTES_V4, 32);
-    assert_eq!(ENTRY_BYTES_V6, 56);
+    // A slot plus its byte of the group's tag word.
+    let tag = std::mem::size_of::<std::sync::atomic::AtomicU64>() / 8;
+    assert_eq!(ENTRY_BYTES_V4, std::mem::size_of::<table::Slot<2>>() + tag);
+    assert_eq!(ENTRY_BYTES_V6, std::mem::size_of::<table::Slot<5>>() + tag);
+    assert_eq!(ENTRY_BYTES_V4, 33);
+    assert_eq!(ENTRY_BYTES_V6, 57);
 }
 
 #[test]
@@ -940,13 +942,14 @@ fn dedupe_frees_the_later_copy() {
         let (copy, seq) = ct.v4.force_copy(&words, 3, tick_of(T0));
         assert_eq!(ct.len(), 2);
         if later_writer_notices {
-            ct.v4.dedupe(&words, 3, copy, seq);
+            ct.v4.dedupe(&words, &ct.v4.probe(&words), 3, copy, seq);
         } else {
             let (first, first_seq) = {
                 let (_, s, c, _) = ct.v4.find(&words).unwrap();
                 (s, table_seq(c))
             };
-            ct.v4.dedupe(&words, 0, first, first_seq);
+            ct.v4
+                .dedupe(&words, &ct.v4.probe(&words), 0, first, first_seq);
         }
         assert_eq!(ct.len(), 1);
         // The survivor is the first copy (its epoch, 4, not the forged copy's 0).
