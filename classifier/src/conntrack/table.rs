@@ -43,9 +43,10 @@
 //!   them sees the other) and frees the copy that sits later in probe order; lookups probe in
 //!   that order, so they already preferred the surviving copy. A state change applied to the
 //!   losing copy in the short window before it is freed is lost; the next packet of the
-//!   handshake (or its retransmission) redoes it. The two copies never disagree on the key or
-//!   the initiator in a way a packet could exploit: both were admitted by policy for the
-//!   same packet.
+//!   handshake (or its retransmission) redoes it. The copies hold the same key; they may
+//!   name different initiators only if the two inserts came from opposite directions, and
+//!   then policy allowed each direction to open the flow, so whichever copy survives lets
+//!   through nothing that policy refused.
 //! - **A lookup racing with the replacement of its own entry** (an `insert` of a key that is
 //!   already present) finds the slot owned by the writer and answers `Miss`; the pipeline
 //!   then evaluates policy for that one packet.
@@ -293,29 +294,44 @@ impl<const K: usize> Table<K> {
         }
     }
 
-    /// The first live copy of `key` in probe order. Only slots whose tag byte matches are
-    /// read: a live entry's tag was written before it was published and stays until the
-    /// slot is rewritten, so no stable entry is skipped.
+    /// The slots of the window whose tag byte matches the key's, in probe order, with their
+    /// window position. A live entry's tag was written before the entry was published and
+    /// stays until the slot is rewritten, so no stable entry is skipped; the second group's
+    /// tag word is only loaded if the first group yields nothing the caller wanted.
+    fn candidates(&self, probe: &Probe) -> impl Iterator<Item = (usize, &Slot<K>)> {
+        const LOW: u64 = 0x0101_0101_0101_0101;
+        const HIGH: u64 = 0x8080_8080_8080_8080;
+        let tag = probe.tag;
+        probe
+            .groups
+            .into_iter()
+            .enumerate()
+            .flat_map(move |(g, base)| {
+                let word = self
+                    .tags
+                    .get(base / GROUP)
+                    .map_or(0, |w| w.load(Ordering::Acquire));
+                // Bytes of `word` equal to the tag become zero in `x`; the classic SWAR test
+                // flags them (and, rarely, a byte above a flagged one: a harmless extra read).
+                let x = word ^ (u64::from(tag) * LOW);
+                let mut hits = x.wrapping_sub(LOW) & !x & HIGH;
+                std::iter::from_fn(move || {
+                    while hits != 0 {
+                        let i = (hits.trailing_zeros() / 8) as usize;
+                        hits &= hits - 1;
+                        if let Some(slot) = self.slots.get(base + i) {
+                            return Some((g * GROUP + i, slot));
+                        }
+                    }
+                    None
+                })
+            })
+    }
+
+    /// The first live copy of `key` in probe order.
     pub(super) fn find(&self, key: &[u64; K]) -> Option<(usize, &Slot<K>, u64, u32)> {
-        let probe = self.probe(key);
-        for (g, &base) in probe.groups.iter().enumerate() {
-            let word = self.tags.get(base / GROUP)?.load(Ordering::Acquire);
-            // Bytes of `word` equal to the tag become zero in `x`; the classic SWAR test then
-            // flags them (and, rarely, a byte above a flagged one: a harmless extra read).
-            let x = word ^ (u64::from(probe.tag) * 0x0101_0101_0101_0101);
-            let mut hits = x.wrapping_sub(0x0101_0101_0101_0101) & !x & 0x8080_8080_8080_8080;
-            while hits != 0 {
-                let i = (hits.trailing_zeros() / 8) as usize;
-                hits &= hits - 1;
-                let Some(slot) = self.slots.get(base + i) else {
-                    continue;
-                };
-                if let Some((c, e)) = slot.read_match(key) {
-                    return Some((g * GROUP + i, slot, c, e));
-                }
-            }
-        }
-        None
+        self.candidates(&self.probe(key))
+            .find_map(|(p, slot)| slot.read_match(key).map(|(c, e)| (p, slot, c, e)))
     }
 
     pub(super) fn track(
@@ -511,8 +527,10 @@ impl<const K: usize> Table<K> {
         mine: &Slot<K>,
         seq: u64,
     ) {
+        // Each writer set its tag and published its slot before this fence, so of two racing
+        // writers at least one sees the other's tag and entry below.
         fence(Ordering::SeqCst);
-        for (p, _, slot) in self.window(probe) {
+        for (p, slot) in self.candidates(probe) {
             if p == pos {
                 continue;
             }
