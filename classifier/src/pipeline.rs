@@ -257,7 +257,7 @@ impl Worker {
             .get(meta.l4_offset as usize + 8..)
             .and_then(|inner| quoted_flow(inner, ip.src.is_ipv6()))
             .ok_or(DropReason::IcmpUnrelated)?;
-        if self.ct.contains(&quoted, now) {
+        if self.ct.get(&quoted, now).is_some() {
             Ok(())
         } else {
             Err(DropReason::IcmpUnrelated)

@@ -1,0 +1,628 @@
+//! The lock-free slot table behind [`super::Conntrack`], one per address family.
+//!
+//! # Layout
+//!
+//! A table is a power-of-two array of [`Slot`]s, each made of `AtomicU64` words: a control
+//! word, `K` key words (2 for IPv4: both addresses, then ports and protocol; 5 for IPv6) and
+//! an epoch word; beside the slots, one tag word per group of [`GROUP`] slots holds a byte
+//! of each slot's key hash so that a lookup reads two tag words and then only the slots
+//! whose byte matches. IPv4 entries cost 32 + 1 bytes, IPv6 entries 56 + 1. The control
+//! word packs
+//!
+//! | bits | field |
+//! |---|---|
+//! | 0..32 | last-seen, in ticks of [`super::TICK_NS`] |
+//! | 32..36 | state code (0 = free slot) |
+//! | 36..40 | flags (initiator side, FINs seen) |
+//! | 40..64 | sequence number; odd while a writer owns the slot |
+//!
+//! and the epoch word packs the policy epoch (bits 0..32) with the sequence number of the
+//! generation that wrote it (bits 32..56).
+//!
+//! # Concurrency
+//!
+//! - **Readers** (`track`, `get`, `set_epoch`, `remove`) take no lock. They load the control
+//!   word, skip the slot if it is free or owned by a writer, compare the key words, load the
+//!   epoch word and load the control word again: if the sequence number changed, the key may
+//!   be torn and the read is retried (a seqlock). A reader therefore never acts on a key that
+//!   was not stored whole.
+//! - **State changes** are a `compare_exchange` on the control word from the value the
+//!   reader validated. The sequence number is part of that word, so an update can never land
+//!   on a slot that was freed or given to another flow in between (no ABA). Last-seen is only
+//!   rewritten when the tick changes, so a busy established flow writes about fifteen times
+//!   a second, not once per packet.
+//! - **Writers** (`insert`) claim a slot by a `compare_exchange` from the exact control value
+//!   they judged (free, expired or evictable) to the odd sequence number, store the key and
+//!   epoch, and publish with a release store of the next even sequence number. A slot that
+//!   changed since it was judged (say a half-open flow got its SYN-ACK) is not taken.
+//! - **Epoch updates** are a `compare_exchange` on the epoch word that requires its
+//!   sequence number to be the validated generation's, so a late `set_epoch` cannot mark a
+//!   different flow that has since taken the slot.
+//! - **Two workers inserting the same new flow** may each claim a different slot. After
+//!   publishing, each writer rescans the window (after a `SeqCst` fence, so at least one of
+//!   them sees the other) and frees the copy that sits later in probe order; lookups probe in
+//!   that order, so they already preferred the surviving copy. A state change applied to the
+//!   losing copy in the short window before it is freed is lost; the next packet of the
+//!   handshake (or its retransmission) redoes it. The copies hold the same key; they may
+//!   name different initiators only if the two inserts came from opposite directions, and
+//!   then policy allowed each direction to open the flow, so whichever copy survives lets
+//!   through nothing that policy refused.
+//! - **A lookup racing with the replacement of its own entry** (an `insert` of a key that is
+//!   already present) finds the slot owned by the writer and answers `Miss`; the pipeline
+//!   then evaluates policy for that one packet.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
+
+use super::{CtEntry, CtState, CtTableStats, CtVerdict, Direction, F_INIT_LO, Step, Timeouts};
+use crate::parse::L4;
+
+/// Slots in one of the two aligned groups a flow may occupy.
+const GROUP: usize = 8;
+/// Bytes of tag word per slot.
+pub(super) const TAG_BYTES: usize = std::mem::size_of::<AtomicU64>() / GROUP;
+/// Slots a flow may occupy (its two groups): lookups and inserts examine this many.
+pub const WINDOW: usize = 2 * GROUP;
+
+/// Normalised IPv4 key: addresses, then ports and protocol.
+pub(super) type Key4 = [u64; 2];
+/// Normalised IPv6 key: two words per address, then ports and protocol.
+pub(super) type Key6 = [u64; 5];
+
+const TIME_MASK: u64 = 0xffff_ffff;
+const STATE_SHIFT: u32 = 32;
+const FLAGS_SHIFT: u32 = 36;
+const SEQ_SHIFT: u32 = 40;
+const SEQ_MASK: u64 = 0xff_ffff;
+/// Attempts at a contended compare-and-swap or a torn read before giving up.
+const RETRIES: usize = 8;
+
+fn ctl_seq(c: u64) -> u64 {
+    c >> SEQ_SHIFT
+}
+
+fn ctl_busy(c: u64) -> bool {
+    ctl_seq(c) & 1 == 1
+}
+
+fn ctl_state(c: u64) -> Option<CtState> {
+    CtState::from_code(((c >> STATE_SHIFT) & 0xf) as u8)
+}
+
+fn ctl_flags(c: u64) -> u8 {
+    ((c >> FLAGS_SHIFT) & 0xf) as u8
+}
+
+fn ctl_time(c: u64) -> u32 {
+    (c & TIME_MASK) as u32
+}
+
+fn make_ctl(seq: u64, state: Option<CtState>, flags: u8, time: u32) -> u64 {
+    let code = state.map_or(0, |s| s as u64);
+    ((seq & SEQ_MASK) << SEQ_SHIFT)
+        | (code << STATE_SHIFT)
+        | (u64::from(flags & 0xf) << FLAGS_SHIFT)
+        | u64::from(time)
+}
+
+/// The later of two ticks, in wrapping order.
+fn later(a: u32, b: u32) -> u32 {
+    if b.wrapping_sub(a) <= u32::MAX / 2 {
+        b
+    } else {
+        a
+    }
+}
+
+/// One entry. `K` key words between a control word and an epoch word.
+#[derive(Debug)]
+pub(super) struct Slot<const K: usize> {
+    ctl: AtomicU64,
+    key: [AtomicU64; K],
+    epoch: AtomicU64,
+}
+
+impl<const K: usize> Slot<K> {
+    fn empty() -> Self {
+        Slot {
+            ctl: AtomicU64::new(0),
+            key: std::array::from_fn(|_| AtomicU64::new(0)),
+            epoch: AtomicU64::new(0),
+        }
+    }
+
+    /// The slot's control word and epoch if it is live and holds `key`; the pair is from one
+    /// consistent generation (see the module docs).
+    fn read_match(&self, key: &[u64; K]) -> Option<(u64, u32)> {
+        for _ in 0..RETRIES {
+            let c1 = self.ctl.load(Ordering::Acquire);
+            if ctl_busy(c1) || ctl_state(c1).is_none() {
+                return None;
+            }
+            // A mismatch needs no validation: a stable slot with another key is a mismatch,
+            // and a slot being rewritten did not hold this key stably either.
+            if self
+                .key
+                .iter()
+                .zip(key)
+                .any(|(w, k)| w.load(Ordering::Relaxed) != *k)
+            {
+                return None;
+            }
+            let e = self.epoch.load(Ordering::Relaxed);
+            fence(Ordering::Acquire);
+            let c2 = self.ctl.load(Ordering::Relaxed);
+            if ctl_seq(c1) == ctl_seq(c2) {
+                return Some((c2, e as u32));
+            }
+        }
+        None
+    }
+
+    /// Frees the slot if it still holds generation `seq`. Returns whether this call freed it.
+    fn free_if_seq(&self, seq: u64) -> bool {
+        let mut c = self.ctl.load(Ordering::Acquire);
+        loop {
+            if ctl_seq(c) != seq || ctl_state(c).is_none() {
+                return false;
+            }
+            let freed = make_ctl(seq.wrapping_add(2), None, 0, 0);
+            match self
+                .ctl
+                .compare_exchange(c, freed, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(actual) => c = actual,
+            }
+        }
+    }
+}
+
+/// Where a key may live; see [`Table::probe`].
+pub(super) struct Probe {
+    /// First slot of each of the two groups.
+    groups: [usize; 2],
+    /// The key's tag byte.
+    tag: u8,
+}
+
+/// How an insert obtained its slot.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Take {
+    /// The slot already held the key (live or expired): replaced in place.
+    Same,
+    /// A free slot.
+    Free,
+    /// Another flow's expired entry.
+    Expired,
+    /// Another flow's live, evictable entry.
+    Evict,
+}
+
+/// A fixed-capacity open-addressing table of flows with `K`-word keys.
+pub(super) struct Table<const K: usize> {
+    slots: Box<[Slot<K>]>,
+    /// One word per group: a byte of the key's hash for each of its slots, written before
+    /// the slot is published. A hint only: lookups read the slots whose byte matches.
+    tags: Box<[AtomicU64]>,
+    mask: usize,
+    seed: u64,
+    live: AtomicUsize,
+    evictions: AtomicU64,
+    insert_failures: AtomicU64,
+}
+
+impl<const K: usize> Table<K> {
+    pub(super) fn new(capacity: usize, seed: u64) -> Self {
+        let n = capacity
+            .max(WINDOW)
+            .checked_next_power_of_two()
+            .unwrap_or(1 << 40);
+        let slots: Box<[Slot<K>]> = (0..n).map(|_| Slot::empty()).collect();
+        Table {
+            mask: n - 1,
+            tags: (0..n / GROUP).map(|_| AtomicU64::new(0)).collect(),
+            slots,
+            seed,
+            live: AtomicUsize::new(0),
+            evictions: AtomicU64::new(0),
+            insert_failures: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub(super) fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn stats(&self) -> CtTableStats {
+        CtTableStats {
+            live: self.live(),
+            capacity: self.slots(),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            insert_failures: self.insert_failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A keyed multiply-xorshift mix of the key words: cheap, and the seed keeps remote
+    /// peers from predicting windows.
+    fn hash(&self, key: &[u64; K]) -> u64 {
+        let mut h = self.seed ^ 0x243f_6a88_85a3_08d3;
+        for &w in key {
+            h = (h ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            h ^= h >> 29;
+        }
+        h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h ^ (h >> 32)
+    }
+
+    /// Where a key may live: two aligned groups of [`GROUP`] slots chosen by two parts of
+    /// the hash (never the same group twice, so that one crowded neighbourhood does not
+    /// refuse a flow), and the key's tag byte.
+    pub(super) fn probe(&self, key: &[u64; K]) -> Probe {
+        let h = self.hash(key);
+        let first = (h as usize) & self.mask & !(GROUP - 1);
+        let mut second = ((h >> 32) as usize) & self.mask & !(GROUP - 1);
+        if second == first {
+            second ^= GROUP;
+        }
+        Probe {
+            groups: [first, second],
+            tag: (h >> 56) as u8,
+        }
+    }
+
+    /// The slots of the key's window, in probe order, with their position in it and their
+    /// index in the table.
+    fn window(&self, probe: &Probe) -> impl Iterator<Item = (usize, usize, &Slot<K>)> {
+        let groups = probe.groups;
+        (0..WINDOW).filter_map(move |p| {
+            let index = groups.get(p / GROUP)? + p % GROUP;
+            self.slots.get(index).map(|s| (p, index, s))
+        })
+    }
+
+    /// Sets the tag byte of slot `index`.
+    fn set_tag(&self, index: usize, tag: u8) {
+        let shift = (index % GROUP) * 8;
+        if let Some(word) = self.tags.get(index / GROUP) {
+            let _ = word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                Some((w & !(0xff << shift)) | (u64::from(tag) << shift))
+            });
+        }
+    }
+
+    /// The slots of the window whose tag byte matches the key's, in probe order, with their
+    /// window position. A live entry's tag was written before the entry was published and
+    /// stays until the slot is rewritten, so no stable entry is skipped; the second group's
+    /// tag word is only loaded if the first group yields nothing the caller wanted.
+    fn candidates(&self, probe: &Probe) -> impl Iterator<Item = (usize, &Slot<K>)> {
+        const LOW: u64 = 0x0101_0101_0101_0101;
+        const HIGH: u64 = 0x8080_8080_8080_8080;
+        let tag = probe.tag;
+        probe
+            .groups
+            .into_iter()
+            .enumerate()
+            .flat_map(move |(g, base)| {
+                let word = self
+                    .tags
+                    .get(base / GROUP)
+                    .map_or(0, |w| w.load(Ordering::Acquire));
+                // Bytes of `word` equal to the tag become zero in `x`; the classic SWAR test
+                // flags them (and, rarely, a byte above a flagged one: a harmless extra read).
+                let x = word ^ (u64::from(tag) * LOW);
+                let mut hits = x.wrapping_sub(LOW) & !x & HIGH;
+                std::iter::from_fn(move || {
+                    while hits != 0 {
+                        let i = (hits.trailing_zeros() / 8) as usize;
+                        hits &= hits - 1;
+                        if let Some(slot) = self.slots.get(base + i) {
+                            return Some((g * GROUP + i, slot));
+                        }
+                    }
+                    None
+                })
+            })
+    }
+
+    /// The first live copy of `key` in probe order.
+    pub(super) fn find(&self, key: &[u64; K]) -> Option<(usize, &Slot<K>, u64, u32)> {
+        self.candidates(&self.probe(key))
+            .find_map(|(p, slot)| slot.read_match(key).map(|(c, e)| (p, slot, c, e)))
+    }
+
+    pub(super) fn track(
+        &self,
+        key: &[u64; K],
+        from_lo: bool,
+        l4: &L4,
+        v6: bool,
+        now: u32,
+        timeouts: &Timeouts,
+    ) -> CtVerdict {
+        let Some((_, slot, mut c, epoch)) = self.find(key) else {
+            return CtVerdict::Miss;
+        };
+        let mut verdict = CtVerdict::Miss;
+        for _ in 0..RETRIES {
+            let Some(state) = ctl_state(c) else {
+                return CtVerdict::Miss;
+            };
+            if timeouts.expired(state, ctl_time(c), now) {
+                return CtVerdict::Miss;
+            }
+            let flags = ctl_flags(c);
+            let dir = if from_lo == (flags & F_INIT_LO != 0) {
+                Direction::Original
+            } else {
+                Direction::Reply
+            };
+            let (state, flags, refresh) = match super::step(state, flags, dir, l4, v6) {
+                Step::Update {
+                    state,
+                    flags,
+                    refresh,
+                } => (state, flags, refresh),
+                Step::Invalid => return CtVerdict::Invalid,
+                Step::Miss => return CtVerdict::Miss,
+            };
+            verdict = CtVerdict::Hit { dir, epoch };
+            let time = if refresh {
+                later(ctl_time(c), now)
+            } else {
+                ctl_time(c)
+            };
+            let new = make_ctl(ctl_seq(c), Some(state), flags, time);
+            if new == c {
+                return verdict;
+            }
+            match slot
+                .ctl
+                .compare_exchange(c, new, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return verdict,
+                // Another generation took the slot: this flow's entry is gone.
+                Err(actual) if ctl_seq(actual) != ctl_seq(c) => return CtVerdict::Miss,
+                // Another worker updated the same entry: judge the packet again.
+                Err(actual) => c = actual,
+            }
+        }
+        // Persistent contention on one flow: the packet was valid for the last state seen.
+        verdict
+    }
+
+    pub(super) fn get(
+        &self,
+        key: &[u64; K],
+        from_lo: bool,
+        now: u32,
+        timeouts: &Timeouts,
+    ) -> Option<CtEntry> {
+        let (_, _, c, epoch) = self.find(key)?;
+        let state = ctl_state(c)?;
+        if timeouts.expired(state, ctl_time(c), now) {
+            return None;
+        }
+        let dir = if from_lo == (ctl_flags(c) & F_INIT_LO != 0) {
+            Direction::Original
+        } else {
+            Direction::Reply
+        };
+        Some(CtEntry {
+            state,
+            dir,
+            epoch,
+            last_seen: u64::from(ctl_time(c)) * super::TICK_NS,
+        })
+    }
+
+    pub(super) fn insert(
+        &self,
+        key: &[u64; K],
+        from_lo: bool,
+        state: CtState,
+        epoch: u32,
+        now: u32,
+        timeouts: &Timeouts,
+    ) -> Result<(), super::CtFull> {
+        let flags = if from_lo { F_INIT_LO } else { 0 };
+        let probe = self.probe(key);
+        for _ in 0..RETRIES {
+            let Some((pos, index, slot, take, c)) = self.choose_slot(key, &probe, now, timeouts)
+            else {
+                break;
+            };
+            let owned = make_ctl(ctl_seq(c).wrapping_add(1), None, 0, 0);
+            if slot
+                .ctl
+                .compare_exchange(c, owned, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+            {
+                // The slot changed since it was judged; judge the window again.
+                continue;
+            }
+            fence(Ordering::Release);
+            self.set_tag(index, probe.tag);
+            for (w, k) in slot.key.iter().zip(key) {
+                w.store(*k, Ordering::Relaxed);
+            }
+            let seq = ctl_seq(c).wrapping_add(2) & SEQ_MASK;
+            slot.epoch
+                .store(u64::from(epoch) | (seq << 32), Ordering::Relaxed);
+            slot.ctl
+                .store(make_ctl(seq, Some(state), flags, now), Ordering::Release);
+            match take {
+                Take::Free => {
+                    self.live.fetch_add(1, Ordering::Relaxed);
+                }
+                Take::Evict => {
+                    self.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+                Take::Same | Take::Expired => {}
+            }
+            self.dedupe(key, &probe, pos, slot, seq);
+            return Ok(());
+        }
+        self.insert_failures.fetch_add(1, Ordering::Relaxed);
+        Err(super::CtFull)
+    }
+
+    /// Picks the slot for a new entry: the key's own slot, else the first free or expired
+    /// slot of the group with more of them, else the least recently seen evictable entry. Returns its window position, how
+    /// it is taken, and the control value it was judged by.
+    fn choose_slot(
+        &self,
+        key: &[u64; K],
+        probe: &Probe,
+        now: u32,
+        timeouts: &Timeouts,
+    ) -> Option<(usize, usize, &Slot<K>, Take, u64)> {
+        // Per group: its first free or expired slot, and how many it has.
+        let mut reusable = [None, None];
+        let mut room = [0usize; 2];
+        let mut victim: Option<(usize, usize, &Slot<K>, u64)> = None;
+        for (p, index, slot) in self.window(probe) {
+            let group = usize::from(p >= GROUP);
+            let c = slot.ctl.load(Ordering::Acquire);
+            if ctl_busy(c) {
+                continue;
+            }
+            if let Some((c, _)) = slot.read_match(key) {
+                // The key's own entry is replaced, from the validated control value.
+                return Some((p, index, slot, Take::Same, c));
+            }
+            let take = match ctl_state(c) {
+                None => Take::Free,
+                Some(state) if timeouts.expired(state, ctl_time(c), now) => Take::Expired,
+                Some(state) => {
+                    let older = |v: u64| ctl_time(c).wrapping_sub(ctl_time(v)) > u32::MAX / 2;
+                    if state.evictable() && victim.is_none_or(|(_, _, _, v)| older(v)) {
+                        victim = Some((p, index, slot, c));
+                    }
+                    continue;
+                }
+            };
+            if let (Some(first), Some(n)) = (reusable.get_mut(group), room.get_mut(group)) {
+                *n += 1;
+                first.get_or_insert((p, index, slot, take, c));
+            }
+        }
+        // The emptier group, so that both fill evenly and the table reaches a high load
+        // before any flow finds both its groups full.
+        let [a, b] = reusable;
+        let chosen = if room[1] > room[0] { b.or(a) } else { a.or(b) };
+        chosen.or(victim.map(|(p, index, slot, c)| (p, index, slot, Take::Evict, c)))
+    }
+
+    /// Frees whichever of two live copies of `key` sits later in probe order (see the module
+    /// docs). `mine` is the copy this thread just published at window position `pos`.
+    pub(super) fn dedupe(
+        &self,
+        key: &[u64; K],
+        probe: &Probe,
+        pos: usize,
+        mine: &Slot<K>,
+        seq: u64,
+    ) {
+        // Each writer set its tag and published its slot before this fence, so of two racing
+        // writers at least one sees the other's tag and entry below.
+        fence(Ordering::SeqCst);
+        for (p, slot) in self.candidates(probe) {
+            if p == pos {
+                continue;
+            }
+            let Some((c, _)) = slot.read_match(key) else {
+                continue;
+            };
+            let loser_freed = if p < pos {
+                mine.free_if_seq(seq)
+            } else {
+                slot.free_if_seq(ctl_seq(c))
+            };
+            if loser_freed {
+                self.live.fetch_sub(1, Ordering::Relaxed);
+            }
+            return;
+        }
+    }
+
+    /// Publishes a copy of `key` at window position `pos` without looking for an existing
+    /// one, as a racing writer would; returns the slot and its sequence number.
+    #[cfg(test)]
+    pub(super) fn force_copy(&self, key: &[u64; K], pos: usize, now: u32) -> (&Slot<K>, u64) {
+        let probe = self.probe(key);
+        let (_, index, slot) = self.window(&probe).nth(pos).expect("window position");
+        self.set_tag(index, probe.tag);
+        let seq = (ctl_seq(slot.ctl.load(Ordering::Relaxed)) + 2) & SEQ_MASK;
+        for (w, k) in slot.key.iter().zip(key) {
+            w.store(*k, Ordering::Relaxed);
+        }
+        slot.epoch.store(seq << 32, Ordering::Relaxed);
+        slot.ctl.store(
+            make_ctl(seq, Some(CtState::UdpNew), F_INIT_LO, now),
+            Ordering::Release,
+        );
+        self.live.fetch_add(1, Ordering::Relaxed);
+        (slot, seq)
+    }
+
+    pub(super) fn remove(&self, key: &[u64; K]) -> bool {
+        let Some((_, slot, c, _)) = self.find(key) else {
+            return false;
+        };
+        let freed = slot.free_if_seq(ctl_seq(c));
+        if freed {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+        }
+        freed
+    }
+
+    pub(super) fn set_epoch(&self, key: &[u64; K], epoch: u32) -> bool {
+        let Some((_, slot, c, _)) = self.find(key) else {
+            return false;
+        };
+        let seq = ctl_seq(c);
+        let mut e = slot.epoch.load(Ordering::Acquire);
+        loop {
+            if (e >> 32) & SEQ_MASK != seq {
+                return false;
+            }
+            let new = u64::from(epoch) | (seq << 32);
+            match slot
+                .epoch
+                .compare_exchange(e, new, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(actual) => e = actual,
+            }
+        }
+    }
+
+    /// Frees slot `index` if it holds an expired entry. Returns whether it did.
+    pub(super) fn sweep_slot(&self, index: usize, now: u32, timeouts: &Timeouts) -> bool {
+        let Some(slot) = self.slots.get(index) else {
+            return false;
+        };
+        let c = slot.ctl.load(Ordering::Acquire);
+        let Some(state) = ctl_state(c) else {
+            return false;
+        };
+        if ctl_busy(c) || !timeouts.expired(state, ctl_time(c), now) {
+            return false;
+        }
+        // Free only from the exact value judged expired: a packet that refreshed the entry
+        // meanwhile makes the exchange fail and keeps it.
+        let freed = make_ctl(ctl_seq(c).wrapping_add(2), None, 0, 0);
+        let ok = slot
+            .ctl
+            .compare_exchange(c, freed, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok();
+        if ok {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+        }
+        ok
+    }
+}
