@@ -1,0 +1,169 @@
+//! IPv6 longest-prefix match as one hash table per prefix length, probed longest-first over
+//! only the lengths that hold routes.
+//!
+//! A node's IPv6 routes use a handful of lengths (/128 pod routes, a /122 or /64–/120 block
+//! per node, a few aggregates and a default), so a lookup is at most a dozen or so probes, and
+//! a pod address usually hits on the first one. Tries spend a dependent load per stride on
+//! every lookup; Waldvogel's binary search on lengths saves probes but needs markers whose
+//! best-match values must be recomputed under every changed prefix. `benches/lpm.rs`
+//! compares this structure with `prefix-trie` at 100,000 routes.
+//!
+//! The `BTreeMap` of routes is the source of truth and gives `iter` its order; the hash tables
+//! mirror it. The default route is kept apart so that a miss everywhere costs no hash.
+//! Hashing uses `ahash` with fixed seeds: the classifier takes no randomness from its
+//! environment, and the keys are routes chosen by the control plane, not by senders.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use crate::net::mask6;
+
+type Hasher = ahash::RandomState;
+
+fn hasher() -> Hasher {
+    ahash::RandomState::with_seeds(
+        0x243f_6a88_85a3_08d3,
+        0x1319_8a2e_0370_7344,
+        0xa409_3822_299f_31d0,
+        0x082e_fa98_ec4e_6c89,
+    )
+}
+
+/// The routes of one prefix length.
+#[derive(Clone)]
+struct Level {
+    len: u8,
+    mask: u128,
+    routes: HashMap<u128, u32, Hasher>,
+}
+
+/// The IPv6 half of [`super::Lpm`].
+#[derive(Clone, Default)]
+pub(crate) struct Lpm6 {
+    routes: BTreeMap<(u128, u8), u32>,
+    /// Lengths 1..=128 that hold routes, longest first.
+    levels: Vec<Level>,
+    default: Option<u32>,
+}
+
+impl fmt::Debug for Lpm6 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lens: Vec<u8> = self.levels.iter().map(|l| l.len).collect();
+        f.debug_struct("Lpm6")
+            .field("routes", &self.routes.len())
+            .field("lengths", &lens)
+            .field("default", &self.default)
+            .finish()
+    }
+}
+
+impl Lpm6 {
+    pub(crate) fn from_routes(routes: BTreeMap<(u128, u8), u32>) -> Lpm6 {
+        // Sizing each table up front avoids rehashing while the routes go in.
+        let mut counts = [0usize; 129];
+        for &(_, len) in routes.keys() {
+            if let Some(c) = counts.get_mut(len as usize) {
+                *c += 1;
+            }
+        }
+        let mut lpm = Lpm6::default();
+        for (len, &count) in counts.iter().enumerate().rev() {
+            if count > 0 && len > 0 {
+                lpm.levels.push(Level {
+                    len: len as u8,
+                    mask: mask6(len as u8),
+                    routes: HashMap::with_capacity_and_hasher(count, hasher()),
+                });
+            }
+        }
+        for (&(addr, len), &value) in &routes {
+            lpm.put(addr, len, value);
+        }
+        lpm.routes = routes;
+        lpm
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u128, u8, u32)> + '_ {
+        self.routes.iter().map(|(&(addr, len), &v)| (addr, len, v))
+    }
+
+    pub(crate) fn get(&self, addr: u128, len: u8) -> Option<u32> {
+        self.routes.get(&(addr & mask6(len), len)).copied()
+    }
+
+    /// Bytes allocated by the hash tables (an estimate: key, value and control byte per slot).
+    pub(crate) fn table_bytes(&self) -> usize {
+        self.levels
+            .iter()
+            .map(|l| l.routes.capacity() * (16 + 4 + 1))
+            .sum()
+    }
+
+    /// Returns the previous value of the prefix. Lengths above 128 are ignored.
+    pub(crate) fn insert(&mut self, addr: u128, len: u8, value: u32) -> Option<u32> {
+        if len > 128 {
+            return None;
+        }
+        let addr = addr & mask6(len);
+        self.put(addr, len, value);
+        self.routes.insert((addr, len), value)
+    }
+
+    pub(crate) fn remove(&mut self, addr: u128, len: u8) -> Option<u32> {
+        let addr = addr & mask6(len);
+        let old = self.routes.remove(&(addr, len))?;
+        if len == 0 {
+            self.default = None;
+        } else if let Some(i) = self.levels.iter().position(|l| l.len == len)
+            && let Some(level) = self.levels.get_mut(i)
+        {
+            level.routes.remove(&addr);
+            if level.routes.is_empty() {
+                self.levels.remove(i);
+            }
+        }
+        Some(old)
+    }
+
+    /// Writes a route into the hash tables, creating its level if needed.
+    fn put(&mut self, addr: u128, len: u8, value: u32) {
+        if len == 0 {
+            self.default = Some(value);
+            return;
+        }
+        let i = match self.levels.iter().position(|l| l.len <= len) {
+            Some(i) if self.levels.get(i).is_some_and(|l| l.len == len) => i,
+            found => {
+                let i = found.unwrap_or(self.levels.len());
+                self.levels.insert(
+                    i,
+                    Level {
+                        len,
+                        mask: mask6(len),
+                        routes: HashMap::with_hasher(hasher()),
+                    },
+                );
+                i
+            }
+        };
+        if let Some(level) = self.levels.get_mut(i) {
+            level.routes.insert(addr, value);
+        }
+    }
+
+    /// The value of the longest prefix containing `ip`: one hash probe per length present,
+    /// longest first, stopping at the first hit. No allocation.
+    #[inline]
+    pub(crate) fn lookup(&self, ip: u128) -> Option<u32> {
+        for level in &self.levels {
+            if let Some(&v) = level.routes.get(&(ip & level.mask)) {
+                return Some(v);
+            }
+        }
+        self.default
+    }
+}
