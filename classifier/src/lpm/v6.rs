@@ -10,6 +10,13 @@
 //!
 //! The `BTreeMap` of routes is the source of truth and gives `iter` its order; the hash tables
 //! mirror it. The default route is kept apart so that a miss everywhere costs no hash.
+//!
+//! Before probing, a lookup reads `bucket_max`, the longest route length under the address's
+//! top 16 bits (64 KiB, one byte per bucket), and skips the levels longer than that. An
+//! address under no route but the default (most of the space) then costs one byte load,
+//! and one under only short aggregates skips the pod levels. A bucket's byte only ever
+//! rises on insert; a remove recomputes the buckets the removed prefix touched from the
+//! route set.
 //! Hashing uses `ahash` with fixed seeds: the classifier takes no randomness from its
 //! environment, and the keys are routes chosen by the control plane, not by senders.
 
@@ -44,6 +51,18 @@ pub(crate) struct Lpm6 {
     /// Lengths 1..=128 that hold routes, longest first.
     levels: Vec<Level>,
     default: Option<u32>,
+    /// For each value of the top 16 address bits, the longest route length (1..=128) under
+    /// or covering it, 0 if none. Empty until the first non-default route.
+    bucket_max: Vec<u8>,
+}
+
+const BUCKET_BITS: u32 = 16;
+
+/// The buckets a prefix touches: one for lengths of 16 or more, several for shorter ones.
+fn buckets(addr: u128, len: u8) -> std::ops::Range<usize> {
+    let first = (addr >> (128 - BUCKET_BITS)) as usize;
+    let count = 1usize << (BUCKET_BITS.saturating_sub(u32::from(len)));
+    first..first + count
 }
 
 impl fmt::Debug for Lpm6 {
@@ -95,12 +114,15 @@ impl Lpm6 {
         self.routes.get(&(addr & mask6(len), len)).copied()
     }
 
-    /// Bytes allocated by the hash tables (an estimate: key, value and control byte per slot).
+    /// Bytes allocated by the hash tables (an estimate: key, value and control byte per slot)
+    /// and the bucket filter.
     pub(crate) fn table_bytes(&self) -> usize {
-        self.levels
+        let tables: usize = self
+            .levels
             .iter()
             .map(|l| l.routes.capacity() * (16 + 4 + 1))
-            .sum()
+            .sum();
+        tables + self.bucket_max.len()
     }
 
     /// Returns the previous value of the prefix. Lengths above 128 are ignored.
@@ -125,6 +147,7 @@ impl Lpm6 {
             if level.routes.is_empty() {
                 self.levels.remove(i);
             }
+            self.recompute_buckets(addr, len);
         }
         Some(old)
     }
@@ -153,13 +176,48 @@ impl Lpm6 {
         if let Some(level) = self.levels.get_mut(i) {
             level.routes.insert(addr, value);
         }
+        if self.bucket_max.is_empty() {
+            self.bucket_max = vec![0; 1 << BUCKET_BITS];
+        }
+        if let Some(maxes) = self.bucket_max.get_mut(buckets(addr, len)) {
+            for m in maxes {
+                *m = (*m).max(len);
+            }
+        }
+    }
+
+    /// Recomputes the bucket maxima a removed prefix may have set, from the route set.
+    fn recompute_buckets(&mut self, addr: u128, len: u8) {
+        for b in buckets(addr, len) {
+            let lo = (b as u128) << (128 - BUCKET_BITS);
+            let hi = lo | !mask6(BUCKET_BITS as u8);
+            let under = self
+                .routes
+                .range((lo, BUCKET_BITS as u8)..=(hi, 128))
+                .map(|(&(_, l), _)| l)
+                .max();
+            let covering = (1..BUCKET_BITS as u8)
+                .rev()
+                .find(|&l| self.routes.contains_key(&(lo & mask6(l), l)));
+            if let Some(m) = self.bucket_max.get_mut(b) {
+                *m = under.max(covering).unwrap_or(0);
+            }
+        }
     }
 
     /// The value of the longest prefix containing `ip`: one hash probe per length present,
     /// longest first, stopping at the first hit. No allocation.
     #[inline]
     pub(crate) fn lookup(&self, ip: u128) -> Option<u32> {
+        let max = self
+            .bucket_max
+            .get((ip >> (128 - BUCKET_BITS)) as usize)
+            .copied()
+            .unwrap_or(0);
         for level in &self.levels {
+            if level.len > max {
+                continue;
+            }
             if let Some(&v) = level.routes.get(&(ip & level.mask)) {
                 return Some(v);
             }
