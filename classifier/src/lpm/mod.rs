@@ -2,8 +2,9 @@
 //! uses as indices into its own next-hop array.
 //!
 //! - IPv4 ([`v4`]) is DIR-24-8 as in DPDK's `rte_lpm`: a lookup is one load, or two for the
-//!   /24 blocks that hold longer prefixes. The first level is 2^24 `u32`s (64 MiB of address
-//!   space) allocated zeroed on the first IPv4 insert, so pages no route touches cost nothing.
+//!   /24 blocks that hold longer prefixes. The first level is 2^24 `u32`s (64 MiB) split
+//!   into 256 copy-on-write chunks, one per /8, materialised only where routes are, so that
+//!   cloning a table for the next snapshot is cheap.
 //! - IPv6 ([`v6`]) is one hash table per prefix length present, probed longest-first.
 //!
 //! Invariants:
@@ -37,6 +38,9 @@ pub struct LpmStats {
     pub routes_v4: usize,
     /// IPv6 prefixes.
     pub routes_v6: usize,
+    /// IPv4 first-level chunks (256 KiB each, one per /8) materialised because a route
+    /// covers part of their /8.
+    pub chunks: usize,
     /// IPv4 second-level groups holding prefixes longer than /24.
     pub groups_in_use: usize,
     /// IPv4 second-level groups allocated, including freed ones kept for reuse.
@@ -156,6 +160,7 @@ impl Lpm {
         LpmStats {
             routes_v4: self.v4.len(),
             routes_v6: self.v6.len(),
+            chunks: self.v4.chunks(),
             groups_in_use: self.v4.groups_in_use(),
             groups_allocated: self.v4.groups_allocated(),
             table_bytes: self.v4.table_bytes() + self.v6.table_bytes(),

@@ -24,16 +24,19 @@
 //! longer prefix and returned to a free list when its last one goes; the sweep frees any group
 //! whose block it writes a plain value into, so no group outlives its prefixes.
 //!
-//! Memory: `tbl24` is 2^24 `u32`s (64 MiB of address space) allocated zeroed with
-//! `vec![0; n]`, which the allocator serves from `calloc`/fresh `mmap` pages: pages the routes
-//! never touch stay unbacked, and the sweep skips writes that would not change an entry so
-//! that empty regions stay untouched. A route that spans much of the space (a default route,
-//! a /8) does back every page it covers. The table is allocated on the first IPv4 insert, so
-//! an IPv6-only table costs nothing. Cloning copies the whole first level (a 64 MiB `memcpy`,
-//! on the order of 10 ms), which is acceptable for control-plane snapshots.
+//! Memory and snapshots: `tbl24` is 2^24 `u32`s (64 MiB) cut into 256 chunks of 2^16
+//! entries (256 KiB), one per /8, each an `Arc<[u32]>` or `None` while the /8 has no route.
+//! Cloning a table (the control plane clones the live snapshot, edits it and publishes the
+//! copy) therefore costs 256 reference-count increments plus a copy of `tbl8`, instead of a
+//! 64 MiB `memcpy`; the first write to a shared chunk copies that chunk only
+//! (`Arc::make_mut`). A chunk whose /8 loses its last route goes back to `None`. The price is
+//! one load of the chunk pointer per lookup, from a 4 KiB array that stays in L1. A route
+//! that spans much of the space (a default route, many /8s) still materialises every chunk
+//! it covers. Nothing is allocated before the first IPv4 insert.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use crate::net::mask4;
 
@@ -43,7 +46,10 @@ const EMPTY: u32 = 0;
 const TAG_VALUE: u32 = 1 << 30;
 const TAG_GROUP: u32 = 2 << 30;
 const TAG_BIG: u32 = 3 << 30;
-const TBL24_LEN: usize = 1 << 24;
+const CHUNKS: usize = 256;
+const CHUNK_BITS: u32 = 16;
+const CHUNK_LEN: usize = 1 << CHUNK_BITS;
+const CHUNK_MASK: usize = CHUNK_LEN - 1;
 const GROUP_LEN: usize = 256;
 
 /// Values of 2^30 or more, which do not fit inline in a table entry. Each distinct value gets
@@ -113,8 +119,9 @@ pub(crate) struct Lpm4 {
     /// How many routes there are of each length, so that the covering-prefix search skips
     /// lengths that are absent.
     len_count: [u32; 33],
-    /// Empty until the first insert; then exactly `TBL24_LEN` entries.
-    tbl24: Box<[u32]>,
+    /// Empty until the first insert; then `CHUNKS` chunks of `CHUNK_LEN` entries, `None`
+    /// standing for a chunk of `EMPTY`.
+    tbl24: Vec<Option<Arc<[u32]>>>,
     tbl8: Vec<u32>,
     free_groups: Vec<u32>,
     big: BigValues,
@@ -125,7 +132,7 @@ impl Default for Lpm4 {
         Lpm4 {
             routes: BTreeMap::new(),
             len_count: [0; 33],
-            tbl24: Box::default(),
+            tbl24: Vec::new(),
             tbl8: Vec::new(),
             free_groups: Vec::new(),
             big: BigValues::default(),
@@ -158,7 +165,7 @@ impl Lpm4 {
             lpm.big.acquire(value);
         }
         if !lpm.routes.is_empty() {
-            lpm.tbl24 = vec![EMPTY; TBL24_LEN].into_boxed_slice();
+            lpm.tbl24 = vec![None; CHUNKS];
             lpm.rebuild(0, 0);
         }
         lpm
@@ -181,14 +188,19 @@ impl Lpm4 {
         (self.tbl8.len() / GROUP_LEN).saturating_sub(self.free_groups.len())
     }
 
+    /// First-level chunks (one per /8) that hold at least one route.
+    pub(crate) fn chunks(&self) -> usize {
+        self.tbl24.iter().flatten().count()
+    }
+
     /// Second-level groups ever allocated (in use or on the free list).
     pub(crate) fn groups_allocated(&self) -> usize {
         self.tbl8.len() / GROUP_LEN
     }
 
-    /// Bytes of table memory allocated (not necessarily backed by touched pages).
+    /// Bytes of table memory allocated. Chunks shared with clones count in full.
     pub(crate) fn table_bytes(&self) -> usize {
-        (self.tbl24.len() + self.tbl8.capacity()) * 4
+        (self.chunks() * CHUNK_LEN + self.tbl8.capacity()) * 4 + self.tbl24.len() * 16
     }
 
     /// Returns the previous value of the prefix. `len` must be at most 32; longer lengths are
@@ -204,7 +216,7 @@ impl Lpm4 {
         }
         self.big.acquire(value);
         if self.tbl24.is_empty() {
-            self.tbl24 = vec![EMPTY; TBL24_LEN].into_boxed_slice();
+            self.tbl24 = vec![None; CHUNKS];
         }
         self.rebuild(key.0, len);
         old
@@ -221,10 +233,14 @@ impl Lpm4 {
         Some(old)
     }
 
-    /// The value of the longest prefix containing `ip`. Two loads at most, no allocation.
+    /// The value of the longest prefix containing `ip`: the chunk pointer (in L1), the
+    /// first-level entry, and for blocks with longer prefixes a second-level entry. No
+    /// allocation.
     #[inline]
     pub(crate) fn lookup(&self, ip: u32) -> Option<u32> {
-        let mut entry = *self.tbl24.get((ip >> 8) as usize)?;
+        let index = (ip >> 8) as usize;
+        let chunk = self.tbl24.get(index >> CHUNK_BITS)?.as_deref()?;
+        let mut entry = *chunk.get(index & CHUNK_MASK)?;
         if entry & TAG_MASK == TAG_GROUP {
             let at = ((entry & PAYLOAD) as usize) * GROUP_LEN + (ip & 0xff) as usize;
             entry = *self.tbl8.get(at)?;
@@ -291,7 +307,7 @@ impl Lpm4 {
 /// One left-to-right pass over a range of `tbl24` that writes every entry once. `stack` holds
 /// the prefixes (end index, encoded value) enclosing the cursor, innermost last.
 struct Sweep<'a> {
-    tbl24: &'a mut [u32],
+    tbl24: &'a mut [Option<Arc<[u32]>>],
     tbl8: &'a mut Vec<u32>,
     free_groups: &'a mut Vec<u32>,
     cursor: usize,
@@ -308,21 +324,15 @@ impl Sweep<'_> {
 
     /// Writes `entry` into `tbl24[cursor..to]`, returning any groups it overwrites.
     fn fill(&mut self, to: usize, entry: u32) {
-        if to <= self.cursor {
-            return;
-        }
-        if let Some(slots) = self.tbl24.get_mut(self.cursor..to) {
-            for slot in slots {
-                if *slot & TAG_MASK == TAG_GROUP {
-                    self.free_groups.push(*slot & PAYLOAD);
-                }
-                // Skipping equal writes keeps untouched zero pages unbacked.
-                if *slot != entry {
-                    *slot = entry;
-                }
+        let mut at = self.cursor;
+        while at < to {
+            let end = to.min((at | CHUNK_MASK) + 1);
+            if let Some(chunk) = self.tbl24.get_mut(at >> CHUNK_BITS) {
+                fill_chunk(chunk, at & CHUNK_MASK, end - at, entry, self.free_groups);
             }
+            at = end;
         }
-        self.cursor = to;
+        self.cursor = self.cursor.max(to);
     }
 
     /// Moves the cursor to `to`, closing the prefixes that end on the way.
@@ -368,7 +378,11 @@ impl Sweep<'_> {
     /// block's old group or a freed one when there is one.
     fn open_group(&mut self, block: usize) -> usize {
         let base = self.current();
-        let old = self.tbl24.get(block).copied().unwrap_or(EMPTY);
+        let old = self
+            .tbl24
+            .get(block >> CHUNK_BITS)
+            .and_then(|c| c.as_deref()?.get(block & CHUNK_MASK).copied())
+            .unwrap_or(EMPTY);
         let group = if old & TAG_MASK == TAG_GROUP {
             (old & PAYLOAD) as usize
         } else if let Some(g) = self.free_groups.pop() {
@@ -383,10 +397,46 @@ impl Sweep<'_> {
         {
             slots.fill(base);
         }
-        if let Some(slot) = self.tbl24.get_mut(block) {
-            *slot = TAG_GROUP | (group as u32 & PAYLOAD);
+        if let Some(chunk) = self.tbl24.get_mut(block >> CHUNK_BITS) {
+            let entry = TAG_GROUP | (group as u32 & PAYLOAD);
+            fill_chunk(chunk, block & CHUNK_MASK, 1, entry, &mut Vec::new());
         }
         self.cursor = block + 1;
         group
+    }
+}
+
+/// Writes `entry` into `count` entries of a chunk from `offset`, pushing the groups it
+/// overwrites onto `freed`. Copies the chunk first if a clone shares it, materialises a
+/// `None` chunk only to write a route into it, and turns a chunk that becomes all `EMPTY`
+/// back into `None`.
+fn fill_chunk(
+    chunk: &mut Option<Arc<[u32]>>,
+    offset: usize,
+    count: usize,
+    entry: u32,
+    freed: &mut Vec<u32>,
+) {
+    let range = offset..offset + count;
+    let changes = match chunk.as_deref() {
+        None => entry != EMPTY,
+        Some(c) => c
+            .get(range.clone())
+            .is_some_and(|s| s.iter().any(|&e| e != entry)),
+    };
+    if !changes {
+        return;
+    }
+    let data = chunk.get_or_insert_with(|| Arc::from(vec![EMPTY; CHUNK_LEN]));
+    if let Some(slots) = Arc::make_mut(data).get_mut(range) {
+        for slot in slots {
+            if *slot & TAG_MASK == TAG_GROUP {
+                freed.push(*slot & PAYLOAD);
+            }
+            *slot = entry;
+        }
+    }
+    if entry == EMPTY && (count == CHUNK_LEN || data.iter().all(|&e| e == EMPTY)) {
+        *chunk = None;
     }
 }
