@@ -1,7 +1,7 @@
 //! Routing-table benchmarks at a cluster node's scale (100,000 routes per family): lookups
 //! of a mixed address stream and bulk builds, for [`classifier::lpm::Lpm`] and for the
-//! `prefix-trie` crate as a baseline. Table memory (resident-set growth while building) is
-//! printed once before the timed runs.
+//! `prefix-trie` crate as a baseline. Table memory (live heap bytes, counted by a wrapper
+//! around the system allocator) is printed once before the timed runs.
 //!
 //! Route mix, IPv4: a default route; 10,000 /32 pod routes inside five /16 pod CIDRs; 1,000
 //! /26 remote-node blocks inside the same CIDRs; 89,000 random prefixes of uniformly random
@@ -10,13 +10,62 @@
 //! tables use (/32–/64 in steps of 4). Lookups: half are addresses inside a random route,
 //! half are uniformly random.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use classifier::lpm::Lpm;
 use classifier::net::{Cidr, mask4, mask6};
 use criterion::{Criterion, Throughput, criterion_group};
 use prefix_trie::PrefixMap;
+
+/// Bytes currently allocated through [`Counting`].
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// The system allocator, counting live bytes so the bench can report table sizes.
+struct Counting;
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged and only
+// adds bookkeeping on the side, so `System`'s guarantees carry over.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller upholds `alloc`'s contract, which is `System.alloc`'s.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as for `alloc`.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator, hence from `System`, with `layout`.
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: `ptr` came from `System` with `layout`; the caller checks `new_size`.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+            LIVE.fetch_add(new_size, Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 const ROUTES: usize = 100_000;
 const BATCH: usize = 1024;
@@ -194,6 +243,16 @@ fn bench_v4(c: &mut Criterion) {
     });
     g.bench_function("prefix_trie", |b| b.iter(|| trie(&routes)));
     g.bench_function("ocelot_clone", |b| b.iter(|| lpm.clone()));
+    // The control plane's update: copy the live snapshot, add one pod route, publish.
+    let pod: Cidr = "10.244.7.7/32".parse().expect("valid");
+    g.bench_function("ocelot_clone_insert_pod", |b| {
+        b.iter(|| {
+            let mut next = lpm.clone();
+            next.insert(pod, 1);
+            next
+        })
+    });
+    g.bench_function("prefix_trie_clone", |b| b.iter(|| map.clone()));
     g.finish();
 }
 
@@ -256,51 +315,39 @@ fn bench_v6(c: &mut Criterion) {
     g.finish();
 }
 
-/// Resident memory of this process in bytes (Linux only; 0 elsewhere).
-fn rss() -> usize {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<usize>().ok())
-        .map_or(0, |pages| pages * 4096)
-}
-
-/// Prints how much resident memory each structure adds when built from the 100,000 routes.
+/// Prints the live heap bytes of each structure built from the 100,000 routes.
 fn report_memory() {
-    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    fn measure<T>(name: &str, build: impl FnOnce() -> T, describe: impl Fn(&T) -> String) {
+        let before = LIVE.load(Ordering::Relaxed);
+        let table = build();
+        let bytes = LIVE.load(Ordering::Relaxed).saturating_sub(before);
+        eprintln!(
+            "memory {name}: {:.1} MiB heap; {}",
+            bytes as f64 / f64::from(1 << 20),
+            describe(&table)
+        );
+    }
     let (r4, r6) = (routes_v4(), routes_v6());
     let (c4, c6) = (cidrs4(&r4), cidrs6(&r6));
-    let before = rss();
-    let lpm4 = Lpm::from_routes(c4);
-    let after = rss();
-    eprintln!(
-        "memory v4 ocelot: +{:.1} MiB resident ({:?})",
-        mib(after.saturating_sub(before)),
-        lpm4.stats()
+    measure(
+        "v4 ocelot",
+        || Lpm::from_routes(c4),
+        |t| format!("{:?}", t.stats()),
     );
-    drop(lpm4);
-    let before = rss();
-    let map4 = trie(&r4);
-    eprintln!(
-        "memory v4 prefix-trie: +{:.1} MiB resident ({} routes)",
-        mib(rss().saturating_sub(before)),
-        map4.len()
+    measure(
+        "v4 prefix-trie",
+        || trie(&r4),
+        |t| format!("{} routes", t.len()),
     );
-    drop(map4);
-    let before = rss();
-    let lpm6 = Lpm::from_routes(c6);
-    let after = rss();
-    eprintln!(
-        "memory v6 ocelot: +{:.1} MiB resident ({:?})",
-        mib(after.saturating_sub(before)),
-        lpm6.stats()
+    measure(
+        "v6 ocelot",
+        || Lpm::from_routes(c6),
+        |t| format!("{:?}", t.stats()),
     );
-    drop(lpm6);
-    let before = rss();
-    let map6 = trie(&r6);
-    eprintln!(
-        "memory v6 prefix-trie: +{:.1} MiB resident ({} routes)",
-        mib(rss().saturating_sub(before)),
-        map6.len()
+    measure(
+        "v6 prefix-trie",
+        || trie(&r6),
+        |t| format!("{} routes", t.len()),
     );
 }
 

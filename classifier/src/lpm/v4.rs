@@ -427,7 +427,9 @@ fn fill_chunk(
     if !changes {
         return;
     }
-    let data = chunk.get_or_insert_with(|| Arc::from(vec![EMPTY; CHUNK_LEN]));
+    // Collecting a `TrustedLen` iterator allocates the `Arc` once and writes it in place;
+    // `Arc::from(vec![..])` would allocate twice and copy.
+    let data = chunk.get_or_insert_with(|| std::iter::repeat_n(EMPTY, CHUNK_LEN).collect());
     if let Some(slots) = Arc::make_mut(data).get_mut(range) {
         for slot in slots {
             if *slot & TAG_MASK == TAG_GROUP {
