@@ -17,6 +17,7 @@
 //! and one under only short aggregates skips the pod levels. A bucket's byte only ever
 //! rises on insert; a remove recomputes the buckets the removed prefix touched from the
 //! route set.
+//!
 //! Hashing uses `ahash` with fixed seeds: the classifier takes no randomness from its
 //! environment, and the keys are routes chosen by the control plane, not by senders.
 
@@ -82,7 +83,7 @@ impl Lpm6 {
         let mut counts = [0usize; 129];
         for &(_, len) in routes.keys() {
             if let Some(c) = counts.get_mut(len as usize) {
-                *c += 1;
+                *c = c.saturating_add(1);
             }
         }
         let mut lpm = Lpm6::default();
