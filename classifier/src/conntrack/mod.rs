@@ -704,6 +704,16 @@ impl Conntrack {
         }
     }
 
+    /// Touches the memory a lookup of `key` will read (see the burst pipeline); returns a
+    /// value of no meaning that the caller keeps so the loads are not optimised away.
+    #[inline]
+    pub fn prefetch(&self, key: &FlowKey) -> u64 {
+        match normalise(key) {
+            Normalised::V4(k, _) => self.v4.touch(&k),
+            Normalised::V6(k, _) => self.v6.touch(&k),
+        }
+    }
+
     /// The live entry of a connection, without changing it; `None` when absent or expired.
     pub fn get(&self, key: &FlowKey, now: Nanos) -> Option<CtEntry> {
         let now = tick_of(now);

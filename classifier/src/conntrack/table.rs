@@ -130,6 +130,12 @@ impl<const K: usize> Slot<K> {
         }
     }
 
+    /// The control word, for [`Table::touch`]: a plain load that brings the slot's cache
+    /// line in.
+    fn peek(&self) -> u64 {
+        self.ctl.load(Ordering::Relaxed)
+    }
+
     /// The slot's control word and epoch if it is live and holds `key`; the pair is from one
     /// consistent generation (see the module docs).
     fn read_match(&self, key: &[u64; K]) -> Option<(u64, u32)> {
@@ -326,6 +332,27 @@ impl<const K: usize> Table<K> {
                     None
                 })
             })
+    }
+
+    /// Loads the key's first tag word and the first slot it points at, and returns them
+    /// mixed into a number. The burst pipeline calls this for every frame before looking any
+    /// of them up, so the cache misses of a whole burst overlap (safe Rust has no prefetch
+    /// instruction; an ordinary load whose result is used does the same job).
+    pub(super) fn touch(&self, key: &[u64; K]) -> u64 {
+        let probe = self.probe(key);
+        let base = probe.groups[0];
+        let word = self
+            .tags
+            .get(base / GROUP)
+            .map_or(0, |w| w.load(Ordering::Relaxed));
+        let x = word ^ (u64::from(probe.tag) * 0x0101_0101_0101_0101);
+        let hits = x.wrapping_sub(0x0101_0101_0101_0101) & !x & 0x8080_8080_8080_8080;
+        let i = if hits == 0 {
+            0
+        } else {
+            (hits.trailing_zeros() / 8) as usize
+        };
+        word ^ self.slots.get(base + i).map_or(0, Slot::peek)
     }
 
     /// The first live copy of `key` in probe order.
