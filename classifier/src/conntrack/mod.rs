@@ -72,10 +72,10 @@
 //!
 //! # Concurrency
 //!
-//! Worker threads share one [`Conntrack`] and use it without locks; see [`table`] for the
-//! slot layout, the seqlock that keeps readers from acting on a torn key, and what happens
-//! when two workers insert the same flow at once. [`Conntrack::sweep`] (incremental aging)
-//! is run by the control thread only.
+//! Worker threads share one [`Conntrack`] and use it without locks; the `table` submodule
+//! documents the slot layout, the seqlock that keeps readers from acting on a torn key, and
+//! what happens when two workers insert the same flow at once. [`Conntrack::sweep`]
+//! (incremental aging) is run by the control thread only.
 //!
 //! # Capacity and eviction
 //!

@@ -498,8 +498,9 @@ impl<const K: usize> Table<K> {
     }
 
     /// Picks the slot for a new entry: the key's own slot, else the first free or expired
-    /// slot of the group with more of them, else the least recently seen evictable entry. Returns its window position, how
-    /// it is taken, and the control value it was judged by.
+    /// slot of the group with more of them, else the least recently seen evictable entry.
+    /// Returns its window position and table index, the slot, how it is taken, and the
+    /// control value it was judged by.
     fn choose_slot(
         &self,
         key: &[u64; K],

@@ -750,7 +750,8 @@ fn l4_strategy() -> impl Strategy<Value = L4> {
 fn op_strategy() -> impl Strategy<Value = Op> {
     let n = pool().len();
     prop_oneof![
-        2 => (0..n, any::<bool>(), l4_strategy(), 0..4u32).prop_map(|(k, r, l, e)| Op::Insert(k, r, l, e)),
+        2 => (0..n, any::<bool>(), l4_strategy(), 0..4u32)
+            .prop_map(|(k, r, l, e)| Op::Insert(k, r, l, e)),
         6 => (0..n, any::<bool>(), l4_strategy()).prop_map(|(k, r, l)| Op::Track(k, r, l)),
         1 => (0..n).prop_map(Op::Remove),
         1 => (0..n, 0..4u32).prop_map(|(k, e)| Op::SetEpoch(k, e)),
