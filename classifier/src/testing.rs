@@ -161,7 +161,7 @@ impl Default for WorkloadSpec {
             policies: 1000,
             routes: 100_000,
             pods_per_node: 128,
-            seed: 0x0ce1_07,
+            seed: 0x000c_e107,
         }
     }
 }
@@ -363,10 +363,10 @@ pub fn build_workload(spec: &WorkloadSpec) -> Workload {
     }];
     let mut routes = RouteTable::new();
     let mut local = Vec::new();
-    for k in 0..per_node.min(spec.pods) {
+    for (k, &ip) in pod_ips.iter().enumerate().take(per_node) {
         let port = PortId(ports.len() as u16);
         let pod = LocalPod {
-            ip: pod_ips[k],
+            ip,
             port,
             mac: mac(0x0a, k as u32),
             gateway_mac: mac(0xca, k as u32),
