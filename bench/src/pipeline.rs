@@ -39,6 +39,13 @@ pub struct Args {
     /// Routes.
     #[arg(long, default_value_t = 100_000)]
     routes: usize,
+    /// Conntrack slots per address family (default: the smallest power of two that keeps
+    /// the live flows at a load factor of at most 0.5).
+    #[arg(long)]
+    ct_capacity: Option<usize>,
+    /// Run without the conntrack prefetch stages (the baseline they are measured against).
+    #[arg(long)]
+    no_prefetch: bool,
     /// Packets measured per scenario.
     #[arg(long, default_value_t = 20_000_000)]
     packets: usize,
@@ -104,13 +111,15 @@ pub fn run(args: &Args) -> Result<()> {
         t.elapsed().as_secs_f64() * 1e3
     );
 
+    let cap = args.ct_capacity;
+    PREFETCH.store(!args.no_prefetch, std::sync::atomic::Ordering::Relaxed);
     let mut outcomes = Vec::new();
     for scenario in chosen {
         let outcome = match scenario {
-            "established" => established(&w, flows, packets, "established")?,
-            "established-1m" => established(&w, big_flows, packets, "established-1m")?,
-            "new" => new_flows(&w, packets.min(1_000_000))?,
-            "denied" => denied(&w, flows.min(10_000), packets)?,
+            "established" => established(&w, flows, packets, "established", cap)?,
+            "established-1m" => established(&w, big_flows, packets, "established-1m", cap)?,
+            "new" => new_flows(&w, packets.min(1_000_000), cap)?,
+            "denied" => denied(&w, flows.min(10_000), packets, cap)?,
             _ => unreachable!("checked above"),
         };
         print_outcome(&outcome);
@@ -160,10 +169,21 @@ fn print_outcome(o: &Outcome) {
     );
 }
 
-fn conntrack(flows: usize) -> Arc<Conntrack> {
-    let mut cfg = CtConfig::default();
-    // Room for the live flows at a load factor that keeps probes short.
-    cfg.capacity = cfg.capacity.max((flows * 2).next_power_of_two());
+/// Whether workers run the prefetch stages (`--no-prefetch` turns them off).
+static PREFETCH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+fn new_worker(flows: usize, capacity: Option<usize>) -> Worker {
+    let mut w = Worker::new(conntrack(flows, capacity));
+    w.set_prefetch(PREFETCH.load(std::sync::atomic::Ordering::Relaxed));
+    w
+}
+
+fn conntrack(flows: usize, capacity: Option<usize>) -> Arc<Conntrack> {
+    let cfg = CtConfig {
+        // Room for the live flows at a load factor that keeps probes short.
+        capacity: capacity.unwrap_or((flows * 2).next_power_of_two().max(1024)),
+        ..CtConfig::default()
+    };
     Arc::new(Conntrack::new(cfg))
 }
 
@@ -274,7 +294,13 @@ fn shuffled<T: Clone>(items: &[T], seed: u64) -> Vec<T> {
     v
 }
 
-fn established(w: &Workload, n: usize, packets: usize, name: &'static str) -> Result<Outcome> {
+fn established(
+    w: &Workload,
+    n: usize,
+    packets: usize,
+    name: &'static str,
+    cap: Option<usize>,
+) -> Result<Outcome> {
     let flows = testing::flows(w, n, true, 7);
     if flows.len() < n {
         bail!(
@@ -282,7 +308,7 @@ fn established(w: &Workload, n: usize, packets: usize, name: &'static str) -> Re
             flows.len()
         );
     }
-    let mut worker = Worker::new(conntrack(n));
+    let mut worker = new_worker(n, cap);
     let t = Instant::now();
     establish(w, &mut worker, &flows)?;
     eprintln!(
@@ -305,9 +331,9 @@ fn established(w: &Workload, n: usize, packets: usize, name: &'static str) -> Re
     )
 }
 
-fn new_flows(w: &Workload, packets: usize) -> Result<Outcome> {
+fn new_flows(w: &Workload, packets: usize, cap: Option<usize>) -> Result<Outcome> {
     let flows = testing::flows(w, packets, true, 13);
-    let mut worker = Worker::new(conntrack(flows.len()));
+    let mut worker = new_worker(flows.len(), cap);
     let templates: Vec<_> = flows
         .iter()
         .map(|f| (f.frame(TcpFlags::SYN), f.src.port))
@@ -324,12 +350,12 @@ fn new_flows(w: &Workload, packets: usize) -> Result<Outcome> {
     )
 }
 
-fn denied(w: &Workload, n: usize, packets: usize) -> Result<Outcome> {
+fn denied(w: &Workload, n: usize, packets: usize, cap: Option<usize>) -> Result<Outcome> {
     let flows = testing::flows(w, n, false, 17);
     if flows.is_empty() {
         bail!("denied: the workload's policy denies nothing; refusing to report");
     }
-    let mut worker = Worker::new(conntrack(1024));
+    let mut worker = new_worker(1024, cap);
     let templates: Vec<_> = flows
         .iter()
         .map(|f| (f.frame(TcpFlags::SYN), f.src.port))

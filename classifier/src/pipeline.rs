@@ -61,6 +61,9 @@ pub struct Worker {
     /// Sum of the words the prefetch stage loaded; kept only so the loads are not optimised
     /// away.
     touched: u64,
+    /// Whether bursts run the conntrack prefetch stages (on by default; off only to measure
+    /// what they are worth).
+    prefetch: bool,
 }
 
 impl Worker {
@@ -70,7 +73,13 @@ impl Worker {
             ct,
             counters: Counters::default(),
             touched: 0,
+            prefetch: true,
         }
+    }
+
+    /// Turns the burst's conntrack prefetch stages on or off (for A/B benchmarks).
+    pub fn set_prefetch(&mut self, on: bool) {
+        self.prefetch = on;
     }
 
     /// This worker's counters.
@@ -88,9 +97,10 @@ impl Worker {
     /// untouched. Bursts longer than [`BURST`] are processed [`BURST`] frames at a time.
     ///
     /// The stages run over the whole burst before the next one starts (VPP's vector model):
-    /// parse every frame, then touch the conntrack buckets of every flow, then classify.
-    /// The second stage issues independent memory loads for all frames at once, so their
-    /// cache misses overlap instead of being paid one after another in the third stage.
+    /// parse every frame, then load the conntrack tag words of every flow, then the slots
+    /// they point at, then classify. The middle stages issue independent memory loads for
+    /// all frames at once, so their cache misses overlap instead of being paid one after
+    /// another in the last stage.
     pub fn process_burst(
         &mut self,
         snap: &Snapshot,
@@ -104,14 +114,19 @@ impl Worker {
             for (meta, pkt) in metas.iter_mut().zip(pkts.iter()).take(n) {
                 *meta = parse::parse(pkt.data);
             }
-            let mut touched = 0u64;
-            for meta in metas.iter().take(n) {
+            let mut touches = [None; BURST];
+            let staged = if self.prefetch { n } else { 0 };
+            for (touch, meta) in touches.iter_mut().zip(metas.iter()).take(staged) {
                 if let Ok(PacketMeta {
                     net: Net::Ip(ip), ..
                 }) = meta
                 {
-                    touched = touched.wrapping_add(self.ct.prefetch(&FlowKey::from_ip(ip)));
+                    *touch = Some(self.ct.prefetch_tags(&FlowKey::from_ip(ip)));
                 }
+            }
+            let mut touched = 0u64;
+            for touch in touches.iter().take(n).flatten() {
+                touched = touched.wrapping_add(self.ct.prefetch_slot(touch));
             }
             self.touched = self.touched.wrapping_add(touched);
             for ((pkt, verdict), meta) in pkts.iter_mut().zip(verdicts.iter_mut()).zip(metas) {

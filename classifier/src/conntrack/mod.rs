@@ -227,6 +227,13 @@ impl Default for CtConfig {
     }
 }
 
+/// State carried between the two prefetch passes of a burst.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CtPrefetch {
+    v6: bool,
+    touch: table::Touch,
+}
+
 /// Result of tracking one packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CtVerdict {
@@ -704,13 +711,31 @@ impl Conntrack {
         }
     }
 
-    /// Touches the memory a lookup of `key` will read (see the burst pipeline); returns a
-    /// value of no meaning that the caller keeps so the loads are not optimised away.
+    /// First pass of the burst prefetch: loads the tag word a lookup of `key` reads first.
+    /// The pipeline runs this over a whole burst, then [`Conntrack::prefetch_slot`] over the
+    /// whole burst, then the lookups, so that the burst's cache misses overlap.
     #[inline]
-    pub fn prefetch(&self, key: &FlowKey) -> u64 {
+    pub fn prefetch_tags(&self, key: &FlowKey) -> CtPrefetch {
         match normalise(key) {
-            Normalised::V4(k, _) => self.v4.touch(&k),
-            Normalised::V6(k, _) => self.v6.touch(&k),
+            Normalised::V4(k, _) => CtPrefetch {
+                v6: false,
+                touch: self.v4.touch_tags(&k),
+            },
+            Normalised::V6(k, _) => CtPrefetch {
+                v6: true,
+                touch: self.v6.touch_tags(&k),
+            },
+        }
+    }
+
+    /// Second pass of the burst prefetch: loads the slot the tag word points at. Returns a
+    /// value of no meaning that the caller keeps so the load is not optimised away.
+    #[inline]
+    pub fn prefetch_slot(&self, p: &CtPrefetch) -> u64 {
+        if p.v6 {
+            self.v6.touch_slot(&p.touch)
+        } else {
+            self.v4.touch_slot(&p.touch)
         }
     }
 

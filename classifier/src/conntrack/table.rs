@@ -191,6 +191,14 @@ pub(super) struct Probe {
     tag: u8,
 }
 
+/// What the first prefetch pass learned about a key (see [`Table::touch_tags`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Touch {
+    base: usize,
+    tag: u8,
+    word: u64,
+}
+
 /// How an insert obtained its slot.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Take {
@@ -334,25 +342,35 @@ impl<const K: usize> Table<K> {
             })
     }
 
-    /// Loads the key's first tag word and the first slot it points at, and returns them
-    /// mixed into a number. The burst pipeline calls this for every frame before looking any
-    /// of them up, so the cache misses of a whole burst overlap (safe Rust has no prefetch
-    /// instruction; an ordinary load whose result is used does the same job).
-    pub(super) fn touch(&self, key: &[u64; K]) -> u64 {
+    /// First half of a burst prefetch: finds the key's first group and loads its tag word.
+    /// The burst pipeline calls this for every frame, then [`Table::touch_slot`] for every
+    /// frame, then looks them up: each pass issues independent loads, so the cache misses
+    /// of a whole burst overlap instead of being paid one after another (safe Rust has no
+    /// prefetch instruction; an ordinary load whose result is used does the same job).
+    pub(super) fn touch_tags(&self, key: &[u64; K]) -> Touch {
         let probe = self.probe(key);
         let base = probe.groups[0];
         let word = self
             .tags
             .get(base / GROUP)
             .map_or(0, |w| w.load(Ordering::Relaxed));
-        let x = word ^ (u64::from(probe.tag) * 0x0101_0101_0101_0101);
+        Touch {
+            base,
+            tag: probe.tag,
+            word,
+        }
+    }
+
+    /// Second half of a burst prefetch: loads the first slot whose tag matches.
+    pub(super) fn touch_slot(&self, t: &Touch) -> u64 {
+        let x = t.word ^ (u64::from(t.tag) * 0x0101_0101_0101_0101);
         let hits = x.wrapping_sub(0x0101_0101_0101_0101) & !x & 0x8080_8080_8080_8080;
         let i = if hits == 0 {
             0
         } else {
             (hits.trailing_zeros() / 8) as usize
         };
-        word ^ self.slots.get(base + i).map_or(0, Slot::peek)
+        self.slots.get(t.base + i).map_or(0, Slot::peek)
     }
 
     /// The first live copy of `key` in probe order.
