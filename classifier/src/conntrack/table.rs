@@ -195,6 +195,7 @@ pub(super) struct Probe {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Touch {
     base: usize,
+    other: usize,
     tag: u8,
     word: u64,
 }
@@ -356,21 +357,31 @@ impl<const K: usize> Table<K> {
             .map_or(0, |w| w.load(Ordering::Relaxed));
         Touch {
             base,
+            other: probe.groups[1],
             tag: probe.tag,
             word,
         }
     }
 
-    /// Second half of a burst prefetch: loads the first slot whose tag matches.
+    /// Second half of a burst prefetch: loads the first slot whose tag matches. With no
+    /// match the key is most likely new, and an insert will read every slot of both groups,
+    /// so those are loaded instead (independent loads, overlapping across the burst).
     pub(super) fn touch_slot(&self, t: &Touch) -> u64 {
         let x = t.word ^ (u64::from(t.tag) * 0x0101_0101_0101_0101);
         let hits = x.wrapping_sub(0x0101_0101_0101_0101) & !x & 0x8080_8080_8080_8080;
-        let i = if hits == 0 {
-            0
-        } else {
-            (hits.trailing_zeros() / 8) as usize
-        };
-        self.slots.get(t.base + i).map_or(0, Slot::peek)
+        if hits != 0 {
+            let i = (hits.trailing_zeros() / 8) as usize;
+            return self.slots.get(t.base + i).map_or(0, Slot::peek);
+        }
+        // Two 32-byte slots share a cache line (more for IPv4 than IPv6, but every line of
+        // the groups is touched either way by stepping one slot at a time).
+        let mut sum = 0u64;
+        for base in [t.base, t.other] {
+            for i in 0..GROUP {
+                sum = sum.wrapping_add(self.slots.get(base + i).map_or(0, Slot::peek));
+            }
+        }
+        sum
     }
 
     /// The first live copy of `key` in probe order.
