@@ -20,6 +20,8 @@
 
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
 
 use crate::Error;
 use crate::port::{BURST, FrameMem, Rx, Tx};
@@ -367,6 +369,109 @@ pub fn open_pair(
             },
         ],
     )
+}
+
+/// Final figures of a forwarder thread: per port, its name, the forwarder's counters and
+/// the kernel's counters for its socket.
+pub type FwdReport = Vec<(String, PortCounters, sys::KernelStats)>;
+
+/// A forwarder running on its own thread inside a network namespace. Dropping it stops the
+/// thread and waits for it, so its sockets, and with them the XDP programs, are gone when
+/// the drop returns — before the caller can delete the namespace.
+#[derive(Debug)]
+pub struct FwdThread {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<Result<FwdReport, Error>>>,
+}
+
+/// Starts [`open_pair`] + [`RawFwd::run`] on a new thread that first enters the network
+/// namespace `netns`. Returns once the sockets are open (or with the error that prevented
+/// it).
+pub fn spawn_pair(
+    netns: &str,
+    umem: sys::UmemOpts,
+    socket: sys::SocketOpts,
+    a: Side,
+    b: Side,
+    idle: Idle,
+) -> Result<FwdThread, Error> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), Error>>();
+    let netns = netns.to_owned();
+    let thread_stop = Arc::clone(&stop);
+    let handle = std::thread::Builder::new()
+        .name(format!("rawfwd-{}-{}", a.interface, b.interface))
+        .spawn(move || {
+            let opened = sys::enter_netns(&netns).and_then(|()| open_pair(umem, &socket, &a, &b));
+            let mut fwd = match opened {
+                Ok(fwd) => {
+                    let _ = ready_tx.send(Ok(()));
+                    fwd
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return Ok(Vec::new());
+                }
+            };
+            fwd.run(&thread_stop, idle)?;
+            let mut report = Vec::new();
+            for (i, (name, counters)) in fwd.all_counters().enumerate() {
+                let kernel = match fwd.rx(i) {
+                    Some(rx) => rx.kernel_stats()?,
+                    None => sys::KernelStats::default(),
+                };
+                report.push((name.to_owned(), counters, kernel));
+            }
+            Ok(report)
+        })
+        .map_err(|source| Error::SocketIo {
+            syscall: "spawning the forwarder thread",
+            interface: String::new(),
+            source,
+        })?;
+    let mut thread = FwdThread {
+        stop,
+        handle: Some(handle),
+    };
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(thread),
+        Ok(Err(e)) => {
+            thread.join();
+            Err(e)
+        }
+        Err(_) => {
+            // The thread died before reporting: it panicked while opening.
+            thread.join();
+            Err(Error::Config(
+                "forwarder thread panicked while opening".into(),
+            ))
+        }
+    }
+}
+
+impl FwdThread {
+    /// Stops the forwarder and returns its final counters.
+    pub fn stop(mut self) -> Result<FwdReport, Error> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.handle.take().map(JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(Error::Config("forwarder thread panicked".into())),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn join(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for FwdThread {
+    fn drop(&mut self) {
+        self.join();
+    }
 }
 
 #[cfg(test)]

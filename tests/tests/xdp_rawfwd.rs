@@ -1,0 +1,274 @@
+//! Real frames through the bare AF_XDP forwarder (`dataplane::rawfwd`) on a Calico-shaped
+//! virtual node: namespaces `pod-a`, `node` and `pod-b`; veth pairs pod-a/eth0 ↔ node/vA and
+//! pod-b/eth0 ↔ node/vB; each pod has a /32 address and a default route via 169.254.1.1,
+//! whose MAC is statically the host-side veth's (as Calico's proxy-ARP answers). The node has
+//! no addresses or routes: only the forwarder, in a thread that entered `node`, connects vA
+//! and vB. Pod interfaces have transmit checksum offload off (see
+//! `Netns::tx_checksum_off`): AF_XDP sees frames without the "checksum still to do" mark.
+//!
+//! Needs root (CI runs it as root). Every namespace is the test's own and is removed by RAII
+//! guards, also on panic; nothing touches the root namespace.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use dataplane::rawfwd::{self, FwdDrop, FwdThread, Idle, MacRewrite, Side};
+use dataplane::sys::{self, SocketOpts, UmemOpts, XdpMode};
+use ocelot_tests::netns::{self, Netns, VethPair};
+
+const POD_A: &str = "10.65.0.1";
+const POD_B: &str = "10.65.0.2";
+const GATEWAY: &str = "169.254.1.1";
+const ECHO_PORT: u16 = 7777;
+
+/// The virtual node. Field order is drop order: veths, then namespaces.
+struct Topology {
+    _veth_a: VethPair,
+    _veth_b: VethPair,
+    pod_a: Netns,
+    node: Netns,
+    pod_b: Netns,
+}
+
+impl Topology {
+    fn new() -> Topology {
+        let pod_a = Netns::new("pod-a");
+        let node = Netns::new("node");
+        let pod_b = Netns::new("pod-b");
+        for ns in [&pod_a, &node, &pod_b] {
+            ns.disable_ipv6();
+        }
+        let veth_a = VethPair::new(&pod_a, "eth0", &node, "vA");
+        let veth_b = VethPair::new(&pod_b, "eth0", &node, "vB");
+        for (pod, ip, host_dev) in [(&pod_a, POD_A, "vA"), (&pod_b, POD_B, "vB")] {
+            pod.addr_add("eth0", &format!("{ip}/32"));
+            pod.tx_checksum_off("eth0");
+            pod.route_add(&[GATEWAY, "dev", "eth0", "scope", "link"]);
+            pod.route_add(&["default", "via", GATEWAY, "dev", "eth0"]);
+            pod.neigh_add("eth0", GATEWAY, node.mac(host_dev));
+        }
+        Topology {
+            _veth_a: veth_a,
+            _veth_b: veth_b,
+            pod_a,
+            node,
+            pod_b,
+        }
+    }
+
+    /// The forwarder's sides: frames leaving by vA go to pod-a's eth0 from vA, and likewise
+    /// for vB.
+    fn sides(&self) -> (Side, Side) {
+        let side = |host: &str, pod: &Netns| Side {
+            interface: host.into(),
+            queue: 0,
+            rewrite: MacRewrite {
+                dst: pod.mac("eth0"),
+                src: self.node.mac(host),
+            },
+        };
+        (side("vA", &self.pod_a), side("vB", &self.pod_b))
+    }
+
+    fn start(&self, socket: SocketOpts) -> FwdThread {
+        let (a, b) = self.sides();
+        rawfwd::spawn_pair(
+            self.node.name(),
+            UmemOpts::default(),
+            socket,
+            a,
+            b,
+            Idle::Poll {
+                after_empty_polls: 1000,
+                timeout_ms: 10,
+            },
+        )
+        .expect("forwarder starts")
+    }
+
+    fn assert_no_xdp(&self) {
+        for dev in ["vA", "vB"] {
+            assert!(!self.node.has_xdp(dev), "XDP program left on {dev}");
+        }
+    }
+}
+
+/// A UDP echo responder on `addr` inside `ns`, on its own thread, until dropped.
+struct Echo {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Echo {
+    fn start(ns: &Netns, addr: SocketAddr) -> Echo {
+        let socket = sys::in_netns(ns.name(), || UdpSocket::bind(addr))
+            .expect("enter namespace")
+            .expect("bind echo socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = Arc::clone(&stop);
+        let handle = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !thread_stop.load(Ordering::Relaxed) {
+                if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(&buf[..n], peer);
+                }
+            }
+        });
+        Echo {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Sends `count` UDP requests from pod-a to pod-b's echo port and returns how many came back
+/// with the same payload.
+fn udp_round_trips(topo: &Topology, count: usize) -> usize {
+    let client = sys::in_netns(topo.pod_a.name(), || UdpSocket::bind((POD_A, 0)))
+        .expect("enter namespace")
+        .expect("bind client");
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut ok = 0;
+    let mut buf = [0u8; 2048];
+    for i in 0..count {
+        let payload = format!("ocelot echo {i}");
+        client
+            .send_to(payload.as_bytes(), (POD_B, ECHO_PORT))
+            .expect("send");
+        if let Ok((n, _)) = client.recv_from(&mut buf)
+            && &buf[..n] == payload.as_bytes()
+        {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+fn ping(from: &Netns, to: &str, count: u32) -> std::process::Output {
+    from.exec(&["ping", "-c", &count.to_string(), "-i", "0.2", "-W", "2", to])
+}
+
+fn forwards_ping_and_udp(socket: SocketOpts) {
+    let topo = Topology::new();
+    let names: Vec<String> = [&topo.pod_a, &topo.node, &topo.pod_b]
+        .iter()
+        .map(|n| n.name().to_owned())
+        .collect();
+
+    // Without the forwarder nothing connects the pods.
+    let out = ping(&topo.pod_a, POD_B, 1);
+    assert!(!out.status.success(), "ping worked without a forwarder");
+
+    let fwd = topo.start(socket);
+    assert!(topo.node.has_xdp("vA") && topo.node.has_xdp("vB"));
+
+    let out = ping(&topo.pod_a, POD_B, 3);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ping failed: {stdout}");
+    assert!(stdout.contains("3 received"), "{stdout}");
+
+    let echo = Echo::start(
+        &topo.pod_b,
+        (POD_B.parse::<std::net::IpAddr>().unwrap(), ECHO_PORT).into(),
+    );
+    assert_eq!(udp_round_trips(&topo, 5), 5);
+    drop(echo);
+
+    let report = fwd.stop().expect("forwarder ran cleanly");
+    let (name_a, a, _) = &report[0];
+    let (name_b, b, _) = &report[1];
+    assert_eq!((name_a.as_str(), name_b.as_str()), ("vA", "vB"));
+    // 3 echo requests + 5 UDP requests went a→b; their replies b→a.
+    assert!(a.rx >= 8 && b.tx >= 8, "{report:?}");
+    assert!(b.rx >= 8 && a.tx >= 8, "{report:?}");
+    for (_, c, _) in &report {
+        assert_eq!(c.dropped(FwdDrop::TxRingFull), 0, "{report:?}");
+    }
+    eprintln!("forwarder report: {report:?}");
+
+    // The forwarder's sockets are gone, and libxdp's program with them.
+    topo.assert_no_xdp();
+    drop(topo);
+    let left = netns::list();
+    for name in names {
+        assert!(!left.contains(&name), "namespace {name} left behind");
+    }
+}
+
+#[test]
+fn forwards_ping_and_udp_generic_xdp_need_wakeup() {
+    forwards_ping_and_udp(SocketOpts {
+        xdp_mode: XdpMode::Generic,
+        need_wakeup: true,
+        ..SocketOpts::default()
+    });
+}
+
+#[test]
+fn forwards_ping_and_udp_native_xdp_no_need_wakeup() {
+    forwards_ping_and_udp(SocketOpts {
+        xdp_mode: XdpMode::Native,
+        need_wakeup: false,
+        ..SocketOpts::default()
+    });
+}
+
+#[test]
+fn xdp_program_is_detached_when_the_forwarder_thread_panics() {
+    let topo = Topology::new();
+    let (a, b) = topo.sides();
+    let node = topo.node.name().to_owned();
+    let joined = std::thread::spawn(move || {
+        sys::enter_netns(&node).expect("enter node");
+        let _fwd =
+            rawfwd::open_pair(UmemOpts::default(), &SocketOpts::default(), &a, &b).expect("open");
+        assert!(
+            sys::xdp_prog_id(sys::ifindex("vA").unwrap(), 0, "vA")
+                .unwrap()
+                .is_some()
+        );
+        panic!("forwarder thread panics with its sockets open");
+    })
+    .join();
+    assert!(joined.is_err());
+    topo.assert_no_xdp();
+}
+
+#[test]
+fn a_foreign_xdp_program_is_reported_not_replaced() {
+    let topo = Topology::new();
+    let (a, b) = topo.sides();
+    // Someone else's forwarder owns the interfaces.
+    let first = topo.start(SocketOpts::default());
+    let second = rawfwd::spawn_pair(
+        topo.node.name(),
+        UmemOpts::default(),
+        SocketOpts::default(),
+        a,
+        b,
+        Idle::Spin,
+    );
+    let err = second.expect_err("second forwarder refused").to_string();
+    assert!(err.contains("vA"), "{err}");
+    // The first one still works.
+    let out = ping(&topo.pod_a, POD_B, 1);
+    assert!(out.status.success(), "{out:?}");
+    drop(first);
+    topo.assert_no_xdp();
+}
