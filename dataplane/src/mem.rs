@@ -51,6 +51,11 @@ impl FrameMem for MemFrames {
     fn len(&self, frame: &MemFrame) -> usize {
         frame.len
     }
+
+    fn set_len(&self, frame: &mut MemFrame, len: usize) -> usize {
+        frame.len = len.min(frame.buf.len());
+        frame.len
+    }
 }
 
 /// Faults and limits of one simulated interface. The default behaves like a roomy, healthy

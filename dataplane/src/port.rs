@@ -35,6 +35,10 @@ pub trait FrameMem {
 
     /// The packet length of `frame` in bytes.
     fn len(&self, frame: &Self::Frame) -> usize;
+
+    /// Sets the packet length of `frame` (for frames built or resized in place), clamped to
+    /// the buffer's capacity; returns the new length.
+    fn set_len(&self, frame: &mut Self::Frame, len: usize) -> usize;
 }
 
 /// The receive side of one (interface, queue): the rx ring and the fill ring feeding it.

@@ -694,6 +694,19 @@ mod tests {
     }
 
     #[test]
+    fn set_len_is_clamped_to_the_buffer() {
+        fn check(len: usize, expected: usize) {
+            let mut f = mem::frames(1, 64).pop().unwrap();
+            assert_eq!(MemFrames.set_len(&mut f, len), expected);
+            assert_eq!(MemFrames.with_bytes_mut(&mut f, |b| b.len()), expected);
+        }
+        check(0, 0);
+        check(60, 60);
+        check(64, 64);
+        check(65, 64);
+    }
+
+    #[test]
     fn stop_flag_ends_run() {
         let (mut f, _a, _b) = fwd(8, Faults::default(), Faults::default());
         let stop = AtomicBool::new(true);

@@ -64,6 +64,10 @@ use crate::port::{BURST, FrameMem, Rx, Tx};
 /// network namespace.
 type NotSend = PhantomData<*const ()>;
 
+/// Upper bound on tx wakeups per [`Tx::flush`]: enough for two ports' bursts at 32 frames
+/// per copy-mode wakeup, with one to spare.
+const MAX_KICKS_PER_FLUSH: usize = 2 * BURST / 32 + 1;
+
 /// Hands out a distinct id per UMEM so frames can be checked against the rings they are
 /// given to.
 static NEXT_UMEM_ID: AtomicU32 = AtomicU32::new(1);
@@ -324,6 +328,7 @@ impl XskUmem {
             umem: self.id,
             need_wakeup: opts.need_wakeup,
             in_flight: 0,
+            tx_size: opts.tx_size,
             interface: interface.into(),
             scratch: [FrameDesc::default(); BURST],
             _guard: guard,
@@ -347,6 +352,15 @@ impl FrameMem for XskUmem {
     }
 
     fn len(&self, frame: &XskFrame) -> usize {
+        frame.desc.lengths().data()
+    }
+
+    fn set_len(&self, frame: &mut XskFrame, len: usize) -> usize {
+        assert_eq!(frame.umem, self.id, "frame used with another UMEM");
+        // SAFETY: as in `with_bytes_mut`: a frame of this UMEM, held only by the caller.
+        let mut data = unsafe { self.umem.data_mut(&mut frame.desc) };
+        // The cursor clamps the position to the frame's data capacity.
+        data.cursor().set_pos(len);
         frame.desc.lengths().data()
     }
 }
@@ -495,6 +509,7 @@ pub struct XskTx {
     umem: u32,
     need_wakeup: bool,
     in_flight: usize,
+    tx_size: u32,
     interface: String,
     scratch: [FrameDesc; BURST],
     // Last field: dropped after the socket's queues, so libxdp has detached first.
@@ -568,9 +583,17 @@ impl Tx for XskTx {
         if self.in_flight == 0 {
             return Ok(());
         }
-        // Without need_wakeup the kernel never asks, but copy mode still only transmits
-        // inside the syscall, so always kick.
-        if !self.need_wakeup || self.txq.needs_wakeup() {
+        // Copy mode transmits only inside the syscall, at most 32 frames per call
+        // (TX_BATCH_SIZE in net/xdp/xsk.c), while a poll can queue a burst of 64 from each
+        // port: one kick per poll would let the tx ring fill up. So kick while frames remain
+        // on the ring, a bounded number of times (the kernel may be unable to make progress,
+        // e.g. when the device queue is full). Without need_wakeup the kernel never asks,
+        // but still needs the kick.
+        for _ in 0..MAX_KICKS_PER_FLUSH {
+            let on_ring = self.tx_size.saturating_sub(self.txq.nb_free_exact());
+            if on_ring == 0 || (self.need_wakeup && !self.txq.needs_wakeup()) {
+                break;
+            }
             self.txq.wakeup().map_err(|source| Error::SocketIo {
                 syscall: "sendto (tx wakeup)",
                 interface: self.interface.clone(),
