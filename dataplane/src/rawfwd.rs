@@ -384,17 +384,43 @@ pub struct FwdThread {
     handle: Option<JoinHandle<Result<FwdReport, Error>>>,
 }
 
-/// Starts [`open_pair`] + [`RawFwd::run`] on a new thread that first enters the network
-/// namespace `netns`. Returns once the sockets are open (or with the error that prevented
-/// it).
-pub fn spawn_pair(
-    netns: &str,
-    umem: sys::UmemOpts,
-    socket: sys::SocketOpts,
-    a: Side,
-    b: Side,
-    idle: Idle,
-) -> Result<FwdThread, Error> {
+/// How a forwarder thread is set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FwdConfig {
+    /// UMEM sizes.
+    pub umem: sys::UmemOpts,
+    /// Socket options, the same for both interfaces.
+    pub socket: sys::SocketOpts,
+    /// What to do when idle.
+    pub idle: Idle,
+    /// CPU core to pin the thread to; `None` leaves it to the scheduler.
+    pub core: Option<usize>,
+}
+
+impl Default for FwdConfig {
+    fn default() -> Self {
+        FwdConfig {
+            umem: sys::UmemOpts::default(),
+            socket: sys::SocketOpts::default(),
+            idle: Idle::Poll {
+                after_empty_polls: 1000,
+                timeout_ms: 10,
+            },
+            core: None,
+        }
+    }
+}
+
+/// Starts [`open_pair`] + [`RawFwd::run`] on a new thread that first pins itself (if asked)
+/// and enters the network namespace `netns`. Returns once the sockets are open (or with the
+/// error that prevented it).
+pub fn spawn_pair(netns: &str, a: Side, b: Side, config: FwdConfig) -> Result<FwdThread, Error> {
+    let FwdConfig {
+        umem,
+        socket,
+        idle,
+        core,
+    } = config;
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), Error>>();
     let netns = netns.to_owned();
@@ -402,7 +428,10 @@ pub fn spawn_pair(
     let handle = std::thread::Builder::new()
         .name(format!("rawfwd-{}-{}", a.interface, b.interface))
         .spawn(move || {
-            let opened = sys::enter_netns(&netns).and_then(|()| open_pair(umem, &socket, &a, &b));
+            let opened = core
+                .map_or(Ok(()), sys::pin_current_thread)
+                .and_then(|()| sys::enter_netns(&netns))
+                .and_then(|()| open_pair(umem, &socket, &a, &b));
             let mut fwd = match opened {
                 Ok(fwd) => {
                     let _ = ready_tx.send(Ok(()));

@@ -746,6 +746,21 @@ pub fn in_netns<R>(name: &str, f: impl FnOnce() -> R) -> Result<R, Error> {
     Ok(out)
 }
 
+/// Pins the calling thread to CPU `core`. Refuses a core this machine does not have (naming
+/// it), so a misconfigured worker fails at start instead of floating.
+pub fn pin_current_thread(core: usize) -> Result<(), Error> {
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let Some(id) = cores.into_iter().find(|c| c.id == core) else {
+        return Err(Error::Config(format!("CPU core {core} does not exist")));
+    };
+    if !core_affinity::set_for_current(id) {
+        return Err(Error::Config(format!(
+            "cannot pin a thread to CPU core {core}"
+        )));
+    }
+    Ok(())
+}
+
 /// Waits until one of `fds` is readable or `timeout_ms` passes (`-1`: forever); returns
 /// whether any is. Used by an idle worker to sleep until frames arrive instead of spinning.
 /// At most 16 descriptors are watched (more than a worker has sockets).
@@ -779,4 +794,125 @@ pub fn poll_readable<'a>(
         });
     }
     Ok(rc > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netns_names_that_could_escape_the_directory_are_refused() {
+        fn check(name: &str, refused_before_open: bool) {
+            match open_netns(name) {
+                Err(Error::Netns { syscall, .. }) => assert_eq!(
+                    syscall == "validating the name",
+                    refused_before_open,
+                    "{name:?}: {syscall}"
+                ),
+                other => panic!("{name:?}: {other:?}"),
+            }
+        }
+        check("", true);
+        check(".", true);
+        check("..", true);
+        check("../../proc/1/ns/net", true);
+        check("a/b", true);
+        check("ocl-no-such-namespace-for-sure", false);
+    }
+
+    #[test]
+    fn pinning_to_a_core_that_does_not_exist_is_refused() {
+        let err = pin_current_thread(usize::MAX).unwrap_err().to_string();
+        assert!(err.contains(&usize::MAX.to_string()), "{err}");
+    }
+
+    #[test]
+    fn in_netns_returns_to_the_original_namespace() {
+        // A namespace that does not exist: refused before switching, the thread stays put.
+        let before = current_netns().unwrap();
+        assert!(in_netns("ocl-no-such-namespace-for-sure", || ()).is_err());
+        assert_eq!(current_netns().unwrap(), before);
+    }
+
+    // UMEM tests below need CAP_NET_RAW (root), as the whole dataplane does; CI runs as root.
+
+    #[test]
+    fn umem_hands_out_all_frames_with_distinct_addresses() {
+        let opts = UmemOpts {
+            frames: 64,
+            ..UmemOpts::default()
+        };
+        let (umem, frames) = XskUmem::new(opts).unwrap();
+        assert_eq!(frames.len(), 64);
+        let mut addrs: Vec<usize> = frames.iter().map(XskFrame::addr).collect();
+        addrs.sort_unstable();
+        addrs.dedup();
+        assert_eq!(addrs.len(), 64);
+        assert!(frames.iter().all(|f| f.umem == umem.id()));
+        let (other, _) = XskUmem::new(opts).unwrap();
+        assert_ne!(umem.id(), other.id());
+    }
+
+    #[test]
+    fn frame_bytes_round_trip_and_length_is_clamped() {
+        let (umem, mut frames) = XskUmem::new(UmemOpts {
+            frames: 4,
+            ..UmemOpts::default()
+        })
+        .unwrap();
+        let (a, rest) = frames.split_first_mut().unwrap();
+        let b = rest.first_mut().unwrap();
+        assert_eq!(umem.set_len(a, 60), 60);
+        assert_eq!(umem.set_len(b, 60), 60);
+        umem.with_bytes_mut(a, |bytes| bytes.fill(0xaa));
+        umem.with_bytes_mut(b, |bytes| bytes.fill(0xbb));
+        assert!(umem.with_bytes_mut(a, |bytes| bytes.iter().all(|&x| x == 0xaa)));
+        assert_eq!(umem.len(a), 60);
+        // 2048-byte frames minus the kernel's 256 bytes of XDP headroom.
+        assert_eq!(umem.set_len(a, 100_000), 2048 - 256);
+    }
+
+    #[test]
+    #[should_panic(expected = "another UMEM")]
+    fn a_frame_of_another_umem_is_refused() {
+        let opts = UmemOpts {
+            frames: 4,
+            ..UmemOpts::default()
+        };
+        let (umem, _) = XskUmem::new(opts).unwrap();
+        let (_other, mut frames) = XskUmem::new(opts).unwrap();
+        umem.with_bytes_mut(&mut frames[0], |_| ());
+    }
+
+    #[test]
+    fn bad_sizes_are_refused_with_the_value() {
+        fn check(opts: UmemOpts, needle: &str) {
+            let err = XskUmem::new(opts).unwrap_err();
+            let text = format!("{err} {:?}", std::error::Error::source(&err));
+            assert!(text.contains(needle), "{text}");
+        }
+        let ok = UmemOpts::default();
+        check(UmemOpts { frames: 0, ..ok }, "at least one frame");
+        check(
+            UmemOpts {
+                fill_size: 1000,
+                ..ok
+            },
+            "1000",
+        );
+        check(
+            UmemOpts {
+                frame_size: 1024,
+                ..ok
+            },
+            "1024",
+        );
+        check(
+            UmemOpts {
+                frame_size: 3000,
+                ..ok
+            },
+            "3000",
+        );
+    }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use dataplane::rawfwd::{self, FwdDrop, FwdThread, Idle, MacRewrite, Side};
+use dataplane::rawfwd::{self, FwdConfig, FwdDrop, FwdThread, MacRewrite, Side};
 use dataplane::sys::{self, SocketOpts, UmemOpts, XdpMode};
 use ocelot_tests::netns::{self, Netns, VethPair};
 
@@ -74,18 +74,11 @@ impl Topology {
 
     fn start(&self, socket: SocketOpts) -> FwdThread {
         let (a, b) = self.sides();
-        rawfwd::spawn_pair(
-            self.node.name(),
-            UmemOpts::default(),
+        let config = FwdConfig {
             socket,
-            a,
-            b,
-            Idle::Poll {
-                after_empty_polls: 1000,
-                timeout_ms: 10,
-            },
-        )
-        .expect("forwarder starts")
+            ..FwdConfig::default()
+        };
+        rawfwd::spawn_pair(self.node.name(), a, b, config).expect("forwarder starts")
     }
 
     fn assert_no_xdp(&self) {
@@ -251,19 +244,25 @@ fn xdp_program_is_detached_when_the_forwarder_thread_panics() {
 }
 
 #[test]
+fn a_core_that_does_not_exist_is_refused_before_anything_is_attached() {
+    let topo = Topology::new();
+    let (a, b) = topo.sides();
+    let config = FwdConfig {
+        core: Some(4096),
+        ..FwdConfig::default()
+    };
+    let err = rawfwd::spawn_pair(topo.node.name(), a, b, config).expect_err("refused");
+    assert!(err.to_string().contains("4096"), "{err}");
+    topo.assert_no_xdp();
+}
+
+#[test]
 fn a_foreign_xdp_program_is_reported_not_replaced() {
     let topo = Topology::new();
     let (a, b) = topo.sides();
     // Someone else's forwarder owns the interfaces.
     let first = topo.start(SocketOpts::default());
-    let second = rawfwd::spawn_pair(
-        topo.node.name(),
-        UmemOpts::default(),
-        SocketOpts::default(),
-        a,
-        b,
-        Idle::Spin,
-    );
+    let second = rawfwd::spawn_pair(topo.node.name(), a, b, FwdConfig::default());
     let err = second.expect_err("second forwarder refused").to_string();
     assert!(err.contains("vA"), "{err}");
     // The first one still works.

@@ -17,7 +17,7 @@ use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
 use dataplane::port::{BURST, FrameMem, Tx};
-use dataplane::rawfwd::{self, Idle, MacRewrite, Side};
+use dataplane::rawfwd::{self, FwdConfig, Idle, MacRewrite, Side};
 use dataplane::sys::{self, BindMode, SocketOpts, UmemOpts, XdpMode};
 use ocelot_tests::netns::{Netns, VethPair};
 
@@ -148,15 +148,17 @@ fn measure(label: &str, generator: Generator, socket: SocketOpts, idle: Idle) {
             src: node.mac(host),
         },
     };
-    let fwd = rawfwd::spawn_pair(
-        node.name(),
-        UmemOpts::default(),
+    // The forwarder on the last core; the generator and the kernel's receive work share the
+    // rest.
+    let last_core = std::thread::available_parallelism().map_or(0, |n| n.get() - 1);
+    let config = FwdConfig {
         socket,
-        side("vA", &pod_a),
-        side("vB", &pod_b),
         idle,
-    )
-    .expect("forwarder starts");
+        core: Some(last_core),
+        ..FwdConfig::default()
+    };
+    let fwd = rawfwd::spawn_pair(node.name(), side("vA", &pod_a), side("vB", &pod_b), config)
+        .expect("forwarder starts");
 
     // A bound socket in pod-b that is never read: datagrams are counted at eth0 and no ICMP
     // port-unreachable flows back.
