@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use dataplane::rawfwd::{self, FwdConfig, FwdDrop, FwdThread, MacRewrite, Side};
-use dataplane::sys::{self, SocketOpts, UmemOpts, XdpMode};
+use dataplane::sys::{self, BusyPoll, SocketOpts, UmemOpts, XdpMode};
 use ocelot_tests::netns::{self, Netns, VethPair};
 
 const POD_A: &str = "10.65.0.1";
@@ -218,6 +218,17 @@ fn forwards_ping_and_udp_native_xdp_no_need_wakeup() {
     forwards_ping_and_udp(SocketOpts {
         xdp_mode: XdpMode::Native,
         need_wakeup: false,
+        ..SocketOpts::default()
+    });
+}
+
+#[test]
+fn forwards_ping_and_udp_with_busy_poll() {
+    forwards_ping_and_udp(SocketOpts {
+        busy_poll: Some(BusyPoll {
+            timeout_us: 20,
+            budget: 64,
+        }),
         ..SocketOpts::default()
     });
 }
