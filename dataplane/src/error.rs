@@ -39,6 +39,15 @@ pub enum Error {
         /// Queue id.
         queue: u32,
     },
+    /// The interface already has an XDP program that this process did not attach; it is
+    /// someone else's and is left alone.
+    #[error("{interface} already has an XDP program (id {prog}) that ocelot did not attach")]
+    XdpBusy {
+        /// Interface name.
+        interface: String,
+        /// The program's id (`bpftool prog show id …`).
+        prog: u32,
+    },
     /// A syscall on an AF_XDP socket failed (wakeup, poll, statistics).
     #[error("{syscall} on the AF_XDP socket of {interface}")]
     SocketIo {

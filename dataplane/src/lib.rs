@@ -13,6 +13,12 @@
 //!   on another from the same UMEM without a copy, with MACs rewritten from a static table.
 //!   It is the baseline the full pipeline is measured against (`raw-xsk`).
 //!
+//! What a pod interface must look like in front of this dataplane: transmit checksum
+//! offload off on the pod's eth0 (`ethtool -K eth0 tx off`). The kernel leaves checksums of
+//! locally sent UDP/TCP to "hardware" (`CHECKSUM_PARTIAL`), and AF_XDP hands user space the
+//! bare frame without that mark, so a forwarded frame would reach the other pod with a wrong
+//! checksum and be dropped there (`InCsumErrors` in its `/proc/net/snmp`).
+//!
 //! **Invariant:** every UMEM frame is owned by exactly one side at a time — the kernel (while it
 //! sits in a fill or tx ring) or this process (on a free list, in a burst, or on a pending tx
 //! list). The [`sys`] module documents the hand-off; the types make a frame a moved value so

@@ -266,11 +266,12 @@ impl XskUmem {
         let guard = match self.guards.iter().find(|g| g.ifindex == ifindex) {
             Some(guard) => Rc::clone(guard),
             None => {
-                if let Some(prog) = xdp_prog_id(ifindex, xdp_flags.bits(), interface)? {
-                    return Err(Error::Socket {
+                // Flags 0 asks for the program in whichever single mode it is attached: a
+                // device cannot have native and generic programs at once.
+                if let Some(prog) = xdp_prog_id(ifindex, 0, interface)? {
+                    return Err(Error::XdpBusy {
                         interface: interface.into(),
-                        queue,
-                        source: format!("another XDP program (id {prog}) is attached").into(),
+                        prog,
                     });
                 }
                 Rc::new(XdpGuard {

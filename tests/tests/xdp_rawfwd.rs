@@ -274,8 +274,11 @@ fn a_foreign_xdp_program_is_reported_not_replaced() {
     // Someone else's forwarder owns the interfaces.
     let first = topo.start(SocketOpts::default());
     let second = rawfwd::spawn_pair(topo.node.name(), a, b, FwdConfig::default());
-    let err = second.expect_err("second forwarder refused").to_string();
-    assert!(err.contains("vA"), "{err}");
+    let err = second.expect_err("second forwarder refused");
+    assert!(
+        matches!(&err, dataplane::Error::XdpBusy { interface, .. } if interface == "vA"),
+        "{err}"
+    );
     // The first one still works.
     let out = ping(&topo.pod_a, POD_B, 1);
     assert!(out.status.success(), "{out:?}");
