@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 
 use crate::Error;
-use crate::port::{FrameMem, Rx, Tx};
+use crate::port::{BURST, FrameMem, Rx, Tx};
 
 /// One in-memory frame buffer; owning it is owning the buffer (it is never cloned).
 #[derive(Debug)]
@@ -46,6 +46,21 @@ impl FrameMem for MemFrames {
     fn with_bytes_mut<R>(&self, frame: &mut MemFrame, f: impl FnOnce(&mut [u8]) -> R) -> R {
         let len = frame.len.min(frame.buf.len());
         f(frame.buf.get_mut(..len).unwrap_or_default())
+    }
+
+    fn with_burst_mut<R>(
+        &self,
+        frames: &mut [MemFrame],
+        f: impl FnOnce(&mut [&mut [u8]]) -> R,
+    ) -> R {
+        let mut slices: [&mut [u8]; BURST] = std::array::from_fn(|_| <&mut [u8]>::default());
+        let mut n = 0;
+        for (slot, frame) in slices.iter_mut().zip(frames.iter_mut()) {
+            let len = frame.len.min(frame.buf.len());
+            *slot = frame.buf.get_mut(..len).unwrap_or_default();
+            n += 1;
+        }
+        f(slices.get_mut(..n).unwrap_or_default())
     }
 
     fn len(&self, frame: &MemFrame) -> usize {

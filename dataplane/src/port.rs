@@ -33,6 +33,15 @@ pub trait FrameMem {
     /// derives the slice from the UMEM mapping for the duration of one borrow.
     fn with_bytes_mut<R>(&self, frame: &mut Self::Frame, f: impl FnOnce(&mut [u8]) -> R) -> R;
 
+    /// Runs `f` over the packet bytes of up to [`BURST`] frames at once (the first `BURST`
+    /// of `frames`), one slice per frame in order: the shape the classifier's
+    /// `process_burst` wants. Allocation-free: the slices live in a stack array.
+    fn with_burst_mut<R>(
+        &self,
+        frames: &mut [Self::Frame],
+        f: impl FnOnce(&mut [&mut [u8]]) -> R,
+    ) -> R;
+
     /// The packet length of `frame` in bytes.
     fn len(&self, frame: &Self::Frame) -> usize;
 

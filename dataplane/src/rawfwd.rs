@@ -736,6 +736,17 @@ mod tests {
     }
 
     #[test]
+    fn mem_burst_view_matches_frames() {
+        let mut fs = mem::frames(3, 64);
+        for (i, f) in fs.iter_mut().enumerate() {
+            MemFrames.set_len(f, 10 * (i + 1));
+        }
+        let lens =
+            MemFrames.with_burst_mut(&mut fs, |s| s.iter().map(|b| b.len()).collect::<Vec<_>>());
+        assert_eq!(lens, vec![10, 20, 30]);
+    }
+
+    #[test]
     fn stop_flag_ends_run() {
         let (mut f, _a, _b) = fwd(8, Faults::default(), Faults::default());
         let stop = AtomicBool::new(true);

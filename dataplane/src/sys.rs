@@ -390,6 +390,30 @@ impl FrameMem for XskUmem {
         f(data.contents_mut())
     }
 
+    fn with_burst_mut<R>(
+        &self,
+        frames: &mut [XskFrame],
+        f: impl FnOnce(&mut [&mut [u8]]) -> R,
+    ) -> R {
+        // Two stack arrays: the xsk-rs views (each borrowing its own frame's descriptor, so
+        // they are disjoint) and the byte slices borrowed from them.
+        let mut views: [Option<xsk_rs::umem::frame::DataMut<'_>>; BURST] =
+            std::array::from_fn(|_| None);
+        for (view, frame) in views.iter_mut().zip(frames.iter_mut()) {
+            assert_eq!(frame.umem, self.id, "frame used with another UMEM");
+            // SAFETY: as in `with_bytes_mut`; each frame is a distinct `XskFrame` held only by
+            // the caller, so the views do not overlap.
+            *view = Some(unsafe { self.umem.data_mut(&mut frame.desc) });
+        }
+        let mut slices: [&mut [u8]; BURST] = std::array::from_fn(|_| <&mut [u8]>::default());
+        let mut n = 0;
+        for (slot, view) in slices.iter_mut().zip(views.iter_mut().flatten()) {
+            *slot = view.contents_mut();
+            n += 1;
+        }
+        f(slices.get_mut(..n).unwrap_or_default())
+    }
+
     fn len(&self, frame: &XskFrame) -> usize {
         frame.desc.lengths().data()
     }
@@ -933,6 +957,29 @@ mod tests {
         assert_eq!(umem.len(a), 60);
         // 2048-byte frames minus the kernel's 256 bytes of XDP headroom.
         assert_eq!(umem.set_len(a, 100_000), 2048 - 256);
+    }
+
+    #[test]
+    fn burst_view_gives_one_disjoint_slice_per_frame() {
+        let (umem, mut frames) = XskUmem::new(UmemOpts {
+            frames: 80,
+            ..UmemOpts::default()
+        })
+        .unwrap();
+        for (i, f) in frames.iter_mut().enumerate() {
+            umem.set_len(f, 60 + i);
+        }
+        let seen = umem.with_burst_mut(&mut frames, |slices| {
+            for (i, s) in slices.iter_mut().enumerate() {
+                s.fill(i as u8);
+            }
+            slices.iter().map(|s| s.len()).collect::<Vec<_>>()
+        });
+        // At most one burst, lengths in frame order.
+        assert_eq!(seen, (0..BURST).map(|i| 60 + i).collect::<Vec<_>>());
+        for (i, f) in frames.iter_mut().take(BURST).enumerate() {
+            assert!(umem.with_bytes_mut(f, |b| b.iter().all(|&x| x == i as u8)));
+        }
     }
 
     #[test]
