@@ -12,6 +12,8 @@
 //! - [`rawfwd`] is the bare rx→tx forwarder: frames received on one interface are transmitted
 //!   on another from the same UMEM without a copy, with MACs rewritten from a static table.
 //!   It is the baseline the full pipeline is measured against (`raw-xsk`).
+//! - [`worker`] is the same loop with a classifier in the middle (one verdict per frame of a
+//!   burst): the skeleton of ocelot's forwarding worker.
 //!
 //! What a pod interface must look like in front of this dataplane: transmit checksum
 //! offload off on the pod's eth0 (`ethtool -K eth0 tx off`). The kernel leaves checksums of
@@ -33,5 +35,6 @@ pub mod port;
 pub mod rawfwd;
 #[allow(unsafe_code)] // The only module that touches UMEM memory, rings and syscalls.
 pub mod sys;
+pub mod worker;
 
 pub use error::Error;
