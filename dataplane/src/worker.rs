@@ -17,14 +17,18 @@
 //! Frames the egress tx ring has no room for are counted as [`DropReason::TxFull`]. The loop
 //! allocates nothing; frames are conserved as in `rawfwd`.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use classifier::Nanos;
 use classifier::pipeline::Packet;
 use classifier::snapshot::Snapshot;
 use classifier::verdict::{DropReason, PortId, Verdict};
-use std::sync::Arc;
 
 use crate::Error;
 use crate::port::{BURST, FrameMem, Rx, Tx};
+use crate::rawfwd::Idle;
+use crate::sys;
 
 /// Decides what happens to each frame of a burst that arrived on one port.
 pub trait Classify {
@@ -265,6 +269,30 @@ where
             p.tx.flush()?;
         }
         Ok(received)
+    }
+
+    /// Polls until `stop` is set, idling as `idle` says. Returns the first I/O error.
+    pub fn run(&mut self, stop: &AtomicBool, idle: Idle) -> Result<(), Error> {
+        let mut empty = 0u32;
+        while !stop.load(Ordering::Relaxed) {
+            if self.poll_once()? > 0 {
+                empty = 0;
+                continue;
+            }
+            if let Idle::Poll {
+                after_empty_polls,
+                timeout_ms,
+            } = idle
+            {
+                empty = empty.saturating_add(1);
+                let in_flight = self.ports.iter().any(|p| p.tx.in_flight() > 0);
+                if empty >= after_empty_polls && !in_flight {
+                    let fds = self.ports.iter().filter_map(|p| p.rx.fd());
+                    sys::poll_readable(fds, timeout_ms)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The worker's counters.

@@ -226,6 +226,80 @@ impl Drop for VethPair {
     }
 }
 
+/// The link-local gateway every pod routes through, as in Calico.
+pub const GATEWAY: &str = "169.254.1.1";
+
+/// One pod of a [`VirtualNode`].
+#[derive(Debug)]
+pub struct Pod {
+    /// The pod's namespace.
+    pub ns: Netns,
+    /// Its address (a /32).
+    pub ip: std::net::Ipv4Addr,
+    /// The host-side veth in the node's namespace.
+    pub host_dev: String,
+    /// The MAC of the pod's eth0.
+    pub mac: [u8; 6],
+}
+
+/// A node shaped the way Calico shapes one: a `node` namespace and one namespace per pod,
+/// each pod's eth0 a veth whose peer (`host_dev`) is in the node namespace; the pod has its
+/// /32 address, a default route via [`GATEWAY`] and a permanent neighbour entry resolving
+/// the gateway to the host-side veth's MAC (what Calico's proxy-ARP would answer). The node
+/// has no addresses or routes: whatever dataplane runs in it connects the pods. Pod eth0s
+/// have IPv6 and transmit checksum offload off (see [`Netns::tx_checksum_off`]).
+///
+/// Dropped in order: veths, pods, node.
+#[derive(Debug)]
+pub struct VirtualNode {
+    _veths: Vec<VethPair>,
+    /// The pods, in the order given.
+    pub pods: Vec<Pod>,
+    /// The node's namespace.
+    pub node: Netns,
+}
+
+impl VirtualNode {
+    /// Builds the node with one pod per `(role, ip, host_dev)`.
+    pub fn new(pods: &[(&str, &str, &str)]) -> VirtualNode {
+        let node = Netns::new("node");
+        node.disable_ipv6();
+        let mut veths = Vec::new();
+        let mut built = Vec::new();
+        for &(role, ip, host_dev) in pods {
+            let ns = Netns::new(role);
+            ns.disable_ipv6();
+            veths.push(VethPair::new(&ns, "eth0", &node, host_dev));
+            ns.addr_add("eth0", &format!("{ip}/32"));
+            ns.tx_checksum_off("eth0");
+            ns.route_add(&[GATEWAY, "dev", "eth0", "scope", "link"]);
+            ns.route_add(&["default", "via", GATEWAY, "dev", "eth0"]);
+            ns.neigh_add("eth0", GATEWAY, node.mac(host_dev));
+            let mac = ns.mac("eth0");
+            built.push(Pod {
+                ns,
+                ip: ip
+                    .parse()
+                    .unwrap_or_else(|e| panic!("pod address {ip}: {e}")),
+                host_dev: host_dev.into(),
+                mac,
+            });
+        }
+        VirtualNode {
+            _veths: veths,
+            pods: built,
+            node,
+        }
+    }
+
+    /// Names of every namespace of this node.
+    pub fn namespace_names(&self) -> Vec<String> {
+        std::iter::once(self.node.name().to_owned())
+            .chain(self.pods.iter().map(|p| p.ns.name().to_owned()))
+            .collect()
+    }
+}
+
 /// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(mac: [u8; 6]) -> String {
     mac.iter()
@@ -300,6 +374,25 @@ mod tests {
             !std::path::Path::new(&format!("/proc/{pid}")).exists(),
             "process {pid} left running"
         );
+    }
+
+    #[test]
+    fn virtual_node_pods_are_isolated_without_a_dataplane() {
+        let vn = VirtualNode::new(&[("pa", "10.78.0.1", "hA"), ("pb", "10.78.0.2", "hB")]);
+        let names = vn.namespace_names();
+        assert_eq!(names.len(), 3);
+        let a = &vn.pods[0];
+        assert_eq!(a.mac, a.ns.mac("eth0"));
+        assert!(
+            a.ns.ip(&["route", "show"])
+                .contains("default via 169.254.1.1")
+        );
+        // Nothing in the node forwards, so the pods cannot reach each other.
+        let out = a.ns.exec(&["ping", "-c", "1", "-W", "1", "10.78.0.2"]);
+        assert!(!out.status.success());
+        drop(vn);
+        let left = list();
+        assert!(names.iter().all(|n| !left.contains(n)), "{left:?}");
     }
 
     #[test]

@@ -16,60 +16,48 @@ use std::time::Duration;
 
 use dataplane::rawfwd::{self, FwdConfig, FwdDrop, FwdThread, MacRewrite, Side};
 use dataplane::sys::{self, BusyPoll, SocketOpts, UmemOpts, XdpMode};
-use ocelot_tests::netns::{self, Netns, VethPair};
+use ocelot_tests::netns::{self, Netns, VirtualNode};
 
 const POD_A: &str = "10.65.0.1";
 const POD_B: &str = "10.65.0.2";
-const GATEWAY: &str = "169.254.1.1";
 const ECHO_PORT: u16 = 7777;
 
-/// The virtual node. Field order is drop order: veths, then namespaces.
+/// The virtual node with pod-a behind vA and pod-b behind vB.
 struct Topology {
-    _veth_a: VethPair,
-    _veth_b: VethPair,
-    pod_a: Netns,
-    node: Netns,
-    pod_b: Netns,
+    vn: VirtualNode,
 }
 
 impl Topology {
     fn new() -> Topology {
-        let pod_a = Netns::new("pod-a");
-        let node = Netns::new("node");
-        let pod_b = Netns::new("pod-b");
-        for ns in [&pod_a, &node, &pod_b] {
-            ns.disable_ipv6();
-        }
-        let veth_a = VethPair::new(&pod_a, "eth0", &node, "vA");
-        let veth_b = VethPair::new(&pod_b, "eth0", &node, "vB");
-        for (pod, ip, host_dev) in [(&pod_a, POD_A, "vA"), (&pod_b, POD_B, "vB")] {
-            pod.addr_add("eth0", &format!("{ip}/32"));
-            pod.tx_checksum_off("eth0");
-            pod.route_add(&[GATEWAY, "dev", "eth0", "scope", "link"]);
-            pod.route_add(&["default", "via", GATEWAY, "dev", "eth0"]);
-            pod.neigh_add("eth0", GATEWAY, node.mac(host_dev));
-        }
         Topology {
-            _veth_a: veth_a,
-            _veth_b: veth_b,
-            pod_a,
-            node,
-            pod_b,
+            vn: VirtualNode::new(&[("pod-a", POD_A, "vA"), ("pod-b", POD_B, "vB")]),
         }
     }
 
-    /// The forwarder's sides: frames leaving by vA go to pod-a's eth0 from vA, and likewise
-    /// for vB.
+    fn pod_a(&self) -> &Netns {
+        &self.vn.pods[0].ns
+    }
+
+    fn pod_b(&self) -> &Netns {
+        &self.vn.pods[1].ns
+    }
+
+    fn node(&self) -> &Netns {
+        &self.vn.node
+    }
+
+    /// The forwarder's sides: frames leaving by a pod's host veth go to the pod's eth0 from
+    /// that veth.
     fn sides(&self) -> (Side, Side) {
-        let side = |host: &str, pod: &Netns| Side {
-            interface: host.into(),
+        let side = |pod: &netns::Pod| Side {
+            interface: pod.host_dev.clone(),
             queue: 0,
             rewrite: MacRewrite {
-                dst: pod.mac("eth0"),
-                src: self.node.mac(host),
+                dst: pod.mac,
+                src: self.vn.node.mac(&pod.host_dev),
             },
         };
-        (side("vA", &self.pod_a), side("vB", &self.pod_b))
+        (side(&self.vn.pods[0]), side(&self.vn.pods[1]))
     }
 
     fn start(&self, socket: SocketOpts) -> FwdThread {
@@ -78,12 +66,12 @@ impl Topology {
             socket,
             ..FwdConfig::default()
         };
-        rawfwd::spawn_pair(self.node.name(), a, b, config).expect("forwarder starts")
+        rawfwd::spawn_pair(self.node().name(), a, b, config).expect("forwarder starts")
     }
 
     fn assert_no_xdp(&self) {
         for dev in ["vA", "vB"] {
-            assert!(!self.node.has_xdp(dev), "XDP program left on {dev}");
+            assert!(!self.node().has_xdp(dev), "XDP program left on {dev}");
         }
     }
 }
@@ -131,7 +119,7 @@ impl Drop for Echo {
 /// Sends `count` UDP requests from pod-a to pod-b's echo port and returns how many came back
 /// with the same payload.
 fn udp_round_trips(topo: &Topology, count: usize) -> usize {
-    let client = sys::in_netns(topo.pod_a.name(), || UdpSocket::bind((POD_A, 0)))
+    let client = sys::in_netns(topo.pod_a().name(), || UdpSocket::bind((POD_A, 0)))
         .expect("enter namespace")
         .expect("bind client");
     client
@@ -159,25 +147,22 @@ fn ping(from: &Netns, to: &str, count: u32) -> std::process::Output {
 
 fn forwards_ping_and_udp(socket: SocketOpts) {
     let topo = Topology::new();
-    let names: Vec<String> = [&topo.pod_a, &topo.node, &topo.pod_b]
-        .iter()
-        .map(|n| n.name().to_owned())
-        .collect();
+    let names = topo.vn.namespace_names();
 
     // Without the forwarder nothing connects the pods.
-    let out = ping(&topo.pod_a, POD_B, 1);
+    let out = ping(topo.pod_a(), POD_B, 1);
     assert!(!out.status.success(), "ping worked without a forwarder");
 
     let fwd = topo.start(socket);
-    assert!(topo.node.has_xdp("vA") && topo.node.has_xdp("vB"));
+    assert!(topo.node().has_xdp("vA") && topo.node().has_xdp("vB"));
 
-    let out = ping(&topo.pod_a, POD_B, 3);
+    let out = ping(topo.pod_a(), POD_B, 3);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "ping failed: {stdout}");
     assert!(stdout.contains("3 received"), "{stdout}");
 
     let echo = Echo::start(
-        &topo.pod_b,
+        topo.pod_b(),
         (POD_B.parse::<std::net::IpAddr>().unwrap(), ECHO_PORT).into(),
     );
     assert_eq!(udp_round_trips(&topo, 5), 5);
@@ -237,7 +222,7 @@ fn forwards_ping_and_udp_with_busy_poll() {
 fn xdp_program_is_detached_when_the_forwarder_thread_panics() {
     let topo = Topology::new();
     let (a, b) = topo.sides();
-    let node = topo.node.name().to_owned();
+    let node = topo.node().name().to_owned();
     let joined = std::thread::spawn(move || {
         sys::enter_netns(&node).expect("enter node");
         let _fwd =
@@ -262,7 +247,7 @@ fn a_core_that_does_not_exist_is_refused_before_anything_is_attached() {
         core: Some(4096),
         ..FwdConfig::default()
     };
-    let err = rawfwd::spawn_pair(topo.node.name(), a, b, config).expect_err("refused");
+    let err = rawfwd::spawn_pair(topo.node().name(), a, b, config).expect_err("refused");
     assert!(err.to_string().contains("4096"), "{err}");
     topo.assert_no_xdp();
 }
@@ -273,14 +258,14 @@ fn a_foreign_xdp_program_is_reported_not_replaced() {
     let (a, b) = topo.sides();
     // Someone else's forwarder owns the interfaces.
     let first = topo.start(SocketOpts::default());
-    let second = rawfwd::spawn_pair(topo.node.name(), a, b, FwdConfig::default());
+    let second = rawfwd::spawn_pair(topo.node().name(), a, b, FwdConfig::default());
     let err = second.expect_err("second forwarder refused");
     assert!(
         matches!(&err, dataplane::Error::XdpBusy { interface, .. } if interface == "vA"),
         "{err}"
     );
     // The first one still works.
-    let out = ping(&topo.pod_a, POD_B, 1);
+    let out = ping(topo.pod_a(), POD_B, 1);
     assert!(out.status.success(), "{out:?}");
     drop(first);
     topo.assert_no_xdp();

@@ -19,11 +19,10 @@ use std::time::{Duration, Instant};
 use dataplane::port::{BURST, FrameMem, Tx};
 use dataplane::rawfwd::{self, FwdConfig, Idle, MacRewrite, Side};
 use dataplane::sys::{self, BindMode, SocketOpts, UmemOpts, XdpMode};
-use ocelot_tests::netns::{Netns, VethPair};
+use ocelot_tests::netns::{Netns, VirtualNode};
 
 const POD_A: &str = "10.66.0.1";
 const POD_B: &str = "10.66.0.2";
-const GATEWAY: &str = "169.254.1.1";
 const PACKETS: u64 = 300_000;
 
 fn rx_packets(ns: &Netns, dev: &str) -> u64 {
@@ -125,21 +124,8 @@ fn xsk_blast(ns: &str, dev: &str, frame: Vec<u8>, count: u64) -> Duration {
 }
 
 fn measure(label: &str, generator: Generator, socket: SocketOpts, idle: Idle) {
-    let pod_a = Netns::new("pod-a");
-    let node = Netns::new("node");
-    let pod_b = Netns::new("pod-b");
-    for ns in [&pod_a, &node, &pod_b] {
-        ns.disable_ipv6();
-    }
-    let _veth_a = VethPair::new(&pod_a, "eth0", &node, "vA");
-    let _veth_b = VethPair::new(&pod_b, "eth0", &node, "vB");
-    for (pod, ip, host_dev) in [(&pod_a, POD_A, "vA"), (&pod_b, POD_B, "vB")] {
-        pod.addr_add("eth0", &format!("{ip}/32"));
-        pod.tx_checksum_off("eth0");
-        pod.route_add(&[GATEWAY, "dev", "eth0", "scope", "link"]);
-        pod.route_add(&["default", "via", GATEWAY, "dev", "eth0"]);
-        pod.neigh_add("eth0", GATEWAY, node.mac(host_dev));
-    }
+    let vn = VirtualNode::new(&[("pod-a", POD_A, "vA"), ("pod-b", POD_B, "vB")]);
+    let (node, pod_a, pod_b) = (&vn.node, &vn.pods[0].ns, &vn.pods[1].ns);
     let side = |host: &str, pod: &Netns| Side {
         interface: host.into(),
         queue: 0,
@@ -157,7 +143,7 @@ fn measure(label: &str, generator: Generator, socket: SocketOpts, idle: Idle) {
         core: Some(last_core),
         ..FwdConfig::default()
     };
-    let fwd = rawfwd::spawn_pair(node.name(), side("vA", &pod_a), side("vB", &pod_b), config)
+    let fwd = rawfwd::spawn_pair(node.name(), side("vA", pod_a), side("vB", pod_b), config)
         .expect("forwarder starts");
 
     // A bound socket in pod-b that is never read: datagrams are counted at eth0 and no ICMP
@@ -175,7 +161,7 @@ fn measure(label: &str, generator: Generator, socket: SocketOpts, idle: Idle) {
         let _ = sender.send(&payload);
     }
     std::thread::sleep(Duration::from_millis(200));
-    let before = rx_packets(&pod_b, "eth0");
+    let before = rx_packets(pod_b, "eth0");
     let mut send_errors = 0u64;
     let sent_in = match generator {
         Generator::Socket => {
@@ -194,7 +180,7 @@ fn measure(label: &str, generator: Generator, socket: SocketOpts, idle: Idle) {
     };
     // Let the forwarder drain, then count.
     std::thread::sleep(Duration::from_millis(300));
-    let received = rx_packets(&pod_b, "eth0") - before;
+    let received = rx_packets(pod_b, "eth0") - before;
     if std::env::var_os("OCELOT_PPS_DEBUG").is_some() {
         eprintln!("{}", pod_a.ip(&["-s", "link", "show", "eth0"]));
         eprintln!("{}", node.ip(&["-s", "link", "show", "vA"]));
