@@ -277,7 +277,6 @@ impl XskUmem {
                 Rc::new(XdpGuard {
                     ifindex,
                     interface: interface.into(),
-                    flags: xdp_flags.bits(),
                     netns: current_netns()?,
                     prog: std::cell::Cell::new(None),
                 })
@@ -679,7 +678,6 @@ impl Tx for XskTx {
 pub struct XdpGuard {
     ifindex: u32,
     interface: String,
-    flags: u32,
     netns: u64,
     prog: std::cell::Cell<Option<u32>>,
 }
@@ -694,15 +692,105 @@ impl Drop for XdpGuard {
         if current_netns().ok() != Some(self.netns) {
             return;
         }
-        if let Ok(Some(now)) = xdp_prog_id(self.ifindex, self.flags, &self.interface)
-            && now == prog
-        {
-            // SAFETY: a plain syscall wrapper on an ifindex; a null `opts` is allowed.
-            let _ = unsafe {
-                libxdp_sys::bpf_xdp_detach(self.ifindex as i32, self.flags, std::ptr::null())
-            };
-        }
+        // There is no way to report from a destructor; a program left behind is found by
+        // `detach_stale_xsk_prog` at the next start.
+        let _ = detach_prog(self.ifindex, prog, &self.interface);
     }
+}
+
+/// The name libxdp gives the default program it attaches for AF_XDP sockets.
+pub const XSK_DEFAULT_PROG: &str = "xsk_def_prog";
+
+/// An open file descriptor of a BPF program, closed on drop.
+struct ProgFd(std::os::fd::OwnedFd);
+
+impl ProgFd {
+    fn by_id(prog: u32, interface: &str) -> Result<ProgFd, Error> {
+        // SAFETY: a syscall wrapper taking a plain id.
+        let fd = unsafe { libxdp_sys::bpf_prog_get_fd_by_id(prog) };
+        if fd < 0 {
+            return Err(Error::Interface {
+                interface: interface.into(),
+                what: "opening the XDP program by id",
+                source: io::Error::from_raw_os_error(-fd),
+            });
+        }
+        // SAFETY: `fd` was just returned by the kernel, is open, and nothing else owns it.
+        Ok(ProgFd(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }))
+    }
+
+    fn name(&self, interface: &str) -> Result<String, Error> {
+        // SAFETY: `bpf_prog_info` is a plain C struct of integers, arrays and u64
+        // "pointers"; all zeroes is a valid value (and what the kernel expects on input).
+        let mut info: libxdp_sys::bpf_prog_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libxdp_sys::bpf_prog_info>() as u32;
+        // SAFETY: `info` and `len` are valid for writes and `len` is `info`'s size.
+        let rc =
+            unsafe { libxdp_sys::bpf_prog_get_info_by_fd(self.0.as_raw_fd(), &mut info, &mut len) };
+        if rc < 0 {
+            return Err(Error::Interface {
+                interface: interface.into(),
+                what: "reading the XDP program's info",
+                source: io::Error::from_raw_os_error(-rc),
+            });
+        }
+        let bytes: Vec<u8> = info
+            .name
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+/// Detaches program `prog` from `ifindex` in whichever mode it is attached, and only if it
+/// is still that program (`XDP_FLAGS_REPLACE` with the program's fd), so a program someone
+/// attached in the meantime is never removed. Returns whether it detached anything.
+fn detach_prog(ifindex: u32, prog: u32, interface: &str) -> Result<bool, Error> {
+    let fd = ProgFd::by_id(prog, interface)?;
+    for mode in [XdpFlags::XDP_FLAGS_SKB_MODE, XdpFlags::XDP_FLAGS_DRV_MODE] {
+        if xdp_prog_id(ifindex, mode.bits(), interface)? != Some(prog) {
+            continue;
+        }
+        let opts = libxdp_sys::bpf_xdp_attach_opts {
+            sz: std::mem::size_of::<libxdp_sys::bpf_xdp_attach_opts>(),
+            old_prog_fd: fd.0.as_raw_fd(),
+        };
+        // SAFETY: `opts` is a valid, initialised options struct that outlives the call.
+        let rc = unsafe { libxdp_sys::bpf_xdp_detach(ifindex as i32, mode.bits(), &opts) };
+        if rc < 0 {
+            return Err(Error::Interface {
+                interface: interface.into(),
+                what: "detaching the XDP program",
+                source: io::Error::from_raw_os_error(-rc),
+            });
+        }
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// Removes an AF_XDP program left on `interface` (in the calling thread's namespace) by a
+/// run that died without cleaning up: libxdp's default program ([`XSK_DEFAULT_PROG`]) is
+/// detached; any other program is someone else's and is reported as [`Error::XdpBusy`],
+/// never touched. Returns the id of the program removed, if any.
+///
+/// Only call it for interfaces this node agent owns (its pod veths), before opening
+/// sockets on them: another live AF_XDP user of the same interface would lose its program.
+pub fn detach_stale_xsk_prog(interface: &str) -> Result<Option<u32>, Error> {
+    let ifindex = ifindex(interface)?;
+    let Some(prog) = xdp_prog_id(ifindex, 0, interface)? else {
+        return Ok(None);
+    };
+    let name = ProgFd::by_id(prog, interface)?.name(interface)?;
+    if name != XSK_DEFAULT_PROG {
+        return Err(Error::XdpBusy {
+            interface: interface.into(),
+            prog,
+        });
+    }
+    Ok(detach_prog(ifindex, prog, interface)?.then_some(prog))
 }
 
 /// The id of the XDP program attached to `ifindex` in the mode `flags` selects, if any.

@@ -270,3 +270,55 @@ fn a_foreign_xdp_program_is_reported_not_replaced() {
     drop(first);
     topo.assert_no_xdp();
 }
+
+/// Set in the child process of `stale_program_of_a_crashed_run_is_cleaned_at_the_next_start`:
+/// the namespace in which to open a socket and then die without cleaning up.
+const CRASH_ENV: &str = "OCELOT_TEST_CRASH_IN_NETNS";
+
+#[test]
+fn stale_program_of_a_crashed_run_is_cleaned_at_the_next_start() {
+    if let Ok(ns) = std::env::var(CRASH_ENV) {
+        // Child: the "crashed run". Opens a socket on vA (libxdp attaches its program) and
+        // dies: the kernel closes the socket, nothing detaches the program.
+        sys::enter_netns(&ns).expect("enter node");
+        let (mut umem, _frames) = sys::XskUmem::new(UmemOpts::default()).expect("umem");
+        let _sockets = umem.open("vA", 0, &SocketOpts::default()).expect("socket");
+        // `exit` runs no destructors: the sockets are closed by the kernel, not by libxdp.
+        std::process::exit(101);
+    }
+    let topo = Topology::new();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "stale_program_of_a_crashed_run_is_cleaned_at_the_next_start",
+            "--nocapture",
+        ])
+        .env(CRASH_ENV, topo.node().name())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run the crashing child");
+    assert_eq!(
+        status.code(),
+        Some(101),
+        "the child was meant to die after opening"
+    );
+    assert!(
+        topo.node().has_xdp("vA"),
+        "the crash left no program behind?"
+    );
+
+    let node = topo.node().name();
+    let removed = sys::in_netns(node, || sys::detach_stale_xsk_prog("vA")).unwrap();
+    assert!(matches!(removed, Ok(Some(_))), "{removed:?}");
+    topo.assert_no_xdp();
+    // Nothing left: a second cleanup is a no-op.
+    let again = sys::in_netns(node, || sys::detach_stale_xsk_prog("vA")).unwrap();
+    assert!(matches!(again, Ok(None)), "{again:?}");
+    // And the interface is usable again.
+    let fwd = topo.start(SocketOpts::default());
+    let out = ping(topo.pod_a(), POD_B, 1);
+    assert!(out.status.success(), "{out:?}");
+    drop(fwd);
+    topo.assert_no_xdp();
+}
