@@ -13,7 +13,8 @@
 //!   on another from the same UMEM without a copy, with MACs rewritten from a static table.
 //!   It is the baseline the full pipeline is measured against (`raw-xsk`).
 //! - [`worker`] is the same loop with a classifier in the middle (one verdict per frame of a
-//!   burst): the skeleton of ocelot's forwarding worker.
+//!   burst): the skeleton of ocelot's forwarding worker. [`handoff`] carries frames (as
+//!   copies) to ports another worker owns.
 //!
 //! What a pod interface must look like in front of this dataplane: transmit checksum
 //! offload off on the pod's eth0 (`ethtool -K eth0 tx off`). The kernel leaves checksums of
@@ -30,6 +31,7 @@
 #![deny(unsafe_code)]
 
 mod error;
+pub mod handoff;
 pub mod mem;
 pub mod port;
 pub mod rawfwd;

@@ -6,8 +6,11 @@
 //! is the middle: instead of a static table, a [`Classify`] gives one [`Verdict`] per frame,
 //! over the whole burst at once (the classifier's `process_burst` shape):
 //!
-//! - `Forward(port)`: onto that port's tx ring if this worker owns the port; otherwise
-//!   dropped and counted as `not_local` (the cross-worker hand-off is not built yet).
+//! - `Forward(port)`: onto that port's tx ring if this worker owns the port; if another
+//!   worker owns it, copied into the [`crate::handoff`] to that worker (which sends it on at
+//!   its next poll; dropped and counted as `handoff_dropped` when the hand-off is full);
+//!   otherwise dropped and counted as `not_local`. An idle worker sleeps on its rx sockets
+//!   only, so a hand-off can wait up to the idle timeout when its receiver is idle.
 //! - `Reply`: back out of the ingress port (proxy-ARP answers).
 //! - `ToHost`: AF_XDP alone cannot give a frame back to the kernel's stack (that takes an
 //!   `XDP_PASS` decision in the XDP program, or a tap); dropped and counted as
@@ -26,6 +29,7 @@ use classifier::snapshot::Snapshot;
 use classifier::verdict::{DropReason, PortId, Verdict};
 
 use crate::Error;
+use crate::handoff::{HandoffRx, HandoffTx};
 use crate::port::{BURST, FrameMem, Rx, Tx};
 use crate::rawfwd::Idle;
 use crate::sys;
@@ -89,6 +93,12 @@ pub struct WorkerCounters {
     pub not_local: u64,
     /// `ToHost` verdicts (no path to the host stack yet).
     pub to_host_unsupported: u64,
+    /// Frames copied to another worker for a port it owns.
+    pub handoff_out: u64,
+    /// Frames copied in from another worker and queued on a local port.
+    pub handoff_in: u64,
+    /// Frames for another worker dropped because its hand-off was full.
+    pub handoff_dropped: u64,
     /// Drops by classifier reason, plus [`DropReason::TxFull`] for full tx rings; indexed by
     /// [`DropReason::index`].
     pub drops: [u64; DropReason::COUNT],
@@ -101,6 +111,9 @@ impl Default for WorkerCounters {
             tx: 0,
             not_local: 0,
             to_host_unsupported: 0,
+            handoff_out: 0,
+            handoff_in: 0,
+            handoff_dropped: 0,
             drops: [0; DropReason::COUNT],
         }
     }
@@ -146,6 +159,10 @@ pub struct Worker<M: FrameMem, R, T, C> {
     ports: Vec<Port<R, T, M::Frame>>,
     /// Local port index by `PortId.0`.
     local: Vec<Option<usize>>,
+    /// Index into `handoff_out` by `PortId.0`, for ports other workers own.
+    remote: Vec<Option<usize>>,
+    handoff_out: Vec<HandoffTx>,
+    handoff_in: Vec<HandoffRx>,
     free: Vec<M::Frame>,
     burst: Vec<M::Frame>,
     verdicts: [Verdict; BURST],
@@ -198,6 +215,9 @@ where
             classify,
             ports,
             local,
+            remote: Vec::new(),
+            handoff_out: Vec::new(),
+            handoff_in: Vec::new(),
             free,
             burst: Vec::with_capacity(BURST),
             verdicts: [Verdict::Drop(DropReason::Truncated); BURST],
@@ -206,14 +226,55 @@ where
         })
     }
 
+    /// Sends frames forwarded to any of `ports` (owned by another worker) through `tx`.
+    /// Refuses a port this worker owns or one already routed elsewhere.
+    pub fn add_handoff_out(&mut self, tx: HandoffTx, ports: &[PortId]) -> Result<(), Error> {
+        let index = self.handoff_out.len();
+        for (entry, id) in ports.iter().enumerate() {
+            let slot = id.0 as usize;
+            if matches!(self.local.get(slot), Some(Some(_))) {
+                return Err(Error::Table {
+                    entry,
+                    reason: "hand-off to a port this worker owns",
+                });
+            }
+            if self.remote.len() <= slot {
+                self.remote.resize(slot + 1, None);
+            }
+            match self.remote.get_mut(slot) {
+                Some(s @ None) => *s = Some(index),
+                _ => {
+                    return Err(Error::Table {
+                        entry,
+                        reason: "port already handed off to another worker",
+                    });
+                }
+            }
+        }
+        self.handoff_out.push(tx);
+        Ok(())
+    }
+
+    /// Takes frames other workers hand over through `rx` and sends them on local ports.
+    pub fn add_handoff_in(&mut self, rx: HandoffRx) {
+        // Each poll may queue up to a burst from every inbound hand-off on one port.
+        for p in &mut self.ports {
+            p.pending.reserve(BURST);
+        }
+        self.handoff_in.push(rx);
+    }
+
     /// One round over all ports (see the module docs). Returns the frames received.
     pub fn poll_once(&mut self) -> Result<usize, Error> {
         for p in &mut self.ports {
             p.tx.reclaim(&mut self.free)?;
         }
+        // Keep a burst of free frames per inbound hand-off out of the fill rings, or frames
+        // handed over could never be copied in when the fill rings can hold every frame.
+        let reserve = BURST * self.handoff_in.len();
         let n = self.ports.len();
         for (k, p) in self.ports.iter_mut().enumerate() {
-            let share = self.free.len().div_ceil(n - k);
+            let share = self.free.len().saturating_sub(reserve).div_ceil(n - k);
             p.rx.fill(&mut self.free, share)?;
         }
         let mut received = 0;
@@ -238,7 +299,26 @@ where
                     Verdict::Forward(id) => match self.local.get(id.0 as usize) {
                         Some(Some(index)) => Some(*index),
                         _ => {
-                            self.counters.not_local += 1;
+                            match self
+                                .remote
+                                .get(id.0 as usize)
+                                .copied()
+                                .flatten()
+                                .and_then(|k| self.handoff_out.get(k))
+                            {
+                                Some(out) => {
+                                    let mut frame = frame;
+                                    let pushed =
+                                        self.mem.with_bytes_mut(&mut frame, |b| out.push(id, b));
+                                    match pushed {
+                                        Ok(()) => self.counters.handoff_out += 1,
+                                        Err(_) => self.counters.handoff_dropped += 1,
+                                    }
+                                    self.free.push(frame);
+                                    continue;
+                                }
+                                None => self.counters.not_local += 1,
+                            }
                             None
                         }
                     },
@@ -258,6 +338,7 @@ where
                 }
             }
         }
+        received += self.poll_handoffs_in();
         for p in &mut self.ports {
             if !p.pending.is_empty() {
                 let sent = p.tx.send(&mut p.pending)?;
@@ -269,6 +350,48 @@ where
             p.tx.flush()?;
         }
         Ok(received)
+    }
+
+    /// Copies up to a burst per inbound hand-off into free frames, queued on their egress
+    /// ports. Returns how many frames were taken off the hand-offs.
+    fn poll_handoffs_in(&mut self) -> usize {
+        let mut taken = 0;
+        for inbound in &self.handoff_in {
+            for _ in 0..BURST {
+                // Without a free frame the buffers wait in the hand-off (whose sender drops
+                // when it is full), so nothing here blocks.
+                let Some(mut frame) = self.free.pop() else {
+                    break;
+                };
+                let mut egress = None;
+                let got = inbound.pop(|buf| {
+                    let bytes = buf.bytes();
+                    if let Some(Some(e)) = self.local.get(buf.egress().0 as usize)
+                        && self.mem.set_len(&mut frame, bytes.len()) == bytes.len()
+                    {
+                        self.mem
+                            .with_bytes_mut(&mut frame, |b| b.copy_from_slice(bytes));
+                        egress = Some(*e);
+                    }
+                });
+                if !got {
+                    self.free.push(frame);
+                    break;
+                }
+                taken += 1;
+                match egress.and_then(|e| self.ports.get_mut(e)) {
+                    Some(port) => {
+                        port.pending.push(frame);
+                        self.counters.handoff_in += 1;
+                    }
+                    None => {
+                        self.free.push(frame);
+                        self.counters.not_local += 1;
+                    }
+                }
+            }
+        }
+        taken
     }
 
     /// Polls until `stop` is set, idling as `idle` says. Returns the first I/O error.
@@ -480,6 +603,79 @@ mod tests {
             w.free_frames() + w0.frames_in_kernel() + w1.frames_in_kernel(),
             w.total_frames()
         );
+    }
+
+    /// A worker owning only `port`, over a fresh simulated interface.
+    fn single(port: u16, frames: usize) -> (MemWorker<ByteVerdict>, Wire) {
+        let (rx, tx, wire) = mem::wire(Faults::default());
+        let w = Worker::new(
+            MemFrames,
+            mem::frames(frames, 2048),
+            vec![WorkerPort {
+                id: PortId(port),
+                rx,
+                tx,
+            }],
+            ByteVerdict::default(),
+        )
+        .expect("valid ports");
+        (w, wire)
+    }
+
+    #[test]
+    fn frames_for_another_workers_port_cross_the_handoff() {
+        use crate::handoff;
+        let (mut a, wire_a) = single(0, 128);
+        let (mut b, wire_b) = single(1, 128);
+        let (a_to_b, b_from_a) = handoff::channel(4, 2048);
+        let (b_to_a, a_from_b) = handoff::channel(4, 2048);
+        a.add_handoff_out(a_to_b, &[PortId(1)]).unwrap();
+        b.add_handoff_in(b_from_a);
+        b.add_handoff_out(b_to_a, &[PortId(0)]).unwrap();
+        a.add_handoff_in(a_from_b);
+        a.poll_once().unwrap();
+        b.poll_once().unwrap();
+
+        // Six frames for port 1 arrive at worker a; the hand-off holds four.
+        for _ in 0..6 {
+            wire_a.inject(&frame(FORWARD_TO_1));
+        }
+        a.poll_once().unwrap();
+        assert_eq!(a.counters().handoff_out, 4);
+        assert_eq!(a.counters().handoff_dropped, 2);
+        b.poll_once().unwrap();
+        let sent = wire_b.take_sent();
+        assert_eq!(sent.len(), 4);
+        assert!(sent.iter().all(|f| f[14] == FORWARD_TO_1 && f[15] == 0));
+        assert_eq!(b.counters().handoff_in, 4);
+
+        // And back: b forwards to port 0, a transmits.
+        wire_b.inject(&frame(FORWARD_TO_0));
+        b.poll_once().unwrap();
+        a.poll_once().unwrap();
+        assert_eq!(wire_a.take_sent().len(), 1);
+
+        for (w, wire) in [(&a, &wire_a), (&b, &wire_b)] {
+            assert_eq!(w.free_frames() + wire.frames_in_kernel(), w.total_frames());
+        }
+    }
+
+    #[test]
+    fn handoff_routes_are_checked() {
+        use crate::handoff;
+        let (mut a, _) = single(0, 8);
+        let (t1, _r1) = handoff::channel(1, 64);
+        let (t2, _r2) = handoff::channel(1, 64);
+        let (t3, _r3) = handoff::channel(1, 64);
+        assert!(matches!(
+            a.add_handoff_out(t1, &[PortId(0)]),
+            Err(Error::Table { .. })
+        ));
+        a.add_handoff_out(t2, &[PortId(5)]).unwrap();
+        assert!(matches!(
+            a.add_handoff_out(t3, &[PortId(5)]),
+            Err(Error::Table { .. })
+        ));
     }
 
     /// The real classifier in the loop, on an empty snapshot. What it decides is not this
