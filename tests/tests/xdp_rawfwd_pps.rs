@@ -14,11 +14,15 @@
 //! kernel's drop counters, so the limit can be told apart.
 
 use std::net::UdpSocket;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use classifier::verdict::{DropReason, PortId, Verdict};
 use dataplane::port::{BURST, FrameMem, Tx};
 use dataplane::rawfwd::{self, FwdConfig, Idle, MacRewrite, Side};
 use dataplane::sys::{self, BindMode, SocketOpts, UmemOpts, XdpMode};
+use dataplane::worker::{Classify, Worker, WorkerPort};
 use ocelot_tests::netns::{Netns, VirtualNode};
 
 const POD_A: &str = "10.66.0.1";
@@ -123,7 +127,89 @@ fn xsk_blast(ns: &str, dev: &str, frame: Vec<u8>, count: u64) -> Duration {
     .expect("generator thread")
 }
 
-fn measure(label: &str, generator: Generator, socket: SocketOpts, idle: Idle) {
+/// What forwards between vA and vB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Device {
+    /// `dataplane::rawfwd`: the trivial rx→tx forwarder (the `raw-xsk` baseline).
+    RawXsk,
+    /// `dataplane::worker` with a stand-in classifier that forwards and sets MACs: the
+    /// worker loop's own cost over the baseline (swap in `worker::Pipeline` once the
+    /// classifier is done).
+    Worker,
+}
+
+/// Forwards port 0 ↔ port 1 and writes the egress link's MACs.
+#[derive(Debug, Clone, Copy)]
+struct CrossConnect {
+    macs: [([u8; 6], [u8; 6]); 2],
+}
+
+impl Classify for CrossConnect {
+    fn classify_burst(
+        &mut self,
+        frames: &mut [&mut [u8]],
+        ingress: PortId,
+        verdicts: &mut [Verdict],
+    ) {
+        let egress = 1 - ingress.0.min(1);
+        let (dst, src) = self.macs[usize::from(egress)];
+        for (frame, verdict) in frames.iter_mut().zip(verdicts.iter_mut()) {
+            *verdict = if frame.len() >= 14 {
+                frame[..6].copy_from_slice(&dst);
+                frame[6..12].copy_from_slice(&src);
+                Verdict::Forward(PortId(egress))
+            } else {
+                Verdict::Drop(DropReason::Truncated)
+            };
+        }
+    }
+}
+
+/// Starts a worker owning vA (port 0) and vB (port 1) on its own thread; the returned
+/// closure stops it and reports its counters.
+fn start_worker(
+    netns: &str,
+    config: FwdConfig,
+    classify: CrossConnect,
+) -> Box<dyn FnOnce() -> String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread_stop = Arc::clone(&stop);
+    let netns = netns.to_owned();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        if let Some(core) = config.core {
+            sys::pin_current_thread(core).unwrap();
+        }
+        sys::enter_netns(&netns).unwrap();
+        let (mut umem, frames) = sys::XskUmem::new(config.umem).unwrap();
+        let mut ports = Vec::new();
+        for (i, dev) in ["vA", "vB"].into_iter().enumerate() {
+            let (rx, tx) = umem.open(dev, 0, &config.socket).unwrap();
+            ports.push(WorkerPort {
+                id: PortId(i as u16),
+                rx,
+                tx,
+            });
+        }
+        let mut worker = Worker::new(umem, frames, ports, classify).unwrap();
+        ready_tx.send(()).unwrap();
+        worker.run(&thread_stop, config.idle).unwrap();
+        *worker.counters()
+    });
+    ready_rx.recv().expect("worker started");
+    Box::new(move || {
+        stop.store(true, Ordering::Relaxed);
+        let c = handle.join().expect("worker thread");
+        format!(
+            "  worker: rx {} tx {} tx_full {}",
+            c.rx,
+            c.tx,
+            c.dropped(DropReason::TxFull)
+        )
+    })
+}
+
+fn measure(label: &str, device: Device, generator: Generator, socket: SocketOpts, idle: Idle) {
     let vn = VirtualNode::new(&[("pod-a", POD_A, "vA"), ("pod-b", POD_B, "vB")]);
     let (node, pod_a, pod_b) = (&vn.node, &vn.pods[0].ns, &vn.pods[1].ns);
     let side = |host: &str, pod: &Netns| Side {
@@ -143,8 +229,27 @@ fn measure(label: &str, generator: Generator, socket: SocketOpts, idle: Idle) {
         core: Some(last_core),
         ..FwdConfig::default()
     };
-    let fwd = rawfwd::spawn_pair(node.name(), side("vA", pod_a), side("vB", pod_b), config)
-        .expect("forwarder starts");
+    let stop_device: Box<dyn FnOnce() -> String> = match device {
+        Device::RawXsk => {
+            let fwd = rawfwd::spawn_pair(node.name(), side("vA", pod_a), side("vB", pod_b), config)
+                .expect("forwarder starts");
+            Box::new(move || {
+                let report = fwd.stop().expect("forwarder ran cleanly");
+                report
+                    .iter()
+                    .map(|(name, c, k)| format!("  {name}: {c:?} {k:?}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+        Device::Worker => {
+            let macs = [
+                (pod_a.mac("eth0"), node.mac("vA")),
+                (pod_b.mac("eth0"), node.mac("vB")),
+            ];
+            start_worker(node.name(), config, CrossConnect { macs })
+        }
+    };
 
     // A bound socket in pod-b that is never read: datagrams are counted at eth0 and no ICMP
     // port-unreachable flows back.
@@ -186,7 +291,7 @@ fn measure(label: &str, generator: Generator, socket: SocketOpts, idle: Idle) {
         eprintln!("{}", node.ip(&["-s", "link", "show", "vA"]));
         eprintln!("{}", node.exec_ok(&["cat", "/proc/net/softnet_stat"]));
     }
-    let report = fwd.stop().expect("forwarder ran cleanly");
+    let report = stop_device();
     let secs = sent_in.as_secs_f64();
     eprintln!(
         "{label}: offered {PACKETS} in {:.3} s = {:.0} pps (send errors {send_errors}); \
@@ -196,9 +301,7 @@ fn measure(label: &str, generator: Generator, socket: SocketOpts, idle: Idle) {
         100.0 * received as f64 / PACKETS as f64,
         received as f64 / secs,
     );
-    for (name, c, k) in report {
-        eprintln!("  {name}: {c:?} {k:?}");
-    }
+    eprintln!("{report}");
 }
 
 #[test]
@@ -215,19 +318,29 @@ fn rawfwd_pps() {
         ..base
     };
     measure(
-        "udp sendto; generic, need_wakeup, spin",
+        "raw-xsk; udp sendto; generic, need_wakeup, spin",
+        Device::RawXsk,
         Generator::Socket,
         generic,
         spin,
     );
     measure(
-        "xsk; generic, need_wakeup, spin",
+        "raw-xsk; xsk; generic, need_wakeup, spin",
+        Device::RawXsk,
         Generator::Xsk,
         generic,
         spin,
     );
     measure(
-        "xsk; generic, no need_wakeup, spin",
+        "worker; xsk; generic, need_wakeup, spin",
+        Device::Worker,
+        Generator::Xsk,
+        generic,
+        spin,
+    );
+    measure(
+        "raw-xsk; xsk; generic, no need_wakeup, spin",
+        Device::RawXsk,
         Generator::Xsk,
         SocketOpts {
             need_wakeup: false,
@@ -236,7 +349,8 @@ fn rawfwd_pps() {
         spin,
     );
     measure(
-        "xsk; native, need_wakeup, spin",
+        "raw-xsk; xsk; native, need_wakeup, spin",
+        Device::RawXsk,
         Generator::Xsk,
         SocketOpts {
             xdp_mode: XdpMode::Native,
@@ -245,7 +359,8 @@ fn rawfwd_pps() {
         spin,
     );
     measure(
-        "xsk; generic, need_wakeup, poll when idle",
+        "raw-xsk; xsk; generic, need_wakeup, poll when idle",
+        Device::RawXsk,
         Generator::Xsk,
         generic,
         Idle::Poll {
