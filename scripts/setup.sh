@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks to build and test ocelot: the C/BPF toolchain the
-# AF_XDP crates build with, iproute2 and nftables for the namespace tests. Idempotent and quiet
-# when everything is already there.
+# AF_XDP crates build with (libxdp-sys also needs libpcap-dev), iproute2, nftables, ping and
+# ethtool for the namespace tests. Idempotent and quiet when everything is already there.
 set -euo pipefail
 
-packages=(clang llvm libelf-dev zlib1g-dev m4 pkg-config iproute2 nftables make)
+packages=(clang llvm libelf-dev zlib1g-dev m4 pkg-config iproute2 nftables make libpcap-dev iputils-ping ethtool)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

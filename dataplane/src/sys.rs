@@ -1,0 +1,1116 @@
+//! The one choke point for the kernel: UMEM, AF_XDP sockets and their four rings, the XDP
+//! program's lifetime, `poll`, and entering a network namespace. Everything `unsafe` in the
+//! crate lives here; the rest of the crate sees [`XskUmem`], [`XskRx`] and [`XskTx`] through
+//! the safe traits of [`crate::port`].
+//!
+//! # Frame ownership
+//!
+//! A UMEM is one `mmap`ed region cut into equal frames, shared by the worker and the kernel.
+//! Each frame belongs to exactly one side at a time, and moves like this:
+//!
+//! ```text
+//!   worker free list ──fill()──▶ fill ring ──▶ KERNEL writes a received packet
+//!          ▲                                          │
+//!          │                                      rx ring
+//!          │                                          ▼
+//!   reclaim() ◀── completion ring ◀── KERNEL ◀── tx ring ◀──send()── worker (recv(): burst,
+//!                (frame transmitted)  reads frame                     rewrite, pick egress)
+//! ```
+//!
+//! - On the free list, in a burst or in a pending-tx list: owned by the worker, which may read
+//!   and write it through [`XskUmem::with_bytes_mut`](crate::port::FrameMem::with_bytes_mut).
+//! - From [`Rx::fill`] until [`Rx::recv`] returns it: owned by the kernel, which writes into it.
+//! - From [`Tx::send`] until [`Tx::reclaim`] returns it: owned by the kernel, which reads it.
+//!
+//! In user space a frame is an [`XskFrame`]: not `Clone`, not `Copy`, created only by
+//! [`XskUmem::new`] and by consuming the rx and completion rings, and consumed by the fill and
+//! tx rings. So the compiler enforces the user-space half of the hand-off: a frame that was
+//! given to the kernel is no longer in the worker's hands. Each frame also carries the id of
+//! its UMEM, and every ring refuses a frame of another UMEM, which is what makes the xsk-rs
+//! calls (whose contract is "frames of this UMEM, owned by the caller") sound.
+//!
+//! Every ring of a worker's sockets refers to the same UMEM, so a frame received on one
+//! interface can be put on another interface's tx ring as it is: forwarding moves a
+//! descriptor, never packet bytes.
+//!
+//! # Namespaces and XDP programs
+//!
+//! Interface indexes, and hence the XDP program libxdp attaches when the first socket binds
+//! to an interface, are relative to the network namespace of the *calling thread*. So the
+//! socket types here are `!Send`: they are created, used and dropped on the thread that
+//! entered the namespace ([`enter_netns`]), and their `Drop` cannot detach a program from an
+//! interface of the same index in another namespace. libxdp detaches its program when the
+//! last socket on an interface goes; an [`XdpGuard`] checks afterwards and detaches the
+//! program it recorded if it is somehow still there.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::marker::PhantomData;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::MetadataExt;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use xsk_rs::config::{
+    BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig, XdpFlags,
+};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
+
+use crate::Error;
+use crate::port::{BURST, FrameMem, Rx, Tx};
+
+/// Marker that makes a type `!Send` and `!Sync`: its `Drop` depends on the calling thread's
+/// network namespace.
+type NotSend = PhantomData<*const ()>;
+
+/// Upper bound on tx wakeups per [`Tx::flush`]: enough for two ports' bursts at 32 frames
+/// per copy-mode wakeup, with one to spare.
+const MAX_KICKS_PER_FLUSH: usize = 2 * BURST / 32 + 1;
+
+/// Hands out a distinct id per UMEM so frames can be checked against the rings they are
+/// given to.
+static NEXT_UMEM_ID: AtomicU32 = AtomicU32::new(1);
+
+/// Sizes of a UMEM and of its first fill and completion rings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UmemOpts {
+    /// Number of frames. Must cover every ring that can hold frames at once.
+    pub frames: u32,
+    /// Bytes per frame (a power of two, at least 2048); the kernel keeps 256 bytes of it as
+    /// XDP headroom.
+    pub frame_size: u32,
+    /// Fill ring size per (interface, queue), a power of two.
+    pub fill_size: u32,
+    /// Completion ring size per (interface, queue), a power of two.
+    pub comp_size: u32,
+}
+
+impl Default for UmemOpts {
+    fn default() -> Self {
+        // Two ports' fill rings (2 × 2048) plus room for frames in flight on tx rings.
+        UmemOpts {
+            frames: 8192,
+            frame_size: 2048,
+            fill_size: 2048,
+            comp_size: 2048,
+        }
+    }
+}
+
+/// Where the XDP program that redirects into the socket runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Let the kernel choose (native if the driver has it, veth does).
+    Auto,
+    /// Generic (SKB) mode: works on any device, after the kernel built an skb.
+    Generic,
+    /// Native (driver) mode.
+    Native,
+}
+
+/// How the socket binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindMode {
+    /// Let the kernel choose: zero-copy where the driver supports it, copy otherwise.
+    Auto,
+    /// Force copy mode (the only mode veth has).
+    Copy,
+    /// Force zero-copy; binding fails where the driver lacks it.
+    ZeroCopy,
+}
+
+/// Options of one AF_XDP socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketOpts {
+    /// rx ring size, a power of two.
+    pub rx_size: u32,
+    /// tx ring size, a power of two.
+    pub tx_size: u32,
+    /// XDP attach mode.
+    pub xdp_mode: XdpMode,
+    /// Bind mode.
+    pub bind: BindMode,
+    /// `XDP_USE_NEED_WAKEUP`: the kernel says when it needs a syscall to make progress,
+    /// saving syscalls when it does not. OVS recommends it off for virtual devices.
+    pub need_wakeup: bool,
+    /// Preferred busy polling (`SO_PREFER_BUSY_POLL` + `SO_BUSY_POLL` +
+    /// `SO_BUSY_POLL_BUDGET`): the driver's NAPI runs in the worker's syscalls instead of in
+    /// softirq. Helps real NICs; veth in copy mode has no NAPI of its own to poll.
+    pub busy_poll: Option<BusyPoll>,
+}
+
+/// Busy-poll settings of a socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BusyPoll {
+    /// `SO_BUSY_POLL`: microseconds to busy-poll in a blocking call.
+    pub timeout_us: u32,
+    /// `SO_BUSY_POLL_BUDGET`: packets per busy-poll round.
+    pub budget: u32,
+}
+
+impl Default for SocketOpts {
+    fn default() -> Self {
+        SocketOpts {
+            rx_size: 2048,
+            tx_size: 2048,
+            xdp_mode: XdpMode::Auto,
+            bind: BindMode::Copy,
+            need_wakeup: true,
+            busy_poll: None,
+        }
+    }
+}
+
+/// One frame of a UMEM, owned by whoever holds this value (see the module docs).
+#[derive(Debug)]
+pub struct XskFrame {
+    desc: FrameDesc,
+    umem: u32,
+}
+
+impl XskFrame {
+    /// The frame's offset in its UMEM (for diagnostics).
+    pub fn addr(&self) -> usize {
+        self.desc.addr()
+    }
+}
+
+/// A UMEM: the frame memory one worker shares with the kernel and with all its sockets.
+#[derive(Debug)]
+pub struct XskUmem {
+    umem: Umem,
+    id: u32,
+    opts: UmemOpts,
+    /// (ifindex, queue) pairs bound on this UMEM; binding one twice would share its fill and
+    /// completion rings, which the port model does not allow.
+    bound: Vec<(u32, u32)>,
+    /// XDP guards per interface, shared by the ports on it.
+    guards: Vec<Rc<XdpGuard>>,
+    _not_send: NotSend,
+}
+
+fn queue_size(what: &str, size: u32) -> Result<QueueSize, Error> {
+    QueueSize::new(size).map_err(|e| Error::Config(format!("{what}: {e}")))
+}
+
+impl XskUmem {
+    /// Creates a UMEM and returns it with all its frames, which start out owned by the caller.
+    pub fn new(opts: UmemOpts) -> Result<(XskUmem, Vec<XskFrame>), Error> {
+        let umem_err = |source: Box<dyn std::error::Error + Send + Sync>| Error::Umem {
+            frames: opts.frames,
+            frame_size: opts.frame_size,
+            source,
+        };
+        let frame_size = FrameSize::new(opts.frame_size).map_err(|e| umem_err(Box::new(e)))?;
+        let config = UmemConfig::builder()
+            .frame_size(frame_size)
+            .fill_queue_size(queue_size("fill ring", opts.fill_size)?)
+            .comp_queue_size(queue_size("completion ring", opts.comp_size)?)
+            .build()
+            .map_err(|e| umem_err(Box::new(e)))?;
+        let count = std::num::NonZeroU32::new(opts.frames)
+            .ok_or_else(|| Error::Config("a UMEM needs at least one frame".into()))?;
+        let (umem, descs) = Umem::new(config, count, false).map_err(|e| umem_err(Box::new(e)))?;
+        let id = NEXT_UMEM_ID.fetch_add(1, Ordering::Relaxed);
+        let frames = descs
+            .into_iter()
+            .map(|desc| XskFrame { desc, umem: id })
+            .collect();
+        let umem = XskUmem {
+            umem,
+            id,
+            opts,
+            bound: Vec::new(),
+            guards: Vec::new(),
+            _not_send: PhantomData,
+        };
+        Ok((umem, frames))
+    }
+
+    /// This UMEM's id, carried by each of its frames.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The options it was created with.
+    pub fn opts(&self) -> UmemOpts {
+        self.opts
+    }
+
+    /// Binds an AF_XDP socket to `queue` of `interface` (in the calling thread's network
+    /// namespace) on this UMEM, and returns its receive and transmit sides.
+    ///
+    /// The first socket on an interface makes libxdp attach its default XDP program, which
+    /// redirects the queue's frames into the socket (through an XSKMAP). An XDP program that
+    /// is already on the interface and was not attached through this UMEM is another
+    /// owner's: it is reported as an error, never replaced.
+    pub fn open(
+        &mut self,
+        interface: &str,
+        queue: u32,
+        opts: &SocketOpts,
+    ) -> Result<(XskRx, XskTx), Error> {
+        let ifindex = ifindex(interface)?;
+        if self.bound.contains(&(ifindex, queue)) {
+            return Err(Error::AlreadyBound {
+                interface: interface.into(),
+                queue,
+            });
+        }
+        let xdp_flags = match opts.xdp_mode {
+            XdpMode::Auto => XdpFlags::empty(),
+            XdpMode::Generic => XdpFlags::XDP_FLAGS_SKB_MODE,
+            XdpMode::Native => XdpFlags::XDP_FLAGS_DRV_MODE,
+        };
+        let guard = match self.guards.iter().find(|g| g.ifindex == ifindex) {
+            Some(guard) => Rc::clone(guard),
+            None => {
+                // Flags 0 asks for the program in whichever single mode it is attached: a
+                // device cannot have native and generic programs at once.
+                if let Some(prog) = xdp_prog_id(ifindex, 0, interface)? {
+                    return Err(Error::XdpBusy {
+                        interface: interface.into(),
+                        prog,
+                    });
+                }
+                Rc::new(XdpGuard {
+                    ifindex,
+                    interface: interface.into(),
+                    netns: current_netns()?,
+                    prog: std::cell::Cell::new(None),
+                })
+            }
+        };
+        let mut bind = BindFlags::empty();
+        match opts.bind {
+            BindMode::Auto => {}
+            BindMode::Copy => bind |= BindFlags::XDP_COPY,
+            BindMode::ZeroCopy => bind |= BindFlags::XDP_ZEROCOPY,
+        }
+        if opts.need_wakeup {
+            bind |= BindFlags::XDP_USE_NEED_WAKEUP;
+        }
+        let config = SocketConfig::builder()
+            .rx_queue_size(queue_size("rx ring", opts.rx_size)?)
+            .tx_queue_size(queue_size("tx ring", opts.tx_size)?)
+            .libxdp_flags(LibxdpFlags::empty())
+            .xdp_flags(xdp_flags)
+            .bind_flags(bind)
+            .build();
+        let name: Interface = interface.parse().map_err(|e| Error::Socket {
+            interface: interface.into(),
+            queue,
+            source: Box::new(e),
+        })?;
+        // SAFETY: xsk-rs requires XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD when this (interface,
+        // queue) pair is already bound on this UMEM; `self.bound` rules that case out above.
+        let (txq, rxq, rings) =
+            unsafe { Socket::new(config, &self.umem, &name, queue) }.map_err(|e| {
+                Error::Socket {
+                    interface: interface.into(),
+                    queue,
+                    source: Box::new(e),
+                }
+            })?;
+        // A pair not yet bound on this UMEM always gets its own fill and completion rings.
+        let (fq, cq) = rings.ok_or_else(|| Error::AlreadyBound {
+            interface: interface.into(),
+            queue,
+        })?;
+        if let Some(busy) = opts.busy_poll {
+            let fd = rxq.fd().as_raw_fd();
+            for (option, name, value) in [
+                (SO_PREFER_BUSY_POLL, "setsockopt(SO_PREFER_BUSY_POLL)", 1),
+                (
+                    libc::SO_BUSY_POLL,
+                    "setsockopt(SO_BUSY_POLL)",
+                    busy.timeout_us,
+                ),
+                (
+                    SO_BUSY_POLL_BUDGET,
+                    "setsockopt(SO_BUSY_POLL_BUDGET)",
+                    busy.budget,
+                ),
+            ] {
+                set_socket_option(fd, option, value as libc::c_int).map_err(|source| {
+                    Error::SocketIo {
+                        syscall: name,
+                        interface: interface.into(),
+                        source,
+                    }
+                })?;
+            }
+        }
+        if guard.prog.get().is_none() {
+            guard
+                .prog
+                .set(xdp_prog_id(ifindex, xdp_flags.bits(), interface)?);
+        }
+        if !self.guards.iter().any(|g| g.ifindex == ifindex) {
+            self.guards.push(Rc::clone(&guard));
+        }
+        self.bound.push((ifindex, queue));
+        let rx = XskRx {
+            rxq,
+            fq,
+            umem: self.id,
+            need_wakeup: opts.need_wakeup,
+            interface: interface.into(),
+            scratch: [FrameDesc::default(); BURST],
+            _guard: Rc::clone(&guard),
+        };
+        let tx = XskTx {
+            txq,
+            cq,
+            umem: self.id,
+            need_wakeup: opts.need_wakeup,
+            in_flight: 0,
+            tx_size: opts.tx_size,
+            interface: interface.into(),
+            scratch: [FrameDesc::default(); BURST],
+            _guard: guard,
+        };
+        Ok((rx, tx))
+    }
+}
+
+impl FrameMem for XskUmem {
+    type Frame = XskFrame;
+
+    fn with_bytes_mut<R>(&self, frame: &mut XskFrame, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        // A frame of another UMEM would index this UMEM's memory at a frame someone else may
+        // own; that is a bug in the caller, not something a packet can cause.
+        assert_eq!(frame.umem, self.id, "frame used with another UMEM");
+        // SAFETY: the frame belongs to this UMEM (checked above) and the caller holds the
+        // only `XskFrame` for it, which the kernel does not own while it is in user space
+        // (module docs), so no other reference to these bytes exists for this borrow.
+        let mut data = unsafe { self.umem.data_mut(&mut frame.desc) };
+        f(data.contents_mut())
+    }
+
+    fn with_burst_mut<R>(
+        &self,
+        frames: &mut [XskFrame],
+        f: impl FnOnce(&mut [&mut [u8]]) -> R,
+    ) -> R {
+        // Two stack arrays: the xsk-rs views (each borrowing its own frame's descriptor, so
+        // they are disjoint) and the byte slices borrowed from them.
+        let mut views: [Option<xsk_rs::umem::frame::DataMut<'_>>; BURST] =
+            std::array::from_fn(|_| None);
+        for (view, frame) in views.iter_mut().zip(frames.iter_mut()) {
+            assert_eq!(frame.umem, self.id, "frame used with another UMEM");
+            // SAFETY: as in `with_bytes_mut`; each frame is a distinct `XskFrame` held only by
+            // the caller, so the views do not overlap.
+            *view = Some(unsafe { self.umem.data_mut(&mut frame.desc) });
+        }
+        let mut slices: [&mut [u8]; BURST] = std::array::from_fn(|_| <&mut [u8]>::default());
+        let mut n = 0;
+        for (slot, view) in slices.iter_mut().zip(views.iter_mut().flatten()) {
+            *slot = view.contents_mut();
+            n += 1;
+        }
+        f(slices.get_mut(..n).unwrap_or_default())
+    }
+
+    fn len(&self, frame: &XskFrame) -> usize {
+        frame.desc.lengths().data()
+    }
+
+    fn set_len(&self, frame: &mut XskFrame, len: usize) -> usize {
+        assert_eq!(frame.umem, self.id, "frame used with another UMEM");
+        // SAFETY: as in `with_bytes_mut`: a frame of this UMEM, held only by the caller.
+        let mut data = unsafe { self.umem.data_mut(&mut frame.desc) };
+        // The cursor clamps the position to the frame's data capacity.
+        data.cursor().set_pos(len);
+        frame.desc.lengths().data()
+    }
+}
+
+/// Counters the kernel keeps per AF_XDP socket (`XDP_STATISTICS`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    /// Frames dropped for reasons other than a full ring.
+    pub rx_dropped: u64,
+    /// Frames dropped because the rx ring was full.
+    pub rx_ring_full: u64,
+    /// Times the kernel found the fill ring empty.
+    pub rx_fill_ring_empty: u64,
+    /// Invalid descriptors seen on the rx / fill side.
+    pub rx_invalid_descs: u64,
+    /// Invalid descriptors seen on the tx ring.
+    pub tx_invalid_descs: u64,
+    /// Times the kernel found the tx ring empty.
+    pub tx_ring_empty: u64,
+}
+
+/// The receive side of one AF_XDP socket: its rx ring and its (interface, queue)'s fill ring.
+#[derive(Debug)]
+pub struct XskRx {
+    rxq: RxQueue,
+    fq: FillQueue,
+    umem: u32,
+    need_wakeup: bool,
+    interface: String,
+    scratch: [FrameDesc; BURST],
+    // Last field: dropped after the socket's queues, so libxdp has detached first.
+    _guard: Rc<XdpGuard>,
+}
+
+impl XskRx {
+    /// The interface this socket is bound to.
+    pub fn interface(&self) -> &str {
+        &self.interface
+    }
+
+    /// The kernel's counters for this socket.
+    pub fn kernel_stats(&self) -> Result<KernelStats, Error> {
+        let s = self
+            .rxq
+            .fd()
+            .xdp_statistics()
+            .map_err(|source| Error::SocketIo {
+                syscall: "getsockopt(XDP_STATISTICS)",
+                interface: self.interface.clone(),
+                source,
+            })?;
+        Ok(KernelStats {
+            rx_dropped: s.rx_dropped(),
+            rx_ring_full: s.rx_ring_full(),
+            rx_fill_ring_empty: s.rx_fill_ring_empty_descs(),
+            rx_invalid_descs: s.rx_invalid_descs(),
+            tx_invalid_descs: s.tx_invalid_descs(),
+            tx_ring_empty: s.tx_ring_empty_descs(),
+        })
+    }
+}
+
+/// Checks that every frame of `frames` belongs to UMEM `umem`.
+fn check_umem<'a>(frames: impl Iterator<Item = &'a XskFrame>, umem: u32) -> Result<(), Error> {
+    for f in frames {
+        if f.umem != umem {
+            return Err(Error::ForeignFrame {
+                frame_umem: f.umem,
+                ring_umem: umem,
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Rx for XskRx {
+    type Frame = XskFrame;
+
+    fn fill(&mut self, free: &mut Vec<XskFrame>, max: usize) -> Result<usize, Error> {
+        let mut total = 0;
+        loop {
+            let want = free.len().min(max - total).min(BURST) as u32;
+            // Reserving is all-or-nothing in libxdp, so ask how much room there is first.
+            let n = self.fq.nb_free(want).min(want) as usize;
+            if n == 0 {
+                break;
+            }
+            let start = free.len() - n;
+            let chunk = free.get(start..).unwrap_or_default();
+            check_umem(chunk.iter(), self.umem)?;
+            for (slot, f) in self.scratch.iter_mut().zip(chunk) {
+                *slot = f.desc;
+            }
+            // SAFETY: the descriptors are of frames of this socket's UMEM (checked above)
+            // that the caller owned; they leave the caller's hands by the truncate below, so
+            // no frame is given to the kernel while user space can still reach it.
+            let produced = unsafe { self.fq.produce(self.scratch.get(..n).unwrap_or_default()) };
+            free.truncate(free.len() - produced);
+            total += produced;
+            if produced < n {
+                break;
+            }
+        }
+        if total > 0 && self.need_wakeup && self.fq.needs_wakeup() {
+            let interface = &self.interface;
+            self.fq
+                .wakeup(self.rxq.fd_mut(), 0)
+                .map_err(|source| Error::SocketIo {
+                    syscall: "poll (fill ring wakeup)",
+                    interface: interface.clone(),
+                    source,
+                })?;
+        }
+        Ok(total)
+    }
+
+    fn recv(&mut self, out: &mut Vec<XskFrame>, max: usize) -> Result<usize, Error> {
+        let n = max.min(out.capacity() - out.len()).min(BURST);
+        let Some(scratch) = self.scratch.get_mut(..n) else {
+            return Ok(0);
+        };
+        // SAFETY: the rx ring of this socket only returns frames of its UMEM; the descriptors
+        // consumed are of frames the kernel hands back to user space, wrapped below into
+        // `XskFrame`s tagged with this UMEM.
+        let got = unsafe { self.rxq.consume(scratch) };
+        out.extend(scratch.iter().take(got).map(|&desc| XskFrame {
+            desc,
+            umem: self.umem,
+        }));
+        Ok(got)
+    }
+
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        // SAFETY: the descriptor stays open while `self.rxq` holds the socket, and the
+        // returned borrow cannot outlive `self`.
+        Some(unsafe { BorrowedFd::borrow_raw(self.rxq.fd().as_raw_fd()) })
+    }
+}
+
+/// The transmit side of one AF_XDP socket: its tx ring and its (interface, queue)'s
+/// completion ring.
+#[derive(Debug)]
+pub struct XskTx {
+    txq: TxQueue,
+    cq: CompQueue,
+    umem: u32,
+    need_wakeup: bool,
+    in_flight: usize,
+    tx_size: u32,
+    interface: String,
+    scratch: [FrameDesc; BURST],
+    // Last field: dropped after the socket's queues, so libxdp has detached first.
+    _guard: Rc<XdpGuard>,
+}
+
+impl XskTx {
+    /// The interface this socket is bound to.
+    pub fn interface(&self) -> &str {
+        &self.interface
+    }
+}
+
+impl Tx for XskTx {
+    type Frame = XskFrame;
+
+    fn send(&mut self, frames: &mut Vec<XskFrame>) -> Result<usize, Error> {
+        // Checked up front: an error after some frames were queued would leave them both in
+        // `frames` and on the ring.
+        check_umem(frames.iter(), self.umem)?;
+        let mut total = 0;
+        while total < frames.len() {
+            let want = (frames.len() - total).min(BURST) as u32;
+            let n = self.txq.nb_free(want).min(want) as usize;
+            if n == 0 {
+                break;
+            }
+            let chunk = frames.get(total..total + n).unwrap_or_default();
+            for (slot, f) in self.scratch.iter_mut().zip(chunk) {
+                *slot = f.desc;
+            }
+            // SAFETY: frames of this socket's UMEM (checked on entry), owned by the caller; the
+            // ones produced are drained from `frames` below, before user space can touch them
+            // again.
+            let produced = unsafe { self.txq.produce(self.scratch.get(..n).unwrap_or_default()) };
+            total += produced;
+            if produced < n {
+                break;
+            }
+        }
+        frames.drain(..total);
+        self.in_flight += total;
+        Ok(total)
+    }
+
+    fn reclaim(&mut self, free: &mut Vec<XskFrame>) -> Result<usize, Error> {
+        let mut total = 0;
+        loop {
+            let n = (free.capacity() - free.len()).min(BURST);
+            let Some(scratch) = self.scratch.get_mut(..n) else {
+                break;
+            };
+            // SAFETY: the completion ring of this socket only returns frames of its UMEM
+            // that it was given through this socket's tx ring; they are wrapped into
+            // `XskFrame`s tagged with this UMEM below.
+            let got = unsafe { self.cq.consume(scratch) };
+            free.extend(scratch.iter().take(got).map(|&desc| XskFrame {
+                desc,
+                umem: self.umem,
+            }));
+            total += got;
+            if got < n || got == 0 {
+                break;
+            }
+        }
+        self.in_flight = self.in_flight.saturating_sub(total);
+        Ok(total)
+    }
+
+    fn flush(&mut self) -> Result<(), Error> {
+        if self.in_flight == 0 {
+            return Ok(());
+        }
+        // Copy mode transmits only inside the syscall, at most 32 frames per call
+        // (TX_BATCH_SIZE in net/xdp/xsk.c), while a poll can queue a burst of 64 from each
+        // port: one kick per poll would let the tx ring fill up. So kick while frames remain
+        // on the ring, a bounded number of times (the kernel may be unable to make progress,
+        // e.g. when the device queue is full). Without need_wakeup the kernel never asks,
+        // but still needs the kick.
+        for _ in 0..MAX_KICKS_PER_FLUSH {
+            let on_ring = self.tx_size.saturating_sub(self.txq.nb_free_exact());
+            if on_ring == 0 || (self.need_wakeup && !self.txq.needs_wakeup()) {
+                break;
+            }
+            self.txq.wakeup().map_err(|source| Error::SocketIo {
+                syscall: "sendto (tx wakeup)",
+                interface: self.interface.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}
+
+/// Makes sure the XDP program libxdp attached to an interface for this process's sockets is
+/// gone once they are. libxdp detaches it itself when its last socket is deleted; this is
+/// the safety net for an exit path where that did not happen. It only detaches the program
+/// id it recorded, and only from the namespace it was created in.
+#[derive(Debug)]
+pub struct XdpGuard {
+    ifindex: u32,
+    interface: String,
+    netns: u64,
+    prog: std::cell::Cell<Option<u32>>,
+}
+
+impl Drop for XdpGuard {
+    fn drop(&mut self) {
+        let Some(prog) = self.prog.get() else {
+            return;
+        };
+        // Interface indexes are per namespace: never act on a same-numbered interface of
+        // another one (the types are !Send, so this is a second line of defence).
+        if current_netns().ok() != Some(self.netns) {
+            return;
+        }
+        // There is no way to report from a destructor; a program left behind is found by
+        // `detach_stale_xsk_prog` at the next start.
+        let _ = detach_prog(self.ifindex, prog, &self.interface);
+    }
+}
+
+/// The name libxdp gives the default program it attaches for AF_XDP sockets.
+pub const XSK_DEFAULT_PROG: &str = "xsk_def_prog";
+
+/// An open file descriptor of a BPF program, closed on drop.
+struct ProgFd(std::os::fd::OwnedFd);
+
+impl ProgFd {
+    fn by_id(prog: u32, interface: &str) -> Result<ProgFd, Error> {
+        // SAFETY: a syscall wrapper taking a plain id.
+        let fd = unsafe { libxdp_sys::bpf_prog_get_fd_by_id(prog) };
+        if fd < 0 {
+            return Err(Error::Interface {
+                interface: interface.into(),
+                what: "opening the XDP program by id",
+                source: io::Error::from_raw_os_error(-fd),
+            });
+        }
+        // SAFETY: `fd` was just returned by the kernel, is open, and nothing else owns it.
+        Ok(ProgFd(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }))
+    }
+
+    fn name(&self, interface: &str) -> Result<String, Error> {
+        // SAFETY: `bpf_prog_info` is a plain C struct of integers, arrays and u64
+        // "pointers"; all zeroes is a valid value (and what the kernel expects on input).
+        let mut info: libxdp_sys::bpf_prog_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libxdp_sys::bpf_prog_info>() as u32;
+        // SAFETY: `info` and `len` are valid for writes and `len` is `info`'s size.
+        let rc =
+            unsafe { libxdp_sys::bpf_prog_get_info_by_fd(self.0.as_raw_fd(), &mut info, &mut len) };
+        if rc < 0 {
+            return Err(Error::Interface {
+                interface: interface.into(),
+                what: "reading the XDP program's info",
+                source: io::Error::from_raw_os_error(-rc),
+            });
+        }
+        let bytes: Vec<u8> = info
+            .name
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+/// Detaches program `prog` from `ifindex` in whichever mode it is attached, and only if it
+/// is still that program (`XDP_FLAGS_REPLACE` with the program's fd), so a program someone
+/// attached in the meantime is never removed. Returns whether it detached anything.
+fn detach_prog(ifindex: u32, prog: u32, interface: &str) -> Result<bool, Error> {
+    let fd = ProgFd::by_id(prog, interface)?;
+    for mode in [XdpFlags::XDP_FLAGS_SKB_MODE, XdpFlags::XDP_FLAGS_DRV_MODE] {
+        if xdp_prog_id(ifindex, mode.bits(), interface)? != Some(prog) {
+            continue;
+        }
+        let opts = libxdp_sys::bpf_xdp_attach_opts {
+            sz: std::mem::size_of::<libxdp_sys::bpf_xdp_attach_opts>(),
+            old_prog_fd: fd.0.as_raw_fd(),
+        };
+        // SAFETY: `opts` is a valid, initialised options struct that outlives the call.
+        let rc = unsafe { libxdp_sys::bpf_xdp_detach(ifindex as i32, mode.bits(), &opts) };
+        if rc < 0 {
+            return Err(Error::Interface {
+                interface: interface.into(),
+                what: "detaching the XDP program",
+                source: io::Error::from_raw_os_error(-rc),
+            });
+        }
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// Removes an AF_XDP program left on `interface` (in the calling thread's namespace) by a
+/// run that died without cleaning up: libxdp's default program ([`XSK_DEFAULT_PROG`]) is
+/// detached; any other program is someone else's and is reported as [`Error::XdpBusy`],
+/// never touched. Returns the id of the program removed, if any.
+///
+/// Only call it for interfaces this node agent owns (its pod veths), before opening
+/// sockets on them: another live AF_XDP user of the same interface would lose its program.
+pub fn detach_stale_xsk_prog(interface: &str) -> Result<Option<u32>, Error> {
+    let ifindex = ifindex(interface)?;
+    let Some(prog) = xdp_prog_id(ifindex, 0, interface)? else {
+        return Ok(None);
+    };
+    let name = ProgFd::by_id(prog, interface)?.name(interface)?;
+    if name != XSK_DEFAULT_PROG {
+        return Err(Error::XdpBusy {
+            interface: interface.into(),
+            prog,
+        });
+    }
+    Ok(detach_prog(ifindex, prog, interface)?.then_some(prog))
+}
+
+/// The id of the XDP program attached to `ifindex` in the mode `flags` selects, if any.
+pub fn xdp_prog_id(ifindex: u32, flags: u32, interface: &str) -> Result<Option<u32>, Error> {
+    let mut id: u32 = 0;
+    // SAFETY: `id` is a valid, writable u32 for the duration of the call.
+    let rc = unsafe { libxdp_sys::bpf_xdp_query_id(ifindex as i32, flags as i32, &mut id) };
+    if rc < 0 && rc != -libc::ENOENT {
+        return Err(Error::Interface {
+            interface: interface.into(),
+            what: "querying the XDP program",
+            source: io::Error::from_raw_os_error(-rc),
+        });
+    }
+    Ok((rc >= 0 && id != 0).then_some(id))
+}
+
+/// The index of `interface` in the calling thread's network namespace.
+pub fn ifindex(interface: &str) -> Result<u32, Error> {
+    let err = |source| Error::Interface {
+        interface: interface.into(),
+        what: "if_nametoindex",
+        source,
+    };
+    let name =
+        CString::new(interface).map_err(|e| err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    Ok(index)
+}
+
+/// Identifies the calling thread's network namespace (the inode of its nsfs file).
+pub fn current_netns() -> Result<u64, Error> {
+    std::fs::metadata("/proc/thread-self/ns/net")
+        .map(|m| m.ino())
+        .map_err(|source| Error::Netns {
+            name: "(current)".into(),
+            syscall: "stat /proc/thread-self/ns/net",
+            source,
+        })
+}
+
+fn setns(file: &File, name: &str) -> Result<(), Error> {
+    // SAFETY: `file` is an open namespace file for the duration of the call; setns has no
+    // memory-safety preconditions and changes only this thread's network namespace.
+    let rc = unsafe { libc::setns(file.as_fd().as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(Error::Netns {
+            name: name.into(),
+            syscall: "setns",
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+fn open_netns(name: &str) -> Result<File, Error> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(Error::Netns {
+            name: name.into(),
+            syscall: "validating the name",
+            source: io::Error::new(io::ErrorKind::InvalidInput, "not a namespace name"),
+        });
+    }
+    File::open(format!("/var/run/netns/{name}")).map_err(|source| Error::Netns {
+        name: name.into(),
+        syscall: "open /var/run/netns",
+        source,
+    })
+}
+
+/// Moves the calling thread (only it) into the network namespace `name` (as created by
+/// `ip netns add`, under /var/run/netns), for the rest of its life. Sockets it opens from
+/// then on, and interface names it resolves, are that namespace's.
+pub fn enter_netns(name: &str) -> Result<(), Error> {
+    setns(&open_netns(name)?, name)
+}
+
+/// Runs `f` on the calling thread inside the network namespace `name`, then moves the thread
+/// back, also when `f` panics. Sockets `f` opens stay in `name`.
+pub fn in_netns<R>(name: &str, f: impl FnOnce() -> R) -> Result<R, Error> {
+    struct Restore(File);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // Failing to return would leave the thread in a namespace that may soon be
+            // deleted; there is no way to report it from a destructor, and the next
+            // namespace-relative call on this thread fails loudly instead.
+            let _ = setns(&self.0, "(original)");
+        }
+    }
+    let original = File::open("/proc/thread-self/ns/net").map_err(|source| Error::Netns {
+        name: name.into(),
+        syscall: "open /proc/thread-self/ns/net",
+        source,
+    })?;
+    let target = open_netns(name)?;
+    let restore = Restore(original);
+    setns(&target, name)?;
+    let out = f();
+    drop(restore);
+    Ok(out)
+}
+
+// The asm-generic values (x86, arm, aarch64, riscv); libc does not export these two on
+// every target yet.
+const SO_PREFER_BUSY_POLL: libc::c_int = 69;
+const SO_BUSY_POLL_BUDGET: libc::c_int = 70;
+
+/// Sets an integer `SOL_SOCKET` option.
+fn set_socket_option(fd: libc::c_int, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: `value` is a valid c_int for the duration of the call and its size is passed;
+    // an invalid `fd` only makes the call fail.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Pins the calling thread to CPU `core`. Refuses a core this machine does not have (naming
+/// it), so a misconfigured worker fails at start instead of floating.
+pub fn pin_current_thread(core: usize) -> Result<(), Error> {
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let Some(id) = cores.into_iter().find(|c| c.id == core) else {
+        return Err(Error::Config(format!("CPU core {core} does not exist")));
+    };
+    if !core_affinity::set_for_current(id) {
+        return Err(Error::Config(format!(
+            "cannot pin a thread to CPU core {core}"
+        )));
+    }
+    Ok(())
+}
+
+/// Waits until one of `fds` is readable or `timeout_ms` passes (`-1`: forever); returns
+/// whether any is. Used by an idle worker to sleep until frames arrive instead of spinning.
+/// At most 16 descriptors are watched (more than a worker has sockets).
+pub fn poll_readable<'a>(
+    fds: impl IntoIterator<Item = BorrowedFd<'a>>,
+    timeout_ms: i32,
+) -> Result<bool, Error> {
+    const MAX: usize = 16;
+    let mut set = [libc::pollfd {
+        fd: -1,
+        events: 0,
+        revents: 0,
+    }; MAX];
+    let mut n = 0;
+    for (slot, fd) in set.iter_mut().zip(fds) {
+        slot.fd = fd.as_raw_fd();
+        slot.events = libc::POLLIN;
+        n += 1;
+    }
+    // SAFETY: `set` is a valid array of at least `n` pollfd entries that outlives the call.
+    let rc = unsafe { libc::poll(set.as_mut_ptr(), n as libc::nfds_t, timeout_ms) };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(Error::SocketIo {
+            syscall: "poll",
+            interface: "(worker sockets)".into(),
+            source: err,
+        });
+    }
+    Ok(rc > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netns_names_that_could_escape_the_directory_are_refused() {
+        fn check(name: &str, refused_before_open: bool) {
+            match open_netns(name) {
+                Err(Error::Netns { syscall, .. }) => assert_eq!(
+                    syscall == "validating the name",
+                    refused_before_open,
+                    "{name:?}: {syscall}"
+                ),
+                other => panic!("{name:?}: {other:?}"),
+            }
+        }
+        check("", true);
+        check(".", true);
+        check("..", true);
+        check("../../proc/1/ns/net", true);
+        check("a/b", true);
+        check("ocl-no-such-namespace-for-sure", false);
+    }
+
+    #[test]
+    fn pinning_to_a_core_that_does_not_exist_is_refused() {
+        let err = pin_current_thread(usize::MAX).unwrap_err().to_string();
+        assert!(err.contains(&usize::MAX.to_string()), "{err}");
+    }
+
+    #[test]
+    fn in_netns_returns_to_the_original_namespace() {
+        // A namespace that does not exist: refused before switching, the thread stays put.
+        let before = current_netns().unwrap();
+        assert!(in_netns("ocl-no-such-namespace-for-sure", || ()).is_err());
+        assert_eq!(current_netns().unwrap(), before);
+    }
+
+    // UMEM tests below need CAP_NET_RAW (root), as the whole dataplane does; CI runs as root.
+
+    #[test]
+    fn umem_hands_out_all_frames_with_distinct_addresses() {
+        let opts = UmemOpts {
+            frames: 64,
+            ..UmemOpts::default()
+        };
+        let (umem, frames) = XskUmem::new(opts).unwrap();
+        assert_eq!(frames.len(), 64);
+        let mut addrs: Vec<usize> = frames.iter().map(XskFrame::addr).collect();
+        addrs.sort_unstable();
+        addrs.dedup();
+        assert_eq!(addrs.len(), 64);
+        assert!(frames.iter().all(|f| f.umem == umem.id()));
+        let (other, _) = XskUmem::new(opts).unwrap();
+        assert_ne!(umem.id(), other.id());
+    }
+
+    #[test]
+    fn frame_bytes_round_trip_and_length_is_clamped() {
+        let (umem, mut frames) = XskUmem::new(UmemOpts {
+            frames: 4,
+            ..UmemOpts::default()
+        })
+        .unwrap();
+        let (a, rest) = frames.split_first_mut().unwrap();
+        let b = rest.first_mut().unwrap();
+        assert_eq!(umem.set_len(a, 60), 60);
+        assert_eq!(umem.set_len(b, 60), 60);
+        umem.with_bytes_mut(a, |bytes| bytes.fill(0xaa));
+        umem.with_bytes_mut(b, |bytes| bytes.fill(0xbb));
+        assert!(umem.with_bytes_mut(a, |bytes| bytes.iter().all(|&x| x == 0xaa)));
+        assert_eq!(umem.len(a), 60);
+        // 2048-byte frames minus the kernel's 256 bytes of XDP headroom.
+        assert_eq!(umem.set_len(a, 100_000), 2048 - 256);
+    }
+
+    #[test]
+    fn burst_view_gives_one_disjoint_slice_per_frame() {
+        let (umem, mut frames) = XskUmem::new(UmemOpts {
+            frames: 80,
+            ..UmemOpts::default()
+        })
+        .unwrap();
+        for (i, f) in frames.iter_mut().enumerate() {
+            umem.set_len(f, 60 + i);
+        }
+        let seen = umem.with_burst_mut(&mut frames, |slices| {
+            for (i, s) in slices.iter_mut().enumerate() {
+                s.fill(i as u8);
+            }
+            slices.iter().map(|s| s.len()).collect::<Vec<_>>()
+        });
+        // At most one burst, lengths in frame order.
+        assert_eq!(seen, (0..BURST).map(|i| 60 + i).collect::<Vec<_>>());
+        for (i, f) in frames.iter_mut().take(BURST).enumerate() {
+            assert!(umem.with_bytes_mut(f, |b| b.iter().all(|&x| x == i as u8)));
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "another UMEM")]
+    fn a_frame_of_another_umem_is_refused() {
+        let opts = UmemOpts {
+            frames: 4,
+            ..UmemOpts::default()
+        };
+        let (umem, _) = XskUmem::new(opts).unwrap();
+        let (_other, mut frames) = XskUmem::new(opts).unwrap();
+        umem.with_bytes_mut(&mut frames[0], |_| ());
+    }
+
+    #[test]
+    fn bad_sizes_are_refused_with_the_value() {
+        fn check(opts: UmemOpts, needle: &str) {
+            let err = XskUmem::new(opts).unwrap_err();
+            let text = format!("{err} {:?}", std::error::Error::source(&err));
+            assert!(text.contains(needle), "{text}");
+        }
+        let ok = UmemOpts::default();
+        check(UmemOpts { frames: 0, ..ok }, "at least one frame");
+        check(
+            UmemOpts {
+                fill_size: 1000,
+                ..ok
+            },
+            "1000",
+        );
+        check(
+            UmemOpts {
+                frame_size: 1024,
+                ..ok
+            },
+            "1024",
+        );
+        check(
+            UmemOpts {
+                frame_size: 3000,
+                ..ok
+            },
+            "3000",
+        );
+    }
+}

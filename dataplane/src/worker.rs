@@ -1,0 +1,719 @@
+//! The worker loop with a classifier in it: the skeleton of ocelot's forwarding worker.
+//!
+//! Like [`crate::rawfwd`], one worker owns one frame memory (UMEM) and some ports, and one
+//! [`Worker::poll_once`] is: reclaim completions → refill fill rings → per port, receive a
+//! burst → classify it → act on each verdict → send per egress port → flush. The difference
+//! is the middle: instead of a static table, a [`Classify`] gives one [`Verdict`] per frame,
+//! over the whole burst at once (the classifier's `process_burst` shape):
+//!
+//! - `Forward(port)`: onto that port's tx ring if this worker owns the port; if another
+//!   worker owns it, copied into the [`crate::handoff`] to that worker (which sends it on at
+//!   its next poll; dropped and counted as `handoff_dropped` when the hand-off is full);
+//!   otherwise dropped and counted as `not_local`. An idle worker sleeps on its rx sockets
+//!   only, so a hand-off can wait up to the idle timeout when its receiver is idle.
+//! - `Reply`: back out of the ingress port (proxy-ARP answers).
+//! - `ToHost`: AF_XDP alone cannot give a frame back to the kernel's stack (that takes an
+//!   `XDP_PASS` decision in the XDP program, or a tap); dropped and counted as
+//!   `to_host_unsupported` for now.
+//! - `Drop(reason)`: back to the free list, counted under the reason.
+//!
+//! Frames the egress tx ring has no room for are counted as [`DropReason::TxFull`]. The loop
+//! allocates nothing; frames are conserved as in `rawfwd`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use classifier::Nanos;
+use classifier::pipeline::Packet;
+use classifier::snapshot::Snapshot;
+use classifier::verdict::{DropReason, PortId, Verdict};
+
+use crate::Error;
+use crate::handoff::{HandoffRx, HandoffTx};
+use crate::port::{BURST, FrameMem, Rx, Tx};
+use crate::rawfwd::Idle;
+use crate::sys;
+
+/// Decides what happens to each frame of a burst that arrived on one port.
+pub trait Classify {
+    /// Writes `verdicts[i]` for `frames[i]` (same length), rewriting frames to forward or
+    /// reply in place. All frames arrived on `ingress`.
+    fn classify_burst(
+        &mut self,
+        frames: &mut [&mut [u8]],
+        ingress: PortId,
+        verdicts: &mut [Verdict],
+    );
+}
+
+/// The real classifier: `classifier::pipeline::Worker` over a table snapshot, with time from
+/// a clock function (the classifier itself never reads a clock).
+#[derive(Debug)]
+pub struct Pipeline {
+    /// The classifier's per-worker state and counters.
+    pub worker: classifier::pipeline::Worker,
+    /// The tables in force. The control thread's publication mechanism (an atomic swap
+    /// loaded once per burst) replaces this field's source when it exists.
+    pub snapshot: Arc<Snapshot>,
+    /// Monotonic nanoseconds.
+    pub clock: fn() -> Nanos,
+}
+
+impl Classify for Pipeline {
+    fn classify_burst(
+        &mut self,
+        frames: &mut [&mut [u8]],
+        ingress: PortId,
+        verdicts: &mut [Verdict],
+    ) {
+        let mut pkts: [Packet<'_>; BURST] = std::array::from_fn(|_| Packet {
+            data: <&mut [u8]>::default(),
+            ingress,
+        });
+        let mut n = 0;
+        for (pkt, frame) in pkts.iter_mut().zip(frames.iter_mut()) {
+            pkt.data = std::mem::take(frame);
+            n += 1;
+        }
+        let now = (self.clock)();
+        let pkts = pkts.get_mut(..n).unwrap_or_default();
+        self.worker
+            .process_burst(&self.snapshot, pkts, verdicts, now);
+    }
+}
+
+/// Counters of one worker's I/O: what it did with the verdicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerCounters {
+    /// Frames received.
+    pub rx: u64,
+    /// Frames queued on tx rings (forwarded and replies).
+    pub tx: u64,
+    /// `Forward` to a port another worker owns (no hand-off yet).
+    pub not_local: u64,
+    /// `ToHost` verdicts (no path to the host stack yet).
+    pub to_host_unsupported: u64,
+    /// Frames copied to another worker for a port it owns.
+    pub handoff_out: u64,
+    /// Frames copied in from another worker and queued on a local port.
+    pub handoff_in: u64,
+    /// Frames for another worker dropped because its hand-off was full.
+    pub handoff_dropped: u64,
+    /// Drops by classifier reason, plus [`DropReason::TxFull`] for full tx rings; indexed by
+    /// [`DropReason::index`].
+    pub drops: [u64; DropReason::COUNT],
+}
+
+impl Default for WorkerCounters {
+    fn default() -> Self {
+        WorkerCounters {
+            rx: 0,
+            tx: 0,
+            not_local: 0,
+            to_host_unsupported: 0,
+            handoff_out: 0,
+            handoff_in: 0,
+            handoff_dropped: 0,
+            drops: [0; DropReason::COUNT],
+        }
+    }
+}
+
+impl WorkerCounters {
+    /// Drops for one reason.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops.get(reason.index()).copied().unwrap_or(0)
+    }
+
+    fn drop(&mut self, reason: DropReason, n: u64) {
+        if let Some(c) = self.drops.get_mut(reason.index()) {
+            *c += n;
+        }
+    }
+}
+
+/// One port of a worker: the classifier's id for it and its two sides.
+#[derive(Debug)]
+pub struct WorkerPort<R, T> {
+    /// The port's id in the table snapshot.
+    pub id: PortId,
+    /// Its receive side.
+    pub rx: R,
+    /// Its transmit side.
+    pub tx: T,
+}
+
+#[derive(Debug)]
+struct Port<R, T, F> {
+    id: PortId,
+    rx: R,
+    tx: T,
+    pending: Vec<F>,
+}
+
+/// A worker over frame memory `M`, ports `R`/`T` and classifier `C`.
+#[derive(Debug)]
+pub struct Worker<M: FrameMem, R, T, C> {
+    mem: M,
+    classify: C,
+    ports: Vec<Port<R, T, M::Frame>>,
+    /// Local port index by `PortId.0`.
+    local: Vec<Option<usize>>,
+    /// Index into `handoff_out` by `PortId.0`, for ports other workers own.
+    remote: Vec<Option<usize>>,
+    handoff_out: Vec<HandoffTx>,
+    handoff_in: Vec<HandoffRx>,
+    free: Vec<M::Frame>,
+    burst: Vec<M::Frame>,
+    verdicts: [Verdict; BURST],
+    counters: WorkerCounters,
+    frames: usize,
+}
+
+impl<M, R, T, C> Worker<M, R, T, C>
+where
+    M: FrameMem,
+    R: Rx<Frame = M::Frame>,
+    T: Tx<Frame = M::Frame>,
+    C: Classify,
+{
+    /// Builds a worker owning `frames` and `ports`. Refuses two ports with one id.
+    pub fn new(
+        mem: M,
+        frames: Vec<M::Frame>,
+        ports: Vec<WorkerPort<R, T>>,
+        classify: C,
+    ) -> Result<Self, Error> {
+        let n = ports.len();
+        let max_id = ports.iter().map(|p| p.id.0 as usize).max().unwrap_or(0);
+        let mut local = vec![None; max_id + 1];
+        for (entry, p) in ports.iter().enumerate() {
+            match local.get_mut(p.id.0 as usize) {
+                Some(slot @ None) => *slot = Some(entry),
+                _ => {
+                    return Err(Error::Table {
+                        entry,
+                        reason: "port id used twice",
+                    });
+                }
+            }
+        }
+        let count = frames.len();
+        let mut free = Vec::with_capacity(count);
+        free.extend(frames);
+        let ports = ports
+            .into_iter()
+            .map(|p| Port {
+                id: p.id,
+                rx: p.rx,
+                tx: p.tx,
+                pending: Vec::with_capacity(BURST * n),
+            })
+            .collect();
+        Ok(Worker {
+            mem,
+            classify,
+            ports,
+            local,
+            remote: Vec::new(),
+            handoff_out: Vec::new(),
+            handoff_in: Vec::new(),
+            free,
+            burst: Vec::with_capacity(BURST),
+            verdicts: [Verdict::Drop(DropReason::Truncated); BURST],
+            counters: WorkerCounters::default(),
+            frames: count,
+        })
+    }
+
+    /// Sends frames forwarded to any of `ports` (owned by another worker) through `tx`.
+    /// Refuses a port this worker owns or one already routed elsewhere.
+    pub fn add_handoff_out(&mut self, tx: HandoffTx, ports: &[PortId]) -> Result<(), Error> {
+        let index = self.handoff_out.len();
+        for (entry, id) in ports.iter().enumerate() {
+            let slot = id.0 as usize;
+            if matches!(self.local.get(slot), Some(Some(_))) {
+                return Err(Error::Table {
+                    entry,
+                    reason: "hand-off to a port this worker owns",
+                });
+            }
+            if self.remote.len() <= slot {
+                self.remote.resize(slot + 1, None);
+            }
+            match self.remote.get_mut(slot) {
+                Some(s @ None) => *s = Some(index),
+                _ => {
+                    return Err(Error::Table {
+                        entry,
+                        reason: "port already handed off to another worker",
+                    });
+                }
+            }
+        }
+        self.handoff_out.push(tx);
+        Ok(())
+    }
+
+    /// Takes frames other workers hand over through `rx` and sends them on local ports.
+    pub fn add_handoff_in(&mut self, rx: HandoffRx) {
+        // Each poll may queue up to a burst from every inbound hand-off on one port.
+        for p in &mut self.ports {
+            p.pending.reserve(BURST);
+        }
+        self.handoff_in.push(rx);
+    }
+
+    /// One round over all ports (see the module docs). Returns the frames received.
+    pub fn poll_once(&mut self) -> Result<usize, Error> {
+        for p in &mut self.ports {
+            p.tx.reclaim(&mut self.free)?;
+        }
+        // Keep a burst of free frames per inbound hand-off out of the fill rings, or frames
+        // handed over could never be copied in when the fill rings can hold every frame.
+        let reserve = BURST * self.handoff_in.len();
+        let n = self.ports.len();
+        for (k, p) in self.ports.iter_mut().enumerate() {
+            let share = self.free.len().saturating_sub(reserve).div_ceil(n - k);
+            p.rx.fill(&mut self.free, share)?;
+        }
+        let mut received = 0;
+        for i in 0..n {
+            let Some(port) = self.ports.get_mut(i) else {
+                continue;
+            };
+            let got = port.rx.recv(&mut self.burst, BURST)?;
+            if got == 0 {
+                continue;
+            }
+            let ingress = port.id;
+            received += got;
+            self.counters.rx += got as u64;
+            let verdicts = self.verdicts.get_mut(..got).unwrap_or_default();
+            let classify = &mut self.classify;
+            self.mem.with_burst_mut(&mut self.burst, |frames| {
+                classify.classify_burst(frames, ingress, verdicts);
+            });
+            for (frame, verdict) in self.burst.drain(..).zip(self.verdicts.iter()) {
+                let egress = match *verdict {
+                    Verdict::Forward(id) => match self.local.get(id.0 as usize) {
+                        Some(Some(index)) => Some(*index),
+                        _ => {
+                            match self
+                                .remote
+                                .get(id.0 as usize)
+                                .copied()
+                                .flatten()
+                                .and_then(|k| self.handoff_out.get(k))
+                            {
+                                Some(out) => {
+                                    let mut frame = frame;
+                                    let pushed =
+                                        self.mem.with_bytes_mut(&mut frame, |b| out.push(id, b));
+                                    match pushed {
+                                        Ok(()) => self.counters.handoff_out += 1,
+                                        Err(_) => self.counters.handoff_dropped += 1,
+                                    }
+                                    self.free.push(frame);
+                                    continue;
+                                }
+                                None => self.counters.not_local += 1,
+                            }
+                            None
+                        }
+                    },
+                    Verdict::Reply => Some(i),
+                    Verdict::ToHost => {
+                        self.counters.to_host_unsupported += 1;
+                        None
+                    }
+                    Verdict::Drop(reason) => {
+                        self.counters.drop(reason, 1);
+                        None
+                    }
+                };
+                match egress.and_then(|e| self.ports.get_mut(e)) {
+                    Some(out) => out.pending.push(frame),
+                    None => self.free.push(frame),
+                }
+            }
+        }
+        received += self.poll_handoffs_in();
+        for p in &mut self.ports {
+            if !p.pending.is_empty() {
+                let sent = p.tx.send(&mut p.pending)?;
+                self.counters.tx += sent as u64;
+                self.counters
+                    .drop(DropReason::TxFull, p.pending.len() as u64);
+                self.free.append(&mut p.pending);
+            }
+            p.tx.flush()?;
+        }
+        Ok(received)
+    }
+
+    /// Copies up to a burst per inbound hand-off into free frames, queued on their egress
+    /// ports. Returns how many frames were taken off the hand-offs.
+    fn poll_handoffs_in(&mut self) -> usize {
+        let mut taken = 0;
+        for inbound in &self.handoff_in {
+            for _ in 0..BURST {
+                // Without a free frame the buffers wait in the hand-off (whose sender drops
+                // when it is full), so nothing here blocks.
+                let Some(mut frame) = self.free.pop() else {
+                    break;
+                };
+                let mut egress = None;
+                let got = inbound.pop(|buf| {
+                    let bytes = buf.bytes();
+                    if let Some(Some(e)) = self.local.get(buf.egress().0 as usize)
+                        && self.mem.set_len(&mut frame, bytes.len()) == bytes.len()
+                    {
+                        self.mem
+                            .with_bytes_mut(&mut frame, |b| b.copy_from_slice(bytes));
+                        egress = Some(*e);
+                    }
+                });
+                if !got {
+                    self.free.push(frame);
+                    break;
+                }
+                taken += 1;
+                match egress.and_then(|e| self.ports.get_mut(e)) {
+                    Some(port) => {
+                        port.pending.push(frame);
+                        self.counters.handoff_in += 1;
+                    }
+                    None => {
+                        self.free.push(frame);
+                        self.counters.not_local += 1;
+                    }
+                }
+            }
+        }
+        taken
+    }
+
+    /// Polls until `stop` is set, idling as `idle` says. Returns the first I/O error.
+    pub fn run(&mut self, stop: &AtomicBool, idle: Idle) -> Result<(), Error> {
+        let mut empty = 0u32;
+        while !stop.load(Ordering::Relaxed) {
+            if self.poll_once()? > 0 {
+                empty = 0;
+                continue;
+            }
+            if let Idle::Poll {
+                after_empty_polls,
+                timeout_ms,
+            } = idle
+            {
+                empty = empty.saturating_add(1);
+                let in_flight = self.ports.iter().any(|p| p.tx.in_flight() > 0);
+                if empty >= after_empty_polls && !in_flight {
+                    let fds = self.ports.iter().filter_map(|p| p.rx.fd());
+                    sys::poll_readable(fds, timeout_ms)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The worker's counters.
+    pub fn counters(&self) -> &WorkerCounters {
+        &self.counters
+    }
+
+    /// The classifier (e.g. to read its counters or give it a new snapshot).
+    pub fn classify_mut(&mut self) -> &mut C {
+        &mut self.classify
+    }
+
+    /// Frames on the free list now.
+    pub fn free_frames(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Frames the worker was built with.
+    pub fn total_frames(&self) -> usize {
+        self.frames
+    }
+
+    /// The ids of the ports, in order.
+    pub fn port_ids(&self) -> impl Iterator<Item = PortId> + '_ {
+        self.ports.iter().map(|p| p.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mem::{self, Faults, MemFrames, MemRx, MemTx, Wire};
+
+    /// A classifier that reads its verdict from byte 14 of the frame (right after the
+    /// Ethernet header) and marks frames it forwards by setting byte 15 to the ingress id.
+    #[derive(Debug, Default)]
+    struct ByteVerdict {
+        bursts: usize,
+    }
+
+    const FORWARD_TO_1: u8 = 0;
+    const DROP_POLICY: u8 = 1;
+    const REPLY: u8 = 2;
+    const TO_HOST: u8 = 3;
+    const FORWARD_TO_9: u8 = 4;
+    const FORWARD_TO_0: u8 = 5;
+
+    impl Classify for ByteVerdict {
+        fn classify_burst(
+            &mut self,
+            frames: &mut [&mut [u8]],
+            ingress: PortId,
+            verdicts: &mut [Verdict],
+        ) {
+            self.bursts += 1;
+            assert_eq!(frames.len(), verdicts.len());
+            for (f, v) in frames.iter_mut().zip(verdicts.iter_mut()) {
+                *v = match f.get(14).copied() {
+                    Some(FORWARD_TO_1) => Verdict::Forward(PortId(1)),
+                    Some(DROP_POLICY) => Verdict::Drop(DropReason::PolicyIngress),
+                    Some(REPLY) => Verdict::Reply,
+                    Some(TO_HOST) => Verdict::ToHost,
+                    Some(FORWARD_TO_9) => Verdict::Forward(PortId(9)),
+                    Some(FORWARD_TO_0) => Verdict::Forward(PortId(0)),
+                    _ => Verdict::Drop(DropReason::Truncated),
+                };
+                if let Some(b) = f.get_mut(15) {
+                    *b = ingress.0 as u8;
+                }
+            }
+        }
+    }
+
+    type MemWorker<C> = Worker<MemFrames, MemRx, MemTx, C>;
+
+    fn worker<C: Classify>(classify: C, frames: usize) -> (MemWorker<C>, Wire, Wire) {
+        let (rx0, tx0, w0) = mem::wire(Faults::default());
+        let (rx1, tx1, w1) = mem::wire(Faults::default());
+        let w = Worker::new(
+            MemFrames,
+            mem::frames(frames, 2048),
+            vec![
+                WorkerPort {
+                    id: PortId(0),
+                    rx: rx0,
+                    tx: tx0,
+                },
+                WorkerPort {
+                    id: PortId(1),
+                    rx: rx1,
+                    tx: tx1,
+                },
+            ],
+            classify,
+        )
+        .expect("valid ports");
+        (w, w0, w1)
+    }
+
+    fn frame(verdict_byte: u8) -> Vec<u8> {
+        let mut f = vec![0u8; 60];
+        f[14] = verdict_byte;
+        f
+    }
+
+    #[test]
+    fn verdicts_are_acted_on_table() {
+        // (verdict byte injected on port 0, frames out of port 0, frames out of port 1,
+        //  counter check)
+        fn check(byte: u8, out0: usize, out1: usize, counted: fn(&WorkerCounters) -> u64) {
+            let (mut w, w0, w1) = worker(ByteVerdict::default(), 32);
+            w.poll_once().unwrap();
+            w0.inject(&frame(byte));
+            w.poll_once().unwrap();
+            let (s0, s1) = (w0.take_sent(), w1.take_sent());
+            assert_eq!((s0.len(), s1.len()), (out0, out1), "byte {byte}");
+            for s in s0.iter().chain(&s1) {
+                assert_eq!(s[15], 0, "classified as arriving on port 0");
+            }
+            assert_eq!(counted(w.counters()), 1, "byte {byte}: {:?}", w.counters());
+            assert_eq!(w.counters().rx, 1);
+        }
+        check(FORWARD_TO_1, 0, 1, |c| c.tx);
+        check(FORWARD_TO_0, 1, 0, |c| c.tx);
+        check(REPLY, 1, 0, |c| c.tx);
+        check(DROP_POLICY, 0, 0, |c| c.dropped(DropReason::PolicyIngress));
+        check(TO_HOST, 0, 0, |c| c.to_host_unsupported);
+        check(FORWARD_TO_9, 0, 0, |c| c.not_local);
+    }
+
+    #[test]
+    fn one_classify_call_per_burst() {
+        let (mut w, w0, _w1) = worker(ByteVerdict::default(), 256);
+        w.poll_once().unwrap();
+        for _ in 0..100 {
+            w0.inject(&frame(FORWARD_TO_1));
+        }
+        w.poll_once().unwrap();
+        w.poll_once().unwrap();
+        // 100 frames: a burst of 64, then 36.
+        assert_eq!(w.classify_mut().bursts, 2);
+        assert_eq!(w.counters().tx, 100);
+    }
+
+    #[test]
+    fn refuses_duplicate_port_ids() {
+        let (rx0, tx0, _) = mem::wire(Faults::default());
+        let (rx1, tx1, _) = mem::wire(Faults::default());
+        let r = Worker::new(
+            MemFrames,
+            mem::frames(4, 2048),
+            vec![
+                WorkerPort {
+                    id: PortId(3),
+                    rx: rx0,
+                    tx: tx0,
+                },
+                WorkerPort {
+                    id: PortId(3),
+                    rx: rx1,
+                    tx: tx1,
+                },
+            ],
+            ByteVerdict::default(),
+        );
+        assert!(matches!(r, Err(Error::Table { entry: 1, .. })));
+    }
+
+    #[test]
+    fn full_tx_ring_counts_tx_full() {
+        let (mut w, w0, w1) = worker(ByteVerdict::default(), 64);
+        w1.set_faults(Faults {
+            tx_size: 2,
+            hold_completions: true,
+            ..Faults::default()
+        });
+        w.poll_once().unwrap();
+        for _ in 0..5 {
+            w0.inject(&frame(FORWARD_TO_1));
+        }
+        w.poll_once().unwrap();
+        assert_eq!(w.counters().tx, 2);
+        assert_eq!(w.counters().dropped(DropReason::TxFull), 3);
+        assert_eq!(
+            w.free_frames() + w0.frames_in_kernel() + w1.frames_in_kernel(),
+            w.total_frames()
+        );
+    }
+
+    /// A worker owning only `port`, over a fresh simulated interface.
+    fn single(port: u16, frames: usize) -> (MemWorker<ByteVerdict>, Wire) {
+        let (rx, tx, wire) = mem::wire(Faults::default());
+        let w = Worker::new(
+            MemFrames,
+            mem::frames(frames, 2048),
+            vec![WorkerPort {
+                id: PortId(port),
+                rx,
+                tx,
+            }],
+            ByteVerdict::default(),
+        )
+        .expect("valid ports");
+        (w, wire)
+    }
+
+    #[test]
+    fn frames_for_another_workers_port_cross_the_handoff() {
+        use crate::handoff;
+        let (mut a, wire_a) = single(0, 128);
+        let (mut b, wire_b) = single(1, 128);
+        let (a_to_b, b_from_a) = handoff::channel(4, 2048);
+        let (b_to_a, a_from_b) = handoff::channel(4, 2048);
+        a.add_handoff_out(a_to_b, &[PortId(1)]).unwrap();
+        b.add_handoff_in(b_from_a);
+        b.add_handoff_out(b_to_a, &[PortId(0)]).unwrap();
+        a.add_handoff_in(a_from_b);
+        a.poll_once().unwrap();
+        b.poll_once().unwrap();
+
+        // Six frames for port 1 arrive at worker a; the hand-off holds four.
+        for _ in 0..6 {
+            wire_a.inject(&frame(FORWARD_TO_1));
+        }
+        a.poll_once().unwrap();
+        assert_eq!(a.counters().handoff_out, 4);
+        assert_eq!(a.counters().handoff_dropped, 2);
+        b.poll_once().unwrap();
+        let sent = wire_b.take_sent();
+        assert_eq!(sent.len(), 4);
+        assert!(sent.iter().all(|f| f[14] == FORWARD_TO_1 && f[15] == 0));
+        assert_eq!(b.counters().handoff_in, 4);
+
+        // And back: b forwards to port 0, a transmits.
+        wire_b.inject(&frame(FORWARD_TO_0));
+        b.poll_once().unwrap();
+        a.poll_once().unwrap();
+        assert_eq!(wire_a.take_sent().len(), 1);
+
+        for (w, wire) in [(&a, &wire_a), (&b, &wire_b)] {
+            assert_eq!(w.free_frames() + wire.frames_in_kernel(), w.total_frames());
+        }
+    }
+
+    #[test]
+    fn handoff_routes_are_checked() {
+        use crate::handoff;
+        let (mut a, _) = single(0, 8);
+        let (t1, _r1) = handoff::channel(1, 64);
+        let (t2, _r2) = handoff::channel(1, 64);
+        let (t3, _r3) = handoff::channel(1, 64);
+        assert!(matches!(
+            a.add_handoff_out(t1, &[PortId(0)]),
+            Err(Error::Table { .. })
+        ));
+        a.add_handoff_out(t2, &[PortId(5)]).unwrap();
+        assert!(matches!(
+            a.add_handoff_out(t3, &[PortId(5)]),
+            Err(Error::Table { .. })
+        ));
+    }
+
+    /// The real classifier in the loop, on an empty snapshot. What it decides is not this
+    /// test's business (the classifier is still being written); that every frame is
+    /// accounted for and returned, whatever the verdicts, is.
+    #[test]
+    fn real_pipeline_frames_are_conserved_whatever_the_verdicts() {
+        let snapshot = Snapshot {
+            epoch: 1,
+            policy: Default::default(),
+            routes: classifier::snapshot::RouteTable::new(),
+            ports: Vec::new(),
+            config: Default::default(),
+        };
+        let pipeline = Pipeline {
+            worker: classifier::pipeline::Worker::new(Arc::new(
+                classifier::conntrack::Conntrack::new(Default::default()),
+            )),
+            snapshot: Arc::new(snapshot),
+            clock: || 0,
+        };
+        let (mut w, w0, w1) = worker(pipeline, 256);
+        w.poll_once().unwrap();
+        for i in 0..40u8 {
+            w0.inject(&frame(i));
+            w1.inject(&frame(i));
+        }
+        for _ in 0..4 {
+            w.poll_once().unwrap();
+        }
+        let c = *w.counters();
+        let dropped: u64 = c.drops.iter().sum();
+        assert_eq!(c.rx, 80);
+        assert_eq!(c.rx, c.tx + dropped + c.not_local + c.to_host_unsupported);
+        assert_eq!(w.classify_mut().worker.counters().rx, 80);
+        assert_eq!(
+            w.free_frames() + w0.frames_in_kernel() + w1.frames_in_kernel(),
+            w.total_frames()
+        );
+    }
+}

@@ -1,0 +1,409 @@
+//! RAII helpers for test topologies in network namespaces.
+//!
+//! Everything a test builds lives in namespaces it created: [`Netns::new`] makes one with a
+//! unique name (`ocl-<pid>-<counter>-<role>`) and its `Drop` kills the processes the test
+//! started in it and deletes it, also when the test panics. Veth pairs are created directly
+//! inside namespaces (`ip -n`), never in the root namespace, so nothing here touches the
+//! host's interfaces, addresses, routes or XDP programs.
+//!
+//! The helpers shell out to `ip` (iproute2); a failing command panics with its output, which
+//! is what a test wants.
+
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Runs `ip args…` (or another program) and returns its output, panicking if it cannot start.
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} {args:?}: {e}"))
+}
+
+/// Runs a command and panics with its stderr unless it succeeds; returns its stdout.
+fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = run(program, args);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace owned by the test; deleted (with everything in it) on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+    children: Mutex<Vec<Child>>,
+}
+
+impl Netns {
+    /// Creates a namespace named `ocl-<pid>-<counter>-<role>` with its loopback up.
+    pub fn new(role: &str) -> Netns {
+        let name = format!(
+            "ocl-{}-{}-{role}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        run_ok("ip", &["netns", "add", &name]);
+        let ns = Netns {
+            name,
+            children: Mutex::new(Vec::new()),
+        };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// The namespace's name (as `ip netns` and `dataplane::sys::enter_netns` know it).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `ip -n <ns> args…`, panicking on failure; returns stdout.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        run_ok("ip", &full)
+    }
+
+    /// Runs a command inside the namespace (`ip netns exec`) and returns its output.
+    pub fn exec(&self, cmd: &[&str]) -> Output {
+        let mut full = vec!["netns", "exec", self.name.as_str()];
+        full.extend_from_slice(cmd);
+        run("ip", &full)
+    }
+
+    /// Runs a command inside the namespace, panicking unless it succeeds; returns stdout.
+    pub fn exec_ok(&self, cmd: &[&str]) -> String {
+        let mut full = vec!["netns", "exec", self.name.as_str()];
+        full.extend_from_slice(cmd);
+        run_ok("ip", &full)
+    }
+
+    /// Starts a command inside the namespace in the background; it is killed when the
+    /// namespace is dropped, if it has not exited by then. Returns its pid.
+    pub fn spawn(&self, cmd: &[&str]) -> u32 {
+        let child = Command::new("ip")
+            .args(["netns", "exec", self.name.as_str()])
+            .args(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {cmd:?} in {}: {e}", self.name));
+        let pid = child.id();
+        self.children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(child);
+        pid
+    }
+
+    /// Adds an address (`10.65.0.1/32`) to a device and brings it up.
+    pub fn addr_add(&self, dev: &str, cidr: &str) {
+        self.ip(&["addr", "add", cidr, "dev", dev]);
+        self.link_up(dev);
+    }
+
+    /// Brings a device up.
+    pub fn link_up(&self, dev: &str) {
+        self.ip(&["link", "set", dev, "up"]);
+    }
+
+    /// Adds a route: `route_add(&["default", "via", "169.254.1.1", "dev", "eth0"])`.
+    pub fn route_add(&self, spec: &[&str]) {
+        let mut full = vec!["route", "add"];
+        full.extend_from_slice(spec);
+        self.ip(&full);
+    }
+
+    /// Adds a permanent neighbour entry: `ip` has MAC `mac` on `dev`.
+    pub fn neigh_add(&self, dev: &str, ip: &str, mac: [u8; 6]) {
+        let mac = format_mac(mac);
+        self.ip(&[
+            "neigh",
+            "replace",
+            ip,
+            "lladdr",
+            &mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]);
+    }
+
+    /// The MAC address of a device.
+    pub fn mac(&self, dev: &str) -> [u8; 6] {
+        let out = self.ip(&["-o", "link", "show", dev]);
+        let word = out
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no MAC in {out:?}"));
+        parse_mac(word).unwrap_or_else(|| panic!("bad MAC {word:?}"))
+    }
+
+    /// Whether an XDP program is attached to a device (as `ip link` reports it).
+    pub fn has_xdp(&self, dev: &str) -> bool {
+        let out = self.ip(&["-d", "link", "show", dev]);
+        out.contains("xdp") || out.contains("prog/xdp")
+    }
+
+    /// Turns off transmit checksum offload (and the segmentation offloads that depend on it)
+    /// on a device. A pod interface in front of an AF_XDP dataplane needs this: the stack
+    /// leaves checksums for "hardware" to fill in, but AF_XDP hands user space the raw
+    /// frame without that metadata, so a forwarded frame would arrive with a wrong UDP/TCP
+    /// checksum.
+    pub fn tx_checksum_off(&self, dev: &str) {
+        self.exec_ok(&["ethtool", "-K", dev, "tx", "off"]);
+    }
+
+    /// Disables IPv6 in the namespace, so router solicitations and DAD do not add frames.
+    pub fn disable_ipv6(&self) {
+        self.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"]);
+        self.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"]);
+    }
+
+    /// Kills what [`Netns::spawn`] started and is still running, and anything else left in
+    /// the namespace (only this test can have put it there).
+    fn kill_all(&self) {
+        let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        for child in children.iter_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        children.clear();
+        let pids = run("ip", &["netns", "pids", &self.name]);
+        for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+            let _ = run("kill", &["-9", pid]);
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        self.kill_all();
+        // Deleting the namespace destroys its veths (and so their XDP programs) too.
+        let _ = run("ip", &["netns", "delete", &self.name]);
+    }
+}
+
+/// A veth pair with each end in a namespace: `a_dev` in `a`, `b_dev` in `b`. Both ends are
+/// up. Removed on drop (deleting one end removes both); deleting either namespace would
+/// remove it as well.
+#[derive(Debug)]
+pub struct VethPair {
+    a_ns: String,
+    a_dev: String,
+}
+
+impl VethPair {
+    /// Creates the pair inside `a` and moves its peer straight into `b`.
+    pub fn new(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> VethPair {
+        a.ip(&[
+            "link", "add", a_dev, "type", "veth", "peer", "name", b_dev, "netns", &b.name,
+        ]);
+        a.link_up(a_dev);
+        b.link_up(b_dev);
+        VethPair {
+            a_ns: a.name.clone(),
+            a_dev: a_dev.into(),
+        }
+    }
+}
+
+impl Drop for VethPair {
+    fn drop(&mut self) {
+        let _ = run("ip", &["-n", &self.a_ns, "link", "del", &self.a_dev]);
+    }
+}
+
+/// The link-local gateway every pod routes through, as in Calico.
+pub const GATEWAY: &str = "169.254.1.1";
+
+/// One pod of a [`VirtualNode`].
+#[derive(Debug)]
+pub struct Pod {
+    /// The pod's namespace.
+    pub ns: Netns,
+    /// Its address (a /32).
+    pub ip: std::net::Ipv4Addr,
+    /// The host-side veth in the node's namespace.
+    pub host_dev: String,
+    /// The MAC of the pod's eth0.
+    pub mac: [u8; 6],
+}
+
+/// A node shaped the way Calico shapes one: a `node` namespace and one namespace per pod,
+/// each pod's eth0 a veth whose peer (`host_dev`) is in the node namespace; the pod has its
+/// /32 address, a default route via [`GATEWAY`] and a permanent neighbour entry resolving
+/// the gateway to the host-side veth's MAC (what Calico's proxy-ARP would answer). The node
+/// has no addresses or routes: whatever dataplane runs in it connects the pods. Pod eth0s
+/// have IPv6 and transmit checksum offload off (see [`Netns::tx_checksum_off`]).
+///
+/// Dropped in order: veths, pods, node.
+#[derive(Debug)]
+pub struct VirtualNode {
+    _veths: Vec<VethPair>,
+    /// The pods, in the order given.
+    pub pods: Vec<Pod>,
+    /// The node's namespace.
+    pub node: Netns,
+}
+
+impl VirtualNode {
+    /// Builds the node with one pod per `(role, ip, host_dev)`.
+    pub fn new(pods: &[(&str, &str, &str)]) -> VirtualNode {
+        let node = Netns::new("node");
+        node.disable_ipv6();
+        let mut veths = Vec::new();
+        let mut built = Vec::new();
+        for &(role, ip, host_dev) in pods {
+            let ns = Netns::new(role);
+            ns.disable_ipv6();
+            veths.push(VethPair::new(&ns, "eth0", &node, host_dev));
+            ns.addr_add("eth0", &format!("{ip}/32"));
+            ns.tx_checksum_off("eth0");
+            ns.route_add(&[GATEWAY, "dev", "eth0", "scope", "link"]);
+            ns.route_add(&["default", "via", GATEWAY, "dev", "eth0"]);
+            ns.neigh_add("eth0", GATEWAY, node.mac(host_dev));
+            let mac = ns.mac("eth0");
+            built.push(Pod {
+                ns,
+                ip: ip
+                    .parse()
+                    .unwrap_or_else(|e| panic!("pod address {ip}: {e}")),
+                host_dev: host_dev.into(),
+                mac,
+            });
+        }
+        VirtualNode {
+            _veths: veths,
+            pods: built,
+            node,
+        }
+    }
+
+    /// Names of every namespace of this node.
+    pub fn namespace_names(&self) -> Vec<String> {
+        std::iter::once(self.node.name().to_owned())
+            .chain(self.pods.iter().map(|p| p.ns.name().to_owned()))
+            .collect()
+    }
+}
+
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Namespace names currently listed by `ip netns list`.
+pub fn list() -> Vec<String> {
+    let out = run("ip", &["netns", "list"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_round_trip_table() {
+        fn check(s: &str, expected: Option<[u8; 6]>) {
+            assert_eq!(parse_mac(s), expected, "{s}");
+            if let Some(mac) = expected {
+                assert_eq!(format_mac(mac), s.to_lowercase());
+            }
+        }
+        check("02:fc:00:00:00:01", Some([2, 0xfc, 0, 0, 0, 1]));
+        check(
+            "AA:BB:CC:DD:EE:FF",
+            Some([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff]),
+        );
+        check("02:fc:00:00:00", None);
+        check("02:fc:00:00:00:01:02", None);
+        check("zz:fc:00:00:00:01", None);
+    }
+
+    #[test]
+    fn namespace_is_created_and_removed() {
+        let ns = Netns::new("life");
+        let name = ns.name().to_owned();
+        assert!(list().contains(&name));
+        drop(ns);
+        assert!(!list().contains(&name));
+    }
+
+    #[test]
+    fn panic_inside_a_closure_still_removes_the_namespace_and_its_processes() {
+        let seen = Mutex::new(None);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let ns = Netns::new("panic");
+            let pid = ns.spawn(&["sleep", "600"]);
+            *seen.lock().unwrap() = Some((ns.name().to_owned(), pid));
+            panic!("test panic while the namespace exists");
+        }));
+        assert!(result.is_err());
+        let (name, pid) = seen.lock().unwrap().clone().expect("closure ran");
+        assert!(!list().contains(&name), "{name} left behind");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} left running"
+        );
+    }
+
+    #[test]
+    fn virtual_node_pods_are_isolated_without_a_dataplane() {
+        let vn = VirtualNode::new(&[("pa", "10.78.0.1", "hA"), ("pb", "10.78.0.2", "hB")]);
+        let names = vn.namespace_names();
+        assert_eq!(names.len(), 3);
+        let a = &vn.pods[0];
+        assert_eq!(a.mac, a.ns.mac("eth0"));
+        assert!(
+            a.ns.ip(&["route", "show"])
+                .contains("default via 169.254.1.1")
+        );
+        // Nothing in the node forwards, so the pods cannot reach each other.
+        let out = a.ns.exec(&["ping", "-c", "1", "-W", "1", "10.78.0.2"]);
+        assert!(!out.status.success());
+        drop(vn);
+        let left = list();
+        assert!(names.iter().all(|n| !left.contains(n)), "{left:?}");
+    }
+
+    #[test]
+    fn veth_pair_connects_two_namespaces() {
+        let a = Netns::new("va");
+        let b = Netns::new("vb");
+        let _veth = VethPair::new(&a, "x0", &b, "y0");
+        a.addr_add("x0", "10.77.0.1/24");
+        b.addr_add("y0", "10.77.0.2/24");
+        assert_ne!(a.mac("x0"), b.mac("y0"));
+        let out = a.exec(&["ping", "-c", "1", "-W", "2", "10.77.0.2"]);
+        assert!(out.status.success(), "{out:?}");
+    }
+}
