@@ -56,12 +56,20 @@ fuzz_target!(|data: &[u8]| {
         } else {
             Vec::new()
         };
-        // Overlay the fuzzer's bytes on the template (or use them alone).
-        for (i, b) in bytes.iter().enumerate() {
-            match frame.get_mut(i + 14) {
-                Some(slot) if port & 2 == 2 => *slot ^= b,
-                _ if frame.len() <= i => frame.push(*b),
-                _ => {}
+        // Overlay the fuzzer's bytes on the template past its Ethernet header (XOR or
+        // overwrite), or use them alone.
+        if frame.is_empty() {
+            frame.extend_from_slice(bytes);
+        } else {
+            for (i, b) in bytes.iter().enumerate() {
+                let at = i + 14;
+                if at >= frame.len() {
+                    frame.push(*b);
+                } else if port & 2 == 2 {
+                    frame[at] ^= b;
+                } else {
+                    frame[at] = *b;
+                }
             }
         }
         bufs.push(frame);
