@@ -113,6 +113,16 @@ fn later(a: u32, b: u32) -> u32 {
     }
 }
 
+/// The bytes of a group's tag `word` equal to `tag`, as the high bit of each such byte. The
+/// classic SWAR zero-byte test: it may also flag a byte just above a flagged one, which only
+/// costs a harmless extra slot read.
+fn tag_hits(word: u64, tag: u8) -> u64 {
+    const LOW: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let x = word ^ (u64::from(tag) * LOW);
+    x.wrapping_sub(LOW) & !x & HIGH
+}
+
 /// One entry. `K` key words between a control word and an epoch word.
 #[derive(Debug)]
 pub(super) struct Slot<const K: usize> {
@@ -184,20 +194,12 @@ impl<const K: usize> Slot<K> {
 }
 
 /// Where a key may live; see [`Table::probe`].
+#[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Probe {
     /// First slot of each of the two groups.
     groups: [usize; 2],
     /// The key's tag byte.
     tag: u8,
-}
-
-/// What the first prefetch pass learned about a key (see [`Table::touch_tags`]).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Touch {
-    base: usize,
-    other: usize,
-    tag: u8,
-    word: u64,
 }
 
 /// How an insert obtained its slot.
@@ -309,38 +311,43 @@ impl<const K: usize> Table<K> {
         }
     }
 
-    /// The slots of the window whose tag byte matches the key's, in probe order, with their
-    /// window position. A live entry's tag was written before the entry was published and
-    /// stays until the slot is rewritten, so no stable entry is skipped; the second group's
-    /// tag word is only loaded if the first group yields nothing the caller wanted.
-    fn candidates(&self, probe: &Probe) -> impl Iterator<Item = (usize, &Slot<K>)> {
-        const LOW: u64 = 0x0101_0101_0101_0101;
-        const HIGH: u64 = 0x8080_8080_8080_8080;
-        let tag = probe.tag;
-        probe
-            .groups
-            .into_iter()
-            .enumerate()
-            .flat_map(move |(g, base)| {
-                let word = self
-                    .tags
-                    .get(base / GROUP)
-                    .map_or(0, |w| w.load(Ordering::Acquire));
-                // Bytes of `word` equal to the tag become zero in `x`; the classic SWAR test
-                // flags them (and, rarely, a byte above a flagged one: a harmless extra read).
-                let x = word ^ (u64::from(tag) * LOW);
-                let mut hits = x.wrapping_sub(LOW) & !x & HIGH;
-                std::iter::from_fn(move || {
-                    while hits != 0 {
-                        let i = (hits.trailing_zeros() / 8) as usize;
-                        hits &= hits - 1;
-                        if let Some(slot) = self.slots.get(base + i) {
-                            return Some((g * GROUP + i, slot));
-                        }
-                    }
-                    None
-                })
-            })
+    /// The tag word of the group starting at slot `base`.
+    fn tag_word(&self, base: usize) -> u64 {
+        self.tags
+            .get(base / GROUP)
+            .map_or(0, |w| w.load(Ordering::Acquire))
+    }
+
+    /// The first live copy of `key` in probe order, other than the one at window position
+    /// `skip`: its window position, slot, validated control word and epoch. Only the slots
+    /// whose tag byte matches are read. A live entry's tag was written before the entry was
+    /// published and stays until the slot is rewritten, so no stable entry is skipped; the
+    /// second group's tag word is only loaded when the first group holds no copy.
+    fn scan(
+        &self,
+        key: &[u64; K],
+        probe: &Probe,
+        skip: usize,
+    ) -> Option<(usize, &Slot<K>, u64, u32)> {
+        let mut g = 0;
+        for base in probe.groups {
+            let mut hits = tag_hits(self.tag_word(base), probe.tag);
+            while hits != 0 {
+                let i = (hits.trailing_zeros() / 8) as usize;
+                hits &= hits - 1;
+                let p = g + i;
+                if p == skip {
+                    continue;
+                }
+                if let Some(slot) = self.slots.get(base + i)
+                    && let Some((c, e)) = slot.read_match(key)
+                {
+                    return Some((p, slot, c, e));
+                }
+            }
+            g += GROUP;
+        }
+        None
     }
 
     /// First half of a burst prefetch: finds the key's first group and loads its tag word.
@@ -348,35 +355,25 @@ impl<const K: usize> Table<K> {
     /// frame, then looks them up: each pass issues independent loads, so the cache misses
     /// of a whole burst overlap instead of being paid one after another (safe Rust has no
     /// prefetch instruction; an ordinary load whose result is used does the same job).
-    pub(super) fn touch_tags(&self, key: &[u64; K]) -> Touch {
-        let probe = self.probe(key);
-        let base = probe.groups[0];
-        let word = self
-            .tags
-            .get(base / GROUP)
-            .map_or(0, |w| w.load(Ordering::Relaxed));
-        Touch {
-            base,
-            other: probe.groups[1],
-            tag: probe.tag,
-            word,
-        }
+    pub(super) fn touch_tags(&self, probe: &Probe) -> u64 {
+        self.tags
+            .get(probe.groups[0] / GROUP)
+            .map_or(0, |w| w.load(Ordering::Relaxed))
     }
 
     /// Second half of a burst prefetch: loads the first slot whose tag matches. With no
     /// match the key is most likely new, and an insert will read every slot of both groups,
     /// so those are loaded instead (independent loads, overlapping across the burst).
-    pub(super) fn touch_slot(&self, t: &Touch) -> u64 {
-        let x = t.word ^ (u64::from(t.tag) * 0x0101_0101_0101_0101);
-        let hits = x.wrapping_sub(0x0101_0101_0101_0101) & !x & 0x8080_8080_8080_8080;
+    pub(super) fn touch_slot(&self, probe: &Probe, word: u64) -> u64 {
+        let hits = tag_hits(word, probe.tag);
         if hits != 0 {
             let i = (hits.trailing_zeros() / 8) as usize;
-            return self.slots.get(t.base + i).map_or(0, Slot::peek);
+            return self.slots.get(probe.groups[0] + i).map_or(0, Slot::peek);
         }
         // Two 32-byte slots share a cache line (more for IPv4 than IPv6, but every line of
         // the groups is touched either way by stepping one slot at a time).
         let mut sum = 0u64;
-        for base in [t.base, t.other] {
+        for base in probe.groups {
             for i in 0..GROUP {
                 sum = sum.wrapping_add(self.slots.get(base + i).map_or(0, Slot::peek));
             }
@@ -386,20 +383,21 @@ impl<const K: usize> Table<K> {
 
     /// The first live copy of `key` in probe order.
     pub(super) fn find(&self, key: &[u64; K]) -> Option<(usize, &Slot<K>, u64, u32)> {
-        self.candidates(&self.probe(key))
-            .find_map(|(p, slot)| slot.read_match(key).map(|(c, e)| (p, slot, c, e)))
+        self.scan(key, &self.probe(key), WINDOW)
     }
 
+    #[allow(clippy::too_many_arguments)] // Why: the hot path passes the prefetched parts as they are.
     pub(super) fn track(
         &self,
         key: &[u64; K],
+        probe: &Probe,
         from_lo: bool,
         l4: &L4,
         v6: bool,
         now: u32,
         timeouts: &Timeouts,
     ) -> CtVerdict {
-        let Some((_, slot, mut c, epoch)) = self.find(key) else {
+        let Some((_, slot, mut c, epoch)) = self.scan(key, probe, WINDOW) else {
             return CtVerdict::Miss;
         };
         let mut verdict = CtVerdict::Miss;
@@ -475,9 +473,11 @@ impl<const K: usize> Table<K> {
         })
     }
 
+    #[allow(clippy::too_many_arguments)] // Why: the hot path passes the prefetched parts as they are.
     pub(super) fn insert(
         &self,
         key: &[u64; K],
+        probe: &Probe,
         from_lo: bool,
         state: CtState,
         epoch: u32,
@@ -485,9 +485,8 @@ impl<const K: usize> Table<K> {
         timeouts: &Timeouts,
     ) -> Result<(), super::CtFull> {
         let flags = if from_lo { F_INIT_LO } else { 0 };
-        let probe = self.probe(key);
         for _ in 0..RETRIES {
-            let Some((pos, index, slot, take, c)) = self.choose_slot(key, &probe, now, timeouts)
+            let Some((pos, index, slot, take, c)) = self.choose_slot(key, probe, now, timeouts)
             else {
                 break;
             };
@@ -519,7 +518,7 @@ impl<const K: usize> Table<K> {
                 }
                 Take::Same | Take::Expired => {}
             }
-            self.dedupe(key, &probe, pos, slot, seq);
+            self.dedupe(key, probe, pos, slot, seq);
             return Ok(());
         }
         self.insert_failures.fetch_add(1, Ordering::Relaxed);
@@ -587,13 +586,7 @@ impl<const K: usize> Table<K> {
         // Each writer set its tag and published its slot before this fence, so of two racing
         // writers at least one sees the other's tag and entry below.
         fence(Ordering::SeqCst);
-        for (p, slot) in self.candidates(probe) {
-            if p == pos {
-                continue;
-            }
-            let Some((c, _)) = slot.read_match(key) else {
-                continue;
-            };
+        if let Some((p, slot, c, _)) = self.scan(key, probe, pos) {
             let loser_freed = if p < pos {
                 mine.free_if_seq(seq)
             } else {
@@ -602,7 +595,6 @@ impl<const K: usize> Table<K> {
             if loser_freed {
                 self.live.fetch_sub(1, Ordering::Relaxed);
             }
-            return;
         }
     }
 
