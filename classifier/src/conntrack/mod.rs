@@ -580,6 +580,7 @@ fn normalise(key: &FlowKey) -> Normalised {
 /// one `u64` as `(address << 16) | port`, whose integer order is the `(address, port)` tuple
 /// order, so ordering the endpoints is one compare and two conditional moves instead of a
 /// tuple comparison.
+#[inline]
 fn normalise_v4(src: u32, sport: u16, dst: u32, dport: u16) -> (Key4, bool) {
     let a = (u64::from(src) << 16) | u64::from(sport);
     let b = (u64::from(dst) << 16) | u64::from(dport);
@@ -667,19 +668,7 @@ impl Conntrack {
 
     /// Looks up the packet's connection and advances its state.
     pub fn track(&self, key: &FlowKey, l4: &L4, now: Nanos) -> CtVerdict {
-        let now = tick_of(now);
-        match normalise(key) {
-            Normalised::V4(k, from_lo) => {
-                let probe = self.v4.probe(&k);
-                self.v4
-                    .track(&k, &probe, from_lo, l4, false, now, &self.timeouts)
-            }
-            Normalised::V6(k, from_lo) => {
-                let probe = self.v6.probe(&k);
-                self.v6
-                    .track(&k, &probe, from_lo, l4, true, now, &self.timeouts)
-            }
-        }
+        self.track_prefetched(&self.prepare(key), l4, now)
     }
 
     /// [`Conntrack::track`] for the key `p` was made from by [`Conntrack::prefetch_tags`]:
@@ -769,7 +758,22 @@ impl Conntrack {
     }
 
     /// The normalised key, direction and probe of `key`, without touching the table.
+    #[inline]
     fn prepare(&self, key: &FlowKey) -> CtPrefetch {
+        // The IPv4 case is spelled out rather than taken from `normalise` so that it
+        // compiles to a few register operations (no `Normalised` built in memory).
+        if let (IpAddr::V4(s), IpAddr::V4(d)) = (&key.src, &key.dst) {
+            let ([k0, k1], from_lo) =
+                normalise_v4(u32::from(*s), key.sport, u32::from(*d), key.dport);
+            let k1 = k1 | u64::from(key.proto);
+            return CtPrefetch {
+                v6: false,
+                from_lo,
+                key: [k0, k1, 0, 0, 0],
+                probe: self.v4.probe(&[k0, k1]),
+                word: 0,
+            };
+        }
         match normalise(key) {
             Normalised::V4([k0, k1], from_lo) => CtPrefetch {
                 v6: false,

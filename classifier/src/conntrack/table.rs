@@ -53,8 +53,10 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
 
-use super::{CtEntry, CtState, CtTableStats, CtVerdict, Direction, F_INIT_LO, Step, Timeouts};
-use crate::parse::L4;
+use super::{
+    CtEntry, CtState, CtTableStats, CtVerdict, Direction, F_FINS, F_INIT_LO, Step, Timeouts,
+};
+use crate::parse::{L4, TcpFlags};
 
 /// Slots in one of the two aligned groups a flow may occupy.
 const GROUP: usize = 8;
@@ -121,6 +123,35 @@ fn tag_hits(word: u64, tag: u8) -> u64 {
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let x = word ^ (u64::from(tag) * LOW);
     x.wrapping_sub(LOW) & !x & HIGH
+}
+
+/// The common case of [`Table::track`], decided from the validated control word alone: a
+/// packet that [`super::step`] would accept without changing the entry, arriving in the
+/// tick the entry was last refreshed in, so that nothing needs writing. That is an ACK
+/// without SYN, RST or FIN on an established TCP connection, or any packet of an assured
+/// UDP or other-protocol flow. Same-tick means age 0, which no timeout expires. Returns the
+/// packet's direction, or `None` when the full path must judge it.
+#[inline]
+fn quiet_hit(c: u64, from_lo: bool, l4: &L4, now: u32) -> Option<Direction> {
+    if ctl_time(c) != now {
+        return None;
+    }
+    let code = (c >> STATE_SHIFT) & 0xf;
+    let flags = ctl_flags(c);
+    let quiet = if code == CtState::Established as u64 {
+        const MASK: u8 = TcpFlags::SYN | TcpFlags::RST | TcpFlags::FIN | TcpFlags::ACK;
+        matches!(l4, L4::Tcp { flags: f, .. } if f.0 & MASK == TcpFlags::ACK) && flags & F_FINS == 0
+    } else {
+        code == CtState::UdpAssured as u64 || code == CtState::OtherAssured as u64
+    };
+    if !quiet {
+        return None;
+    }
+    Some(if from_lo == (flags & F_INIT_LO != 0) {
+        Direction::Original
+    } else {
+        Direction::Reply
+    })
 }
 
 /// One entry. `K` key words between a control word and an epoch word.
@@ -293,6 +324,7 @@ impl<const K: usize> Table<K> {
 
     /// The slots of the key's window, in probe order, with their position in it and their
     /// index in the table.
+    #[cfg(test)]
     fn window(&self, probe: &Probe) -> impl Iterator<Item = (usize, usize, &Slot<K>)> {
         let groups = probe.groups;
         (0..WINDOW).filter_map(move |p| {
@@ -323,6 +355,7 @@ impl<const K: usize> Table<K> {
     /// whose tag byte matches are read. A live entry's tag was written before the entry was
     /// published and stays until the slot is rewritten, so no stable entry is skipped; the
     /// second group's tag word is only loaded when the first group holds no copy.
+    #[inline]
     fn scan(
         &self,
         key: &[u64; K],
@@ -400,6 +433,9 @@ impl<const K: usize> Table<K> {
         let Some((_, slot, mut c, epoch)) = self.scan(key, probe, WINDOW) else {
             return CtVerdict::Miss;
         };
+        if let Some(dir) = quiet_hit(c, from_lo, l4, now) {
+            return CtVerdict::Hit { dir, epoch };
+        }
         let mut verdict = CtVerdict::Miss;
         for _ in 0..RETRIES {
             let Some(state) = ctl_state(c) else {
@@ -536,41 +572,62 @@ impl<const K: usize> Table<K> {
         now: u32,
         timeouts: &Timeouts,
     ) -> Option<(usize, usize, &Slot<K>, Take, u64)> {
-        // Per group: its first free or expired slot, and how many it has.
-        let mut reusable = [None, None];
-        let mut room = [0usize; 2];
-        let mut victim: Option<(usize, usize, &Slot<K>, u64)> = None;
-        for (p, index, slot) in self.window(probe) {
-            let group = usize::from(p >= GROUP);
-            let c = slot.ctl.load(Ordering::Acquire);
-            if ctl_busy(c) {
-                continue;
-            }
-            if let Some((c, _)) = slot.read_match(key) {
-                // The key's own entry is replaced, from the validated control value.
-                return Some((p, index, slot, Take::Same, c));
-            }
-            let take = match ctl_state(c) {
-                None => Take::Free,
-                Some(state) if timeouts.expired(state, ctl_time(c), now) => Take::Expired,
-                Some(state) => {
-                    let older = |v: u64| ctl_time(c).wrapping_sub(ctl_time(v)) > u32::MAX / 2;
-                    if state.evictable() && victim.is_none_or(|(_, _, _, v)| older(v)) {
-                        victim = Some((p, index, slot, c));
-                    }
+        // Per group: its first free or expired slot (window position, control value, how it
+        // is taken), and how many it has.
+        let mut reusable: [Option<(usize, u64, Take)>; 2] = [None, None];
+        let mut room = [0u32; 2];
+        let mut victim: Option<(usize, u64)> = None;
+        let mut pos = 0;
+        for (g, base) in probe.groups.into_iter().enumerate() {
+            // Only a slot whose tag byte matches can hold the key (see `scan`), so only those
+            // pay for a key comparison.
+            let hits = tag_hits(self.tag_word(base), probe.tag);
+            for i in 0..GROUP {
+                let p = pos + i;
+                let Some(slot) = self.slots.get(base + i) else {
+                    continue;
+                };
+                let c = slot.ctl.load(Ordering::Acquire);
+                if ctl_busy(c) {
                     continue;
                 }
-            };
-            if let (Some(first), Some(n)) = (reusable.get_mut(group), room.get_mut(group)) {
-                *n += 1;
-                first.get_or_insert((p, index, slot, take, c));
+                let take = match ctl_state(c) {
+                    None => Take::Free,
+                    Some(state) => {
+                        if (hits >> (8 * i)) & 0x80 != 0
+                            && let Some((c, _)) = slot.read_match(key)
+                        {
+                            // The key's own entry is replaced, from the validated control
+                            // value.
+                            return Some((p, base + i, slot, Take::Same, c));
+                        }
+                        if timeouts.expired(state, ctl_time(c), now) {
+                            Take::Expired
+                        } else {
+                            let older =
+                                |v: u64| ctl_time(c).wrapping_sub(ctl_time(v)) > u32::MAX / 2;
+                            if state.evictable() && victim.is_none_or(|(_, v)| older(v)) {
+                                victim = Some((p, c));
+                            }
+                            continue;
+                        }
+                    }
+                };
+                if let (Some(first), Some(n)) = (reusable.get_mut(g), room.get_mut(g)) {
+                    *n += 1;
+                    first.get_or_insert((p, c, take));
+                }
             }
+            pos += GROUP;
         }
         // The emptier group, so that both fill evenly and the table reaches a high load
         // before any flow finds both its groups full.
         let [a, b] = reusable;
         let chosen = if room[1] > room[0] { b.or(a) } else { a.or(b) };
-        chosen.or(victim.map(|(p, index, slot, c)| (p, index, slot, Take::Evict, c)))
+        let (p, c, take) = chosen.or(victim.map(|(p, c)| (p, c, Take::Evict)))?;
+        let index = probe.groups.get(p / GROUP)? + p % GROUP;
+        let slot = self.slots.get(index)?;
+        Some((p, index, slot, take, c))
     }
 
     /// Frees whichever of two live copies of `key` sits later in probe order (see the module
