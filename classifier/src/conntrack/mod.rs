@@ -325,10 +325,39 @@ impl CtState {
         })
     }
 
+    /// Bit `code` is set for each evictable state's code: [`CtState::evictable`] as one
+    /// shift and mask, for the insert path's window scan.
+    const EVICTABLE_CODES: u16 = {
+        use CtState::*;
+        let mut m = 0u16;
+        let all = [
+            SynSent,
+            SynRecv,
+            Established,
+            FinWait,
+            Closing,
+            Closed,
+            UdpNew,
+            UdpAssured,
+            IcmpNew,
+            IcmpAssured,
+            OtherNew,
+            OtherAssured,
+        ];
+        let mut i = 0;
+        while i < all.len() {
+            if all[i].evictable() {
+                m |= 1 << all[i] as u16;
+            }
+            i += 1;
+        }
+        m
+    };
+
     /// Whether a new flow may take this entry's slot when its window is full. Established
     /// TCP and replied UDP/other flows are the connections worth keeping; handshakes,
     /// dying TCP connections, unreplied datagrams and pings are cheap to lose.
-    pub fn evictable(self) -> bool {
+    pub const fn evictable(self) -> bool {
         use CtState::*;
         match self {
             SynSent | SynRecv | Closing | Closed | UdpNew | IcmpNew | IcmpAssured | OtherNew => {
@@ -603,15 +632,16 @@ fn to_v6(addr: IpAddr) -> Ipv6Addr {
     }
 }
 
-/// Per-state timeouts in ticks, indexed by state code.
+/// Per-state timeouts in ticks, indexed by the 4-bit state code (codes that name no state
+/// get a limit no age reaches, so a lookup by a masked code needs no validity check).
 #[derive(Clone, Copy, Debug)]
 struct Timeouts {
-    ticks: [u32; CtState::CODES],
+    ticks: [u32; 16],
 }
 
 impl Timeouts {
     fn new(t: &CtTimeouts) -> Timeouts {
-        let mut ticks = [u32::MAX >> 2; CtState::CODES];
+        let mut ticks = [u32::MAX >> 2; 16];
         for (code, slot) in ticks.iter_mut().enumerate() {
             if let Some(state) = CtState::from_code(code as u8) {
                 *slot = timeout_ticks(state.timeout(t));
@@ -629,6 +659,14 @@ impl Timeouts {
         }
         let limit = self.ticks.get(state as usize).copied().unwrap_or(0);
         age > limit
+    }
+
+    /// [`Timeouts::expired`] by raw state code, for the insert path's window scan.
+    #[inline]
+    fn expired_code(&self, code: u64, last: u32, now: u32) -> bool {
+        let age = now.wrapping_sub(last);
+        let limit = self.ticks.get((code & 0xf) as usize).copied().unwrap_or(0);
+        age <= u32::MAX / 2 && age > limit
     }
 }
 

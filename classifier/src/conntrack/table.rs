@@ -407,8 +407,8 @@ impl<const K: usize> Table<K> {
         // the groups is touched either way by stepping one slot at a time).
         let mut sum = 0u64;
         for base in probe.groups {
-            for i in 0..GROUP {
-                sum = sum.wrapping_add(self.slots.get(base + i).map_or(0, Slot::peek));
+            for slot in self.slots.get(base..base + GROUP).unwrap_or_default() {
+                sum = sum.wrapping_add(slot.peek());
             }
         }
         sum
@@ -577,40 +577,41 @@ impl<const K: usize> Table<K> {
         let mut reusable: [Option<(usize, u64, Take)>; 2] = [None, None];
         let mut room = [0u32; 2];
         let mut victim: Option<(usize, u64)> = None;
-        let mut pos = 0;
         for (g, base) in probe.groups.into_iter().enumerate() {
+            let Some(group) = self.slots.get(base..base + GROUP) else {
+                continue;
+            };
             // Only a slot whose tag byte matches can hold the key (see `scan`), so only those
             // pay for a key comparison.
             let hits = tag_hits(self.tag_word(base), probe.tag);
-            for i in 0..GROUP {
-                let p = pos + i;
-                let Some(slot) = self.slots.get(base + i) else {
-                    continue;
-                };
+            for (i, slot) in group.iter().enumerate() {
+                let p = g * GROUP + i;
                 let c = slot.ctl.load(Ordering::Acquire);
                 if ctl_busy(c) {
                     continue;
                 }
-                let take = match ctl_state(c) {
-                    None => Take::Free,
-                    Some(state) => {
-                        if (hits >> (8 * i)) & 0x80 != 0
-                            && let Some((c, _)) = slot.read_match(key)
+                let code = (c >> STATE_SHIFT) & 0xf;
+                let take = if code == 0 || code >= CtState::CODES as u64 {
+                    Take::Free
+                } else {
+                    if (hits >> (8 * i)) & 0x80 != 0
+                        && let Some((c, _)) = slot.read_match(key)
+                    {
+                        // The key's own entry is replaced, from the validated control value.
+                        return Some((p, base + i, slot, Take::Same, c));
+                    }
+                    if timeouts.expired_code(code, ctl_time(c), now) {
+                        Take::Expired
+                    } else {
+                        // Keep the least recently seen evictable entry (wrapping tick order).
+                        if (CtState::EVICTABLE_CODES >> code) & 1 != 0
+                            && victim.is_none_or(|(_, v)| {
+                                ctl_time(c).wrapping_sub(ctl_time(v)) > u32::MAX / 2
+                            })
                         {
-                            // The key's own entry is replaced, from the validated control
-                            // value.
-                            return Some((p, base + i, slot, Take::Same, c));
+                            victim = Some((p, c));
                         }
-                        if timeouts.expired(state, ctl_time(c), now) {
-                            Take::Expired
-                        } else {
-                            let older =
-                                |v: u64| ctl_time(c).wrapping_sub(ctl_time(v)) > u32::MAX / 2;
-                            if state.evictable() && victim.is_none_or(|(_, v)| older(v)) {
-                                victim = Some((p, c));
-                            }
-                            continue;
-                        }
+                        continue;
                     }
                 };
                 if let (Some(first), Some(n)) = (reusable.get_mut(g), room.get_mut(g)) {
@@ -618,7 +619,6 @@ impl<const K: usize> Table<K> {
                     first.get_or_insert((p, c, take));
                 }
             }
-            pos += GROUP;
         }
         // The emptier group, so that both fill evenly and the table reaches a high load
         // before any flow finds both its groups full.

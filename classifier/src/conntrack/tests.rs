@@ -993,3 +993,62 @@ fn fills_to_high_load_before_first_failure() {
     assert!(load > 0.75, "{load}");
     assert_eq!(ct.stats().v4.evictions, 0);
 }
+
+/// The insert path's bit-mask and raw-code shortcuts agree with the `CtState` methods they
+/// stand in for, for every code (including the codes that name no state).
+#[test]
+fn code_shortcuts_match_state_methods() {
+    let t = Timeouts::new(&CtTimeouts::default());
+    for code in 0..16u8 {
+        let state = CtState::from_code(code);
+        let evictable = (CtState::EVICTABLE_CODES >> code) & 1 != 0;
+        assert_eq!(
+            evictable,
+            state.is_some_and(CtState::evictable),
+            "code {code}"
+        );
+        let Some(state) = state else { continue };
+        for (last, now) in [
+            (100, 100),
+            (100, 101),
+            (100, 100 + (1 << 20)),
+            (100, 99),
+            (u32::MAX, 5),
+        ] {
+            assert_eq!(
+                t.expired_code(u64::from(code), last, now),
+                t.expired(state, last, now),
+                "{state:?} last {last} now {now}"
+            );
+        }
+    }
+}
+
+/// The packed-word IPv4 normalisation orders endpoints exactly as `(address, port)` tuples.
+fn check_normalise_v4(src: u32, sport: u16, dst: u32, dport: u16) {
+    let a = (src, sport);
+    let b = (dst, dport);
+    let from_lo = a <= b;
+    let (lo, hi) = if from_lo { (a, b) } else { (b, a) };
+    let expected = [
+        (u64::from(lo.0) << 32) | u64::from(hi.0),
+        ports_word(lo.1, hi.1, 0),
+    ];
+    assert_eq!(normalise_v4(src, sport, dst, dport), (expected, from_lo));
+}
+
+#[test]
+fn normalise_v4_table() {
+    check_normalise_v4(1, 2, 1, 2);
+    check_normalise_v4(1, 9, 2, 1);
+    check_normalise_v4(2, 1, 1, 9);
+    check_normalise_v4(5, 80, 5, 79);
+    check_normalise_v4(u32::MAX, u16::MAX, 0, 0);
+}
+
+proptest! {
+    #[test]
+    fn normalise_v4_matches_tuple_order(src: u32, sport: u16, dst: u32, dport: u16) {
+        check_normalise_v4(src, sport, dst, dport);
+    }
+}
