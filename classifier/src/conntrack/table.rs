@@ -355,7 +355,7 @@ impl<const K: usize> Table<K> {
     /// whose tag byte matches are read. A live entry's tag was written before the entry was
     /// published and stays until the slot is rewritten, so no stable entry is skipped; the
     /// second group's tag word is only loaded when the first group holds no copy.
-    #[inline]
+    #[inline(always)]
     fn scan(
         &self,
         key: &[u64; K],
@@ -430,12 +430,31 @@ impl<const K: usize> Table<K> {
         now: u32,
         timeouts: &Timeouts,
     ) -> CtVerdict {
-        let Some((_, slot, mut c, epoch)) = self.scan(key, probe, WINDOW) else {
+        let Some((_, slot, c, epoch)) = self.scan(key, probe, WINDOW) else {
             return CtVerdict::Miss;
         };
         if let Some(dir) = quiet_hit(c, from_lo, l4, now) {
             return CtVerdict::Hit { dir, epoch };
         }
+        self.update(slot, c, epoch, from_lo, l4, v6, now, timeouts)
+    }
+
+    /// The full path of [`Table::track`]: judges the packet against the entry whose validated
+    /// control word is `c` and applies the change. Kept out of line so that the quiet path
+    /// above stays small (no spilled registers for this loop's state).
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)] // Why: the parts of one lookup, passed as they are.
+    fn update(
+        &self,
+        slot: &Slot<K>,
+        mut c: u64,
+        epoch: u32,
+        from_lo: bool,
+        l4: &L4,
+        v6: bool,
+        now: u32,
+        timeouts: &Timeouts,
+    ) -> CtVerdict {
         let mut verdict = CtVerdict::Miss;
         for _ in 0..RETRIES {
             let Some(state) = ctl_state(c) else {
