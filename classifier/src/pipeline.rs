@@ -231,15 +231,16 @@ impl Worker {
         if let Fragment::Later { id } = ip.fragment {
             return self.admit_later_fragment(snap, ip, id, now);
         }
-        let key = FlowKey::from_ip(ip);
+        // The flow key is built only where a path needs it: with a prefetch, the common hit
+        // and the insert work from the prefetch's normalised key instead.
         let tracked = match ct {
             Some(p) => self.ct.track_prefetched(p, &ip.l4, now),
-            None => self.ct.track(&key, &ip.l4, now),
+            None => self.ct.track(&FlowKey::from_ip(ip), &ip.l4, now),
         };
         match tracked {
             CtVerdict::Hit { dir, epoch } => {
                 if epoch != snap.epoch {
-                    self.revalidate(snap, &key, dir)?;
+                    self.revalidate(snap, &FlowKey::from_ip(ip), dir)?;
                 }
                 self.counters.ct_hits += 1;
             }
@@ -251,7 +252,9 @@ impl Worker {
                 decide(snap.policy.check(ip.src, ip.dst, ip.proto, dport(&ip.l4)))?;
                 match ct {
                     Some(p) => self.ct.insert_prefetched(p, &ip.l4, snap.epoch, now),
-                    None => self.ct.insert(&key, &ip.l4, snap.epoch, now),
+                    None => self
+                        .ct
+                        .insert(&FlowKey::from_ip(ip), &ip.l4, snap.epoch, now),
                 }
                 .map_err(|_| DropReason::CtFull)?;
                 self.counters.ct_created += 1;
