@@ -30,8 +30,10 @@
 //!   reader validated. The sequence number is part of that word, so an update can never land
 //!   on a slot that was freed or given to another flow in between (no ABA). Last-seen is only
 //!   rewritten when the tick changes, so a busy established flow writes about fifteen times
-//!   a second, not once per packet.
-//! - **Writers** (`insert`) claim a slot by a `compare_exchange` from the exact control value
+//!   a second, not once per packet; a packet that changes nothing in the entry's own tick
+//!   is answered from the validated control word without a write (`quiet_hit`).
+//! - **Writers** (`insert`) judge the window's slots (comparing keys only where the tag byte
+//!   matches, as lookups do), claim a slot by a `compare_exchange` from the exact control value
 //!   they judged (free, expired or evictable) to the odd sequence number, store the key and
 //!   epoch, and publish with a release store of the next even sequence number. A slot that
 //!   changed since it was judged (say a half-open flow got its SYN-ACK) is not taken.
