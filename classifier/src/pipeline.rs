@@ -121,7 +121,7 @@ impl Worker {
                     net: Net::Ip(ip), ..
                 }) = meta
                 {
-                    *touch = Some(self.ct.prefetch_tags(&FlowKey::from_ip(ip)));
+                    *touch = Some(self.ct.prefetch_ip(ip));
                 }
             }
             let mut touched = 0u64;

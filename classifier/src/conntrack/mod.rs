@@ -864,6 +864,32 @@ impl Conntrack {
         p
     }
 
+    /// [`Conntrack::prefetch_tags`] for the key of a parsed IP packet
+    /// ([`FlowKey::from_ip`]), without building the `FlowKey`.
+    #[inline]
+    pub fn prefetch_ip(&self, ip: &IpMeta) -> CtPrefetch {
+        if let (IpAddr::V4(s), IpAddr::V4(d)) = (&ip.src, &ip.dst) {
+            let (sport, dport) = match ip.l4 {
+                L4::Tcp { sport, dport, .. }
+                | L4::Udp { sport, dport }
+                | L4::Sctp { sport, dport } => (sport, dport),
+                L4::Icmp { id, .. } => (id, id),
+                L4::None => (0, 0),
+            };
+            let ([k0, k1], from_lo) = normalise_v4(u32::from(*s), sport, u32::from(*d), dport);
+            let k1 = k1 | u64::from(ip.proto);
+            let probe = self.v4.probe(&[k0, k1]);
+            return CtPrefetch {
+                v6: false,
+                from_lo,
+                key: [k0, k1, 0, 0, 0],
+                word: self.v4.touch_tags(&probe),
+                probe,
+            };
+        }
+        self.prefetch_tags(&FlowKey::from_ip(ip))
+    }
+
     /// Second pass of the burst prefetch: loads the slot the tag word points at. Returns a
     /// value of no meaning that the caller keeps so the load is not optimised away.
     #[inline]

@@ -1052,3 +1052,38 @@ proptest! {
         check_normalise_v4(src, sport, dst, dport);
     }
 }
+
+/// `prefetch_ip` computes exactly what `prefetch_tags` does for the packet's `FlowKey`.
+fn check_prefetch_ip(ct: &Conntrack, ip: &IpMeta) {
+    let direct = format!("{:?}", ct.prefetch_ip(ip));
+    let via_key = format!("{:?}", ct.prefetch_tags(&FlowKey::from_ip(ip)));
+    assert_eq!(direct, via_key, "{ip:?}");
+}
+
+proptest! {
+    #[test]
+    fn prefetch_ip_matches_prefetch_tags(
+        src: u32,
+        dst: u32,
+        sport: u16,
+        dport: u16,
+        l4 in l4_strategy(),
+        v6 in any::<bool>(),
+    ) {
+        let ct = small();
+        let l4 = match l4 {
+            L4::Tcp { flags, .. } => L4::Tcp { sport, dport, flags },
+            L4::Udp { .. } => L4::Udp { sport, dport },
+            other => other,
+        };
+        let (src, dst) = if v6 {
+            (IpAddr::V6(Ipv6Addr::from(u128::from(src))), IpAddr::V6(Ipv6Addr::from(u128::from(dst) << 64)))
+        } else {
+            (IpAddr::V4(Ipv4Addr::from(src)), IpAddr::V4(Ipv4Addr::from(dst)))
+        };
+        // An entry in the table makes the loaded tag word part of the comparison.
+        let ip = IpMeta { src, dst, proto: 6, ttl: 64, fragment: Fragment::None, l4 };
+        let _ = ct.insert(&FlowKey::from_ip(&ip), &l4, 1, T0);
+        check_prefetch_ip(&ct, &ip);
+    }
+}
