@@ -30,7 +30,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use crate::Nanos;
-use crate::conntrack::{Conntrack, CtVerdict, Direction, FlowKey};
+use crate::conntrack::{Conntrack, CtPrefetch, CtVerdict, Direction, FlowKey};
 use crate::parse::{self, Fragment, IpMeta, L4, Net, PacketMeta};
 use crate::policy::PolicyDecision;
 use crate::rewrite;
@@ -121,7 +121,7 @@ impl Worker {
                     net: Net::Ip(ip), ..
                 }) = meta
                 {
-                    *touch = Some(self.ct.prefetch_tags(&FlowKey::from_ip(ip)));
+                    *touch = Some(self.ct.prefetch_ip(ip));
                 }
             }
             let mut touched = 0u64;
@@ -129,8 +129,9 @@ impl Worker {
                 touched = touched.wrapping_add(self.ct.prefetch_slot(touch));
             }
             self.touched = self.touched.wrapping_add(touched);
-            for ((pkt, verdict), meta) in pkts.iter_mut().zip(verdicts.iter_mut()).zip(metas) {
-                *verdict = self.finish(snap, pkt.data, pkt.ingress, meta, now);
+            let frames = pkts.iter_mut().zip(verdicts.iter_mut()).zip(metas);
+            for (((pkt, verdict), meta), touch) in frames.zip(touches.iter()) {
+                *verdict = self.finish(snap, pkt.data, pkt.ingress, meta, touch.as_ref(), now);
             }
         }
     }
@@ -144,10 +145,11 @@ impl Worker {
         now: Nanos,
     ) -> Verdict {
         let meta = parse::parse(frame);
-        self.finish(snap, frame, ingress, meta, now)
+        self.finish(snap, frame, ingress, meta, None, now)
     }
 
-    /// Everything after parsing, and the counting.
+    /// Everything after parsing, and the counting. `ct` is the frame's conntrack prefetch,
+    /// made from the flow key of this `meta`, when the burst ran the prefetch stages.
     #[inline]
     fn finish(
         &mut self,
@@ -155,13 +157,15 @@ impl Worker {
         frame: &mut [u8],
         ingress: PortId,
         meta: Result<PacketMeta, DropReason>,
+        ct: Option<&CtPrefetch>,
         now: Nanos,
     ) -> Verdict {
         self.counters.rx += 1;
-        let verdict = match meta.and_then(|meta| self.classify(snap, frame, &meta, ingress, now)) {
-            Ok(v) => v,
-            Err(reason) => Verdict::Drop(reason),
-        };
+        let verdict =
+            match meta.and_then(|meta| self.classify(snap, frame, &meta, ingress, ct, now)) {
+                Ok(v) => v,
+                Err(reason) => Verdict::Drop(reason),
+            };
         self.counters.count(verdict);
         verdict
     }
@@ -172,6 +176,7 @@ impl Worker {
         frame: &mut [u8],
         meta: &PacketMeta,
         ingress: PortId,
+        ct: Option<&CtPrefetch>,
         now: Nanos,
     ) -> Result<Verdict, DropReason> {
         let meta = *meta;
@@ -199,7 +204,7 @@ impl Worker {
         if hop.kind == HopKind::Host && from_pod && snap.config.pod_to_host == PodToHost::Drop {
             return Err(DropReason::PodToHostDenied);
         }
-        self.admit(snap, frame, &meta, &ip, now)?;
+        self.admit(snap, frame, &meta, &ip, ct, now)?;
         match hop.kind {
             HopKind::Host => Ok(Verdict::ToHost),
             HopKind::Port => {
@@ -212,23 +217,30 @@ impl Worker {
         }
     }
 
-    /// Conntrack and policy: decides whether this packet may pass at all.
+    /// Conntrack and policy: decides whether this packet may pass at all. `ct`, when given,
+    /// was made by [`Conntrack::prefetch_tags`] from `FlowKey::from_ip(ip)`.
     fn admit(
         &mut self,
         snap: &Snapshot,
         frame: &[u8],
         meta: &PacketMeta,
         ip: &IpMeta,
+        ct: Option<&CtPrefetch>,
         now: Nanos,
     ) -> Result<(), DropReason> {
         if let Fragment::Later { id } = ip.fragment {
             return self.admit_later_fragment(snap, ip, id, now);
         }
-        let key = FlowKey::from_ip(ip);
-        match self.ct.track(&key, &ip.l4, now) {
+        // The flow key is built only where a path needs it: with a prefetch, the common hit
+        // and the insert work from the prefetch's normalised key instead.
+        let tracked = match ct {
+            Some(p) => self.ct.track_prefetched(p, &ip.l4, now),
+            None => self.ct.track(&FlowKey::from_ip(ip), &ip.l4, now),
+        };
+        match tracked {
             CtVerdict::Hit { dir, epoch } => {
                 if epoch != snap.epoch {
-                    self.revalidate(snap, &key, dir)?;
+                    self.revalidate(snap, &FlowKey::from_ip(ip), dir)?;
                 }
                 self.counters.ct_hits += 1;
             }
@@ -238,9 +250,13 @@ impl Worker {
                     return self.admit_related(frame, meta, ip, now);
                 }
                 decide(snap.policy.check(ip.src, ip.dst, ip.proto, dport(&ip.l4)))?;
-                self.ct
-                    .insert(&key, &ip.l4, snap.epoch, now)
-                    .map_err(|_| DropReason::CtFull)?;
+                match ct {
+                    Some(p) => self.ct.insert_prefetched(p, &ip.l4, snap.epoch, now),
+                    None => self
+                        .ct
+                        .insert(&FlowKey::from_ip(ip), &ip.l4, snap.epoch, now),
+                }
+                .map_err(|_| DropReason::CtFull)?;
                 self.counters.ct_created += 1;
             }
         }

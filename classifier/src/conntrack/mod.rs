@@ -227,11 +227,28 @@ impl Default for CtConfig {
     }
 }
 
-/// State carried between the two prefetch passes of a burst.
+/// What [`Conntrack::prefetch_tags`] computed for one packet's key: the normalised key
+/// words, which endpoint sent the packet, where the key lives and the first group's tag word.
+///
+/// The pipeline keeps one per frame from the prefetch passes to the lookup, so that the key
+/// is normalised and hashed once per packet ([`Conntrack::track_prefetched`],
+/// [`Conntrack::insert_prefetched`]). Everything but `word` is a pure function of the key;
+/// `word` is only a prefetch hint, and lookups load the tag word again, so a flow another
+/// worker (or an earlier frame of the same burst) inserted meanwhile is still found.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CtPrefetch {
     v6: bool,
-    touch: table::Touch,
+    from_lo: bool,
+    /// Normalised key words; an IPv4 key uses the first two.
+    key: [u64; 5],
+    probe: table::Probe,
+    word: u64,
+}
+
+impl CtPrefetch {
+    fn key4(&self) -> Key4 {
+        [self.key[0], self.key[1]]
+    }
 }
 
 /// Result of tracking one packet.
@@ -308,10 +325,39 @@ impl CtState {
         })
     }
 
+    /// Bit `code` is set for each evictable state's code: [`CtState::evictable`] as one
+    /// shift and mask, for the insert path's window scan.
+    const EVICTABLE_CODES: u16 = {
+        use CtState::*;
+        let mut m = 0u16;
+        let all = [
+            SynSent,
+            SynRecv,
+            Established,
+            FinWait,
+            Closing,
+            Closed,
+            UdpNew,
+            UdpAssured,
+            IcmpNew,
+            IcmpAssured,
+            OtherNew,
+            OtherAssured,
+        ];
+        let mut i = 0;
+        while i < all.len() {
+            if all[i].evictable() {
+                m |= 1 << all[i] as u16;
+            }
+            i += 1;
+        }
+        m
+    };
+
     /// Whether a new flow may take this entry's slot when its window is full. Established
     /// TCP and replied UDP/other flows are the connections worth keeping; handshakes,
     /// dying TCP connections, unreplied datagrams and pings are cheap to lose.
-    pub fn evictable(self) -> bool {
+    pub const fn evictable(self) -> bool {
         use CtState::*;
         match self {
             SynSent | SynRecv | Closing | Closed | UdpNew | IcmpNew | IcmpAssured | OtherNew => {
@@ -537,13 +583,8 @@ enum Normalised {
 fn normalise(key: &FlowKey) -> Normalised {
     match (key.src, key.dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let a = (u32::from(s), key.sport);
-            let b = (u32::from(d), key.dport);
-            let from_lo = a <= b;
-            let (lo, hi) = if from_lo { (a, b) } else { (b, a) };
-            let k0 = (u64::from(lo.0) << 32) | u64::from(hi.0);
-            let k1 = ports_word(lo.1, hi.1, key.proto);
-            Normalised::V4([k0, k1], from_lo)
+            let (k, from_lo) = normalise_v4(u32::from(s), key.sport, u32::from(d), key.dport);
+            Normalised::V4([k[0], k[1] | u64::from(key.proto)], from_lo)
         }
         (s, d) => {
             // A mixed-family key cannot come from a parsed packet; it is filed in the IPv6
@@ -564,6 +605,22 @@ fn normalise(key: &FlowKey) -> Normalised {
     }
 }
 
+/// The IPv4 part of [`normalise`], without the protocol byte. Each endpoint is packed into
+/// one `u64` as `(address << 16) | port`, whose integer order is the `(address, port)` tuple
+/// order, so ordering the endpoints is one compare and two conditional moves instead of a
+/// tuple comparison.
+#[inline]
+fn normalise_v4(src: u32, sport: u16, dst: u32, dport: u16) -> (Key4, bool) {
+    let a = (u64::from(src) << 16) | u64::from(sport);
+    let b = (u64::from(dst) << 16) | u64::from(dport);
+    let from_lo = a <= b;
+    let lo = a.min(b);
+    let hi = a.max(b);
+    let k0 = ((lo >> 16) << 32) | (hi >> 16);
+    let k1 = ((lo & 0xffff) << 24) | ((hi & 0xffff) << 8);
+    ([k0, k1], from_lo)
+}
+
 fn ports_word(lo_port: u16, hi_port: u16, proto: u8) -> u64 {
     (u64::from(lo_port) << 24) | (u64::from(hi_port) << 8) | u64::from(proto)
 }
@@ -575,15 +632,16 @@ fn to_v6(addr: IpAddr) -> Ipv6Addr {
     }
 }
 
-/// Per-state timeouts in ticks, indexed by state code.
+/// Per-state timeouts in ticks, indexed by the 4-bit state code (codes that name no state
+/// get a limit no age reaches, so a lookup by a masked code needs no validity check).
 #[derive(Clone, Copy, Debug)]
 struct Timeouts {
-    ticks: [u32; CtState::CODES],
+    ticks: [u32; 16],
 }
 
 impl Timeouts {
     fn new(t: &CtTimeouts) -> Timeouts {
-        let mut ticks = [u32::MAX >> 2; CtState::CODES];
+        let mut ticks = [u32::MAX >> 2; 16];
         for (code, slot) in ticks.iter_mut().enumerate() {
             if let Some(state) = CtState::from_code(code as u8) {
                 *slot = timeout_ticks(state.timeout(t));
@@ -601,6 +659,14 @@ impl Timeouts {
         }
         let limit = self.ticks.get(state as usize).copied().unwrap_or(0);
         age > limit
+    }
+
+    /// [`Timeouts::expired`] by raw state code, for the insert path's window scan.
+    #[inline]
+    fn expired_code(&self, code: u64, last: u32, now: u32) -> bool {
+        let age = now.wrapping_sub(last);
+        let limit = self.ticks.get((code & 0xf) as usize).copied().unwrap_or(0);
+        age <= u32::MAX / 2 && age > limit
     }
 }
 
@@ -640,12 +706,27 @@ impl Conntrack {
 
     /// Looks up the packet's connection and advances its state.
     pub fn track(&self, key: &FlowKey, l4: &L4, now: Nanos) -> CtVerdict {
+        self.track_prefetched(&self.prepare(key), l4, now)
+    }
+
+    /// [`Conntrack::track`] for the key `p` was made from by [`Conntrack::prefetch_tags`]:
+    /// the same answer, without normalising and hashing the key again.
+    #[inline]
+    pub fn track_prefetched(&self, p: &CtPrefetch, l4: &L4, now: Nanos) -> CtVerdict {
         let now = tick_of(now);
-        match normalise(key) {
-            Normalised::V4(k, from_lo) => {
-                self.v4.track(&k, from_lo, l4, false, now, &self.timeouts)
-            }
-            Normalised::V6(k, from_lo) => self.v6.track(&k, from_lo, l4, true, now, &self.timeouts),
+        if p.v6 {
+            self.v6
+                .track(&p.key, &p.probe, p.from_lo, l4, true, now, &self.timeouts)
+        } else {
+            self.v4.track(
+                &p.key4(),
+                &p.probe,
+                p.from_lo,
+                l4,
+                false,
+                now,
+                &self.timeouts,
+            )
         }
     }
 
@@ -678,17 +759,74 @@ impl Conntrack {
     /// [`Conntrack::can_open`] holds). An existing entry for the key, live or expired, is
     /// replaced.
     pub fn insert(&self, key: &FlowKey, l4: &L4, epoch: u32, now: Nanos) -> Result<(), CtFull> {
+        self.insert_prefetched(&self.prepare(key), l4, epoch, now)
+    }
+
+    /// [`Conntrack::insert`] for the key `p` was made from by [`Conntrack::prefetch_tags`].
+    pub fn insert_prefetched(
+        &self,
+        p: &CtPrefetch,
+        l4: &L4,
+        epoch: u32,
+        now: Nanos,
+    ) -> Result<(), CtFull> {
         let state = CtState::initial(l4);
         let now = tick_of(now);
+        if p.v6 {
+            self.v6.insert(
+                &p.key,
+                &p.probe,
+                p.from_lo,
+                state,
+                epoch,
+                now,
+                &self.timeouts,
+            )
+        } else {
+            self.v4.insert(
+                &p.key4(),
+                &p.probe,
+                p.from_lo,
+                state,
+                epoch,
+                now,
+                &self.timeouts,
+            )
+        }
+    }
+
+    /// The normalised key, direction and probe of `key`, without touching the table.
+    #[inline]
+    fn prepare(&self, key: &FlowKey) -> CtPrefetch {
+        // The IPv4 case is spelled out rather than taken from `normalise` so that it
+        // compiles to a few register operations (no `Normalised` built in memory).
+        if let (IpAddr::V4(s), IpAddr::V4(d)) = (&key.src, &key.dst) {
+            let ([k0, k1], from_lo) =
+                normalise_v4(u32::from(*s), key.sport, u32::from(*d), key.dport);
+            let k1 = k1 | u64::from(key.proto);
+            return CtPrefetch {
+                v6: false,
+                from_lo,
+                key: [k0, k1, 0, 0, 0],
+                probe: self.v4.probe(&[k0, k1]),
+                word: 0,
+            };
+        }
         match normalise(key) {
-            Normalised::V4(k, from_lo) => {
-                self.v4
-                    .insert(&k, from_lo, state, epoch, now, &self.timeouts)
-            }
-            Normalised::V6(k, from_lo) => {
-                self.v6
-                    .insert(&k, from_lo, state, epoch, now, &self.timeouts)
-            }
+            Normalised::V4([k0, k1], from_lo) => CtPrefetch {
+                v6: false,
+                from_lo,
+                key: [k0, k1, 0, 0, 0],
+                probe: self.v4.probe(&[k0, k1]),
+                word: 0,
+            },
+            Normalised::V6(key, from_lo) => CtPrefetch {
+                v6: true,
+                from_lo,
+                key,
+                probe: self.v6.probe(&key),
+                word: 0,
+            },
         }
     }
 
@@ -711,21 +849,45 @@ impl Conntrack {
         }
     }
 
-    /// First pass of the burst prefetch: loads the tag word a lookup of `key` reads first.
-    /// The pipeline runs this over a whole burst, then [`Conntrack::prefetch_slot`] over the
-    /// whole burst, then the lookups, so that the burst's cache misses overlap.
+    /// First pass of the burst prefetch: normalises and hashes `key` and loads the tag word
+    /// a lookup of it reads first. The pipeline runs this over a whole burst, then
+    /// [`Conntrack::prefetch_slot`] over the whole burst, then the lookups
+    /// ([`Conntrack::track_prefetched`]), so that the burst's cache misses overlap.
     #[inline]
     pub fn prefetch_tags(&self, key: &FlowKey) -> CtPrefetch {
-        match normalise(key) {
-            Normalised::V4(k, _) => CtPrefetch {
+        let mut p = self.prepare(key);
+        p.word = if p.v6 {
+            self.v6.touch_tags(&p.probe)
+        } else {
+            self.v4.touch_tags(&p.probe)
+        };
+        p
+    }
+
+    /// [`Conntrack::prefetch_tags`] for the key of a parsed IP packet
+    /// ([`FlowKey::from_ip`]), without building the `FlowKey`.
+    #[inline]
+    pub fn prefetch_ip(&self, ip: &IpMeta) -> CtPrefetch {
+        if let (IpAddr::V4(s), IpAddr::V4(d)) = (&ip.src, &ip.dst) {
+            let (sport, dport) = match ip.l4 {
+                L4::Tcp { sport, dport, .. }
+                | L4::Udp { sport, dport }
+                | L4::Sctp { sport, dport } => (sport, dport),
+                L4::Icmp { id, .. } => (id, id),
+                L4::None => (0, 0),
+            };
+            let ([k0, k1], from_lo) = normalise_v4(u32::from(*s), sport, u32::from(*d), dport);
+            let k1 = k1 | u64::from(ip.proto);
+            let probe = self.v4.probe(&[k0, k1]);
+            return CtPrefetch {
                 v6: false,
-                touch: self.v4.touch_tags(&k),
-            },
-            Normalised::V6(k, _) => CtPrefetch {
-                v6: true,
-                touch: self.v6.touch_tags(&k),
-            },
+                from_lo,
+                key: [k0, k1, 0, 0, 0],
+                word: self.v4.touch_tags(&probe),
+                probe,
+            };
         }
+        self.prefetch_tags(&FlowKey::from_ip(ip))
     }
 
     /// Second pass of the burst prefetch: loads the slot the tag word points at. Returns a
@@ -733,9 +895,9 @@ impl Conntrack {
     #[inline]
     pub fn prefetch_slot(&self, p: &CtPrefetch) -> u64 {
         if p.v6 {
-            self.v6.touch_slot(&p.touch)
+            self.v6.touch_slot(&p.probe, p.word)
         } else {
-            self.v4.touch_slot(&p.touch)
+            self.v4.touch_slot(&p.probe, p.word)
         }
     }
 

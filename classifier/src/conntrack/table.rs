@@ -30,8 +30,10 @@
 //!   reader validated. The sequence number is part of that word, so an update can never land
 //!   on a slot that was freed or given to another flow in between (no ABA). Last-seen is only
 //!   rewritten when the tick changes, so a busy established flow writes about fifteen times
-//!   a second, not once per packet.
-//! - **Writers** (`insert`) claim a slot by a `compare_exchange` from the exact control value
+//!   a second, not once per packet; a packet that changes nothing in the entry's own tick
+//!   is answered from the validated control word without a write (`quiet_hit`).
+//! - **Writers** (`insert`) judge the window's slots (comparing keys only where the tag byte
+//!   matches, as lookups do), claim a slot by a `compare_exchange` from the exact control value
 //!   they judged (free, expired or evictable) to the odd sequence number, store the key and
 //!   epoch, and publish with a release store of the next even sequence number. A slot that
 //!   changed since it was judged (say a half-open flow got its SYN-ACK) is not taken.
@@ -53,8 +55,10 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
 
-use super::{CtEntry, CtState, CtTableStats, CtVerdict, Direction, F_INIT_LO, Step, Timeouts};
-use crate::parse::L4;
+use super::{
+    CtEntry, CtState, CtTableStats, CtVerdict, Direction, F_FINS, F_INIT_LO, Step, Timeouts,
+};
+use crate::parse::{L4, TcpFlags};
 
 /// Slots in one of the two aligned groups a flow may occupy.
 const GROUP: usize = 8;
@@ -111,6 +115,45 @@ fn later(a: u32, b: u32) -> u32 {
     } else {
         a
     }
+}
+
+/// The bytes of a group's tag `word` equal to `tag`, as the high bit of each such byte. The
+/// classic SWAR zero-byte test: it may also flag a byte just above a flagged one, which only
+/// costs a harmless extra slot read.
+fn tag_hits(word: u64, tag: u8) -> u64 {
+    const LOW: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let x = word ^ (u64::from(tag) * LOW);
+    x.wrapping_sub(LOW) & !x & HIGH
+}
+
+/// The common case of [`Table::track`], decided from the validated control word alone: a
+/// packet that [`super::step`] would accept without changing the entry, arriving in the
+/// tick the entry was last refreshed in, so that nothing needs writing. That is an ACK
+/// without SYN, RST or FIN on an established TCP connection, or any packet of an assured
+/// UDP or other-protocol flow. Same-tick means age 0, which no timeout expires. Returns the
+/// packet's direction, or `None` when the full path must judge it.
+#[inline]
+fn quiet_hit(c: u64, from_lo: bool, l4: &L4, now: u32) -> Option<Direction> {
+    if ctl_time(c) != now {
+        return None;
+    }
+    let code = (c >> STATE_SHIFT) & 0xf;
+    let flags = ctl_flags(c);
+    let quiet = if code == CtState::Established as u64 {
+        const MASK: u8 = TcpFlags::SYN | TcpFlags::RST | TcpFlags::FIN | TcpFlags::ACK;
+        matches!(l4, L4::Tcp { flags: f, .. } if f.0 & MASK == TcpFlags::ACK) && flags & F_FINS == 0
+    } else {
+        code == CtState::UdpAssured as u64 || code == CtState::OtherAssured as u64
+    };
+    if !quiet {
+        return None;
+    }
+    Some(if from_lo == (flags & F_INIT_LO != 0) {
+        Direction::Original
+    } else {
+        Direction::Reply
+    })
 }
 
 /// One entry. `K` key words between a control word and an epoch word.
@@ -184,20 +227,12 @@ impl<const K: usize> Slot<K> {
 }
 
 /// Where a key may live; see [`Table::probe`].
+#[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Probe {
     /// First slot of each of the two groups.
     groups: [usize; 2],
     /// The key's tag byte.
     tag: u8,
-}
-
-/// What the first prefetch pass learned about a key (see [`Table::touch_tags`]).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Touch {
-    base: usize,
-    other: usize,
-    tag: u8,
-    word: u64,
 }
 
 /// How an insert obtained its slot.
@@ -291,6 +326,7 @@ impl<const K: usize> Table<K> {
 
     /// The slots of the key's window, in probe order, with their position in it and their
     /// index in the table.
+    #[cfg(test)]
     fn window(&self, probe: &Probe) -> impl Iterator<Item = (usize, usize, &Slot<K>)> {
         let groups = probe.groups;
         (0..WINDOW).filter_map(move |p| {
@@ -309,38 +345,44 @@ impl<const K: usize> Table<K> {
         }
     }
 
-    /// The slots of the window whose tag byte matches the key's, in probe order, with their
-    /// window position. A live entry's tag was written before the entry was published and
-    /// stays until the slot is rewritten, so no stable entry is skipped; the second group's
-    /// tag word is only loaded if the first group yields nothing the caller wanted.
-    fn candidates(&self, probe: &Probe) -> impl Iterator<Item = (usize, &Slot<K>)> {
-        const LOW: u64 = 0x0101_0101_0101_0101;
-        const HIGH: u64 = 0x8080_8080_8080_8080;
-        let tag = probe.tag;
-        probe
-            .groups
-            .into_iter()
-            .enumerate()
-            .flat_map(move |(g, base)| {
-                let word = self
-                    .tags
-                    .get(base / GROUP)
-                    .map_or(0, |w| w.load(Ordering::Acquire));
-                // Bytes of `word` equal to the tag become zero in `x`; the classic SWAR test
-                // flags them (and, rarely, a byte above a flagged one: a harmless extra read).
-                let x = word ^ (u64::from(tag) * LOW);
-                let mut hits = x.wrapping_sub(LOW) & !x & HIGH;
-                std::iter::from_fn(move || {
-                    while hits != 0 {
-                        let i = (hits.trailing_zeros() / 8) as usize;
-                        hits &= hits - 1;
-                        if let Some(slot) = self.slots.get(base + i) {
-                            return Some((g * GROUP + i, slot));
-                        }
-                    }
-                    None
-                })
-            })
+    /// The tag word of the group starting at slot `base`.
+    fn tag_word(&self, base: usize) -> u64 {
+        self.tags
+            .get(base / GROUP)
+            .map_or(0, |w| w.load(Ordering::Acquire))
+    }
+
+    /// The first live copy of `key` in probe order, other than the one at window position
+    /// `skip`: its window position, slot, validated control word and epoch. Only the slots
+    /// whose tag byte matches are read. A live entry's tag was written before the entry was
+    /// published and stays until the slot is rewritten, so no stable entry is skipped; the
+    /// second group's tag word is only loaded when the first group holds no copy.
+    #[inline(always)]
+    fn scan(
+        &self,
+        key: &[u64; K],
+        probe: &Probe,
+        skip: usize,
+    ) -> Option<(usize, &Slot<K>, u64, u32)> {
+        let mut g = 0;
+        for base in probe.groups {
+            let mut hits = tag_hits(self.tag_word(base), probe.tag);
+            while hits != 0 {
+                let i = (hits.trailing_zeros() / 8) as usize;
+                hits &= hits - 1;
+                let p = g + i;
+                if p == skip {
+                    continue;
+                }
+                if let Some(slot) = self.slots.get(base + i)
+                    && let Some((c, e)) = slot.read_match(key)
+                {
+                    return Some((p, slot, c, e));
+                }
+            }
+            g += GROUP;
+        }
+        None
     }
 
     /// First half of a burst prefetch: finds the key's first group and loads its tag word.
@@ -348,37 +390,27 @@ impl<const K: usize> Table<K> {
     /// frame, then looks them up: each pass issues independent loads, so the cache misses
     /// of a whole burst overlap instead of being paid one after another (safe Rust has no
     /// prefetch instruction; an ordinary load whose result is used does the same job).
-    pub(super) fn touch_tags(&self, key: &[u64; K]) -> Touch {
-        let probe = self.probe(key);
-        let base = probe.groups[0];
-        let word = self
-            .tags
-            .get(base / GROUP)
-            .map_or(0, |w| w.load(Ordering::Relaxed));
-        Touch {
-            base,
-            other: probe.groups[1],
-            tag: probe.tag,
-            word,
-        }
+    pub(super) fn touch_tags(&self, probe: &Probe) -> u64 {
+        self.tags
+            .get(probe.groups[0] / GROUP)
+            .map_or(0, |w| w.load(Ordering::Relaxed))
     }
 
     /// Second half of a burst prefetch: loads the first slot whose tag matches. With no
     /// match the key is most likely new, and an insert will read every slot of both groups,
     /// so those are loaded instead (independent loads, overlapping across the burst).
-    pub(super) fn touch_slot(&self, t: &Touch) -> u64 {
-        let x = t.word ^ (u64::from(t.tag) * 0x0101_0101_0101_0101);
-        let hits = x.wrapping_sub(0x0101_0101_0101_0101) & !x & 0x8080_8080_8080_8080;
+    pub(super) fn touch_slot(&self, probe: &Probe, word: u64) -> u64 {
+        let hits = tag_hits(word, probe.tag);
         if hits != 0 {
             let i = (hits.trailing_zeros() / 8) as usize;
-            return self.slots.get(t.base + i).map_or(0, Slot::peek);
+            return self.slots.get(probe.groups[0] + i).map_or(0, Slot::peek);
         }
         // Two 32-byte slots share a cache line (more for IPv4 than IPv6, but every line of
         // the groups is touched either way by stepping one slot at a time).
         let mut sum = 0u64;
-        for base in [t.base, t.other] {
-            for i in 0..GROUP {
-                sum = sum.wrapping_add(self.slots.get(base + i).map_or(0, Slot::peek));
+        for base in probe.groups {
+            for slot in self.slots.get(base..base + GROUP).unwrap_or_default() {
+                sum = sum.wrapping_add(slot.peek());
             }
         }
         sum
@@ -386,22 +418,45 @@ impl<const K: usize> Table<K> {
 
     /// The first live copy of `key` in probe order.
     pub(super) fn find(&self, key: &[u64; K]) -> Option<(usize, &Slot<K>, u64, u32)> {
-        self.candidates(&self.probe(key))
-            .find_map(|(p, slot)| slot.read_match(key).map(|(c, e)| (p, slot, c, e)))
+        self.scan(key, &self.probe(key), WINDOW)
     }
 
+    #[allow(clippy::too_many_arguments)] // Why: the hot path passes the prefetched parts as they are.
     pub(super) fn track(
         &self,
         key: &[u64; K],
+        probe: &Probe,
         from_lo: bool,
         l4: &L4,
         v6: bool,
         now: u32,
         timeouts: &Timeouts,
     ) -> CtVerdict {
-        let Some((_, slot, mut c, epoch)) = self.find(key) else {
+        let Some((_, slot, c, epoch)) = self.scan(key, probe, WINDOW) else {
             return CtVerdict::Miss;
         };
+        if let Some(dir) = quiet_hit(c, from_lo, l4, now) {
+            return CtVerdict::Hit { dir, epoch };
+        }
+        self.update(slot, c, epoch, from_lo, l4, v6, now, timeouts)
+    }
+
+    /// The full path of [`Table::track`]: judges the packet against the entry whose validated
+    /// control word is `c` and applies the change. Kept out of line so that the quiet path
+    /// above stays small (no spilled registers for this loop's state).
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)] // Why: the parts of one lookup, passed as they are.
+    fn update(
+        &self,
+        slot: &Slot<K>,
+        mut c: u64,
+        epoch: u32,
+        from_lo: bool,
+        l4: &L4,
+        v6: bool,
+        now: u32,
+        timeouts: &Timeouts,
+    ) -> CtVerdict {
         let mut verdict = CtVerdict::Miss;
         for _ in 0..RETRIES {
             let Some(state) = ctl_state(c) else {
@@ -475,9 +530,11 @@ impl<const K: usize> Table<K> {
         })
     }
 
+    #[allow(clippy::too_many_arguments)] // Why: the hot path passes the prefetched parts as they are.
     pub(super) fn insert(
         &self,
         key: &[u64; K],
+        probe: &Probe,
         from_lo: bool,
         state: CtState,
         epoch: u32,
@@ -485,9 +542,8 @@ impl<const K: usize> Table<K> {
         timeouts: &Timeouts,
     ) -> Result<(), super::CtFull> {
         let flags = if from_lo { F_INIT_LO } else { 0 };
-        let probe = self.probe(key);
         for _ in 0..RETRIES {
-            let Some((pos, index, slot, take, c)) = self.choose_slot(key, &probe, now, timeouts)
+            let Some((pos, index, slot, take, c)) = self.choose_slot(key, probe, now, timeouts)
             else {
                 break;
             };
@@ -519,7 +575,7 @@ impl<const K: usize> Table<K> {
                 }
                 Take::Same | Take::Expired => {}
             }
-            self.dedupe(key, &probe, pos, slot, seq);
+            self.dedupe(key, probe, pos, slot, seq);
             return Ok(());
         }
         self.insert_failures.fetch_add(1, Ordering::Relaxed);
@@ -537,41 +593,62 @@ impl<const K: usize> Table<K> {
         now: u32,
         timeouts: &Timeouts,
     ) -> Option<(usize, usize, &Slot<K>, Take, u64)> {
-        // Per group: its first free or expired slot, and how many it has.
-        let mut reusable = [None, None];
-        let mut room = [0usize; 2];
-        let mut victim: Option<(usize, usize, &Slot<K>, u64)> = None;
-        for (p, index, slot) in self.window(probe) {
-            let group = usize::from(p >= GROUP);
-            let c = slot.ctl.load(Ordering::Acquire);
-            if ctl_busy(c) {
+        // Per group: its first free or expired slot (window position, control value, how it
+        // is taken), and how many it has.
+        let mut reusable: [Option<(usize, u64, Take)>; 2] = [None, None];
+        let mut room = [0u32; 2];
+        let mut victim: Option<(usize, u64)> = None;
+        for (g, base) in probe.groups.into_iter().enumerate() {
+            let Some(group) = self.slots.get(base..base + GROUP) else {
                 continue;
-            }
-            if let Some((c, _)) = slot.read_match(key) {
-                // The key's own entry is replaced, from the validated control value.
-                return Some((p, index, slot, Take::Same, c));
-            }
-            let take = match ctl_state(c) {
-                None => Take::Free,
-                Some(state) if timeouts.expired(state, ctl_time(c), now) => Take::Expired,
-                Some(state) => {
-                    let older = |v: u64| ctl_time(c).wrapping_sub(ctl_time(v)) > u32::MAX / 2;
-                    if state.evictable() && victim.is_none_or(|(_, _, _, v)| older(v)) {
-                        victim = Some((p, index, slot, c));
-                    }
+            };
+            // Only a slot whose tag byte matches can hold the key (see `scan`), so only those
+            // pay for a key comparison.
+            let hits = tag_hits(self.tag_word(base), probe.tag);
+            for (i, slot) in group.iter().enumerate() {
+                let p = g * GROUP + i;
+                let c = slot.ctl.load(Ordering::Acquire);
+                if ctl_busy(c) {
                     continue;
                 }
-            };
-            if let (Some(first), Some(n)) = (reusable.get_mut(group), room.get_mut(group)) {
-                *n += 1;
-                first.get_or_insert((p, index, slot, take, c));
+                let code = (c >> STATE_SHIFT) & 0xf;
+                let take = if code == 0 || code >= CtState::CODES as u64 {
+                    Take::Free
+                } else {
+                    if (hits >> (8 * i)) & 0x80 != 0
+                        && let Some((c, _)) = slot.read_match(key)
+                    {
+                        // The key's own entry is replaced, from the validated control value.
+                        return Some((p, base + i, slot, Take::Same, c));
+                    }
+                    if timeouts.expired_code(code, ctl_time(c), now) {
+                        Take::Expired
+                    } else {
+                        // Keep the least recently seen evictable entry (wrapping tick order).
+                        if (CtState::EVICTABLE_CODES >> code) & 1 != 0
+                            && victim.is_none_or(|(_, v)| {
+                                ctl_time(c).wrapping_sub(ctl_time(v)) > u32::MAX / 2
+                            })
+                        {
+                            victim = Some((p, c));
+                        }
+                        continue;
+                    }
+                };
+                if let (Some(first), Some(n)) = (reusable.get_mut(g), room.get_mut(g)) {
+                    *n += 1;
+                    first.get_or_insert((p, c, take));
+                }
             }
         }
         // The emptier group, so that both fill evenly and the table reaches a high load
         // before any flow finds both its groups full.
         let [a, b] = reusable;
         let chosen = if room[1] > room[0] { b.or(a) } else { a.or(b) };
-        chosen.or(victim.map(|(p, index, slot, c)| (p, index, slot, Take::Evict, c)))
+        let (p, c, take) = chosen.or(victim.map(|(p, c)| (p, c, Take::Evict)))?;
+        let index = probe.groups.get(p / GROUP)? + p % GROUP;
+        let slot = self.slots.get(index)?;
+        Some((p, index, slot, take, c))
     }
 
     /// Frees whichever of two live copies of `key` sits later in probe order (see the module
@@ -587,13 +664,7 @@ impl<const K: usize> Table<K> {
         // Each writer set its tag and published its slot before this fence, so of two racing
         // writers at least one sees the other's tag and entry below.
         fence(Ordering::SeqCst);
-        for (p, slot) in self.candidates(probe) {
-            if p == pos {
-                continue;
-            }
-            let Some((c, _)) = slot.read_match(key) else {
-                continue;
-            };
+        if let Some((p, slot, c, _)) = self.scan(key, probe, pos) {
             let loser_freed = if p < pos {
                 mine.free_if_seq(seq)
             } else {
@@ -602,7 +673,6 @@ impl<const K: usize> Table<K> {
             if loser_freed {
                 self.live.fetch_sub(1, Ordering::Relaxed);
             }
-            return;
         }
     }
 

@@ -993,3 +993,97 @@ fn fills_to_high_load_before_first_failure() {
     assert!(load > 0.75, "{load}");
     assert_eq!(ct.stats().v4.evictions, 0);
 }
+
+/// The insert path's bit-mask and raw-code shortcuts agree with the `CtState` methods they
+/// stand in for, for every code (including the codes that name no state).
+#[test]
+fn code_shortcuts_match_state_methods() {
+    let t = Timeouts::new(&CtTimeouts::default());
+    for code in 0..16u8 {
+        let state = CtState::from_code(code);
+        let evictable = (CtState::EVICTABLE_CODES >> code) & 1 != 0;
+        assert_eq!(
+            evictable,
+            state.is_some_and(CtState::evictable),
+            "code {code}"
+        );
+        let Some(state) = state else { continue };
+        for (last, now) in [
+            (100, 100),
+            (100, 101),
+            (100, 100 + (1 << 20)),
+            (100, 99),
+            (u32::MAX, 5),
+        ] {
+            assert_eq!(
+                t.expired_code(u64::from(code), last, now),
+                t.expired(state, last, now),
+                "{state:?} last {last} now {now}"
+            );
+        }
+    }
+}
+
+/// The packed-word IPv4 normalisation orders endpoints exactly as `(address, port)` tuples.
+fn check_normalise_v4(src: u32, sport: u16, dst: u32, dport: u16) {
+    let a = (src, sport);
+    let b = (dst, dport);
+    let from_lo = a <= b;
+    let (lo, hi) = if from_lo { (a, b) } else { (b, a) };
+    let expected = [
+        (u64::from(lo.0) << 32) | u64::from(hi.0),
+        ports_word(lo.1, hi.1, 0),
+    ];
+    assert_eq!(normalise_v4(src, sport, dst, dport), (expected, from_lo));
+}
+
+#[test]
+fn normalise_v4_table() {
+    check_normalise_v4(1, 2, 1, 2);
+    check_normalise_v4(1, 9, 2, 1);
+    check_normalise_v4(2, 1, 1, 9);
+    check_normalise_v4(5, 80, 5, 79);
+    check_normalise_v4(u32::MAX, u16::MAX, 0, 0);
+}
+
+proptest! {
+    #[test]
+    fn normalise_v4_matches_tuple_order(src: u32, sport: u16, dst: u32, dport: u16) {
+        check_normalise_v4(src, sport, dst, dport);
+    }
+}
+
+/// `prefetch_ip` computes exactly what `prefetch_tags` does for the packet's `FlowKey`.
+fn check_prefetch_ip(ct: &Conntrack, ip: &IpMeta) {
+    let direct = format!("{:?}", ct.prefetch_ip(ip));
+    let via_key = format!("{:?}", ct.prefetch_tags(&FlowKey::from_ip(ip)));
+    assert_eq!(direct, via_key, "{ip:?}");
+}
+
+proptest! {
+    #[test]
+    fn prefetch_ip_matches_prefetch_tags(
+        src: u32,
+        dst: u32,
+        sport: u16,
+        dport: u16,
+        l4 in l4_strategy(),
+        v6 in any::<bool>(),
+    ) {
+        let ct = small();
+        let l4 = match l4 {
+            L4::Tcp { flags, .. } => L4::Tcp { sport, dport, flags },
+            L4::Udp { .. } => L4::Udp { sport, dport },
+            other => other,
+        };
+        let (src, dst) = if v6 {
+            (IpAddr::V6(Ipv6Addr::from(u128::from(src))), IpAddr::V6(Ipv6Addr::from(u128::from(dst) << 64)))
+        } else {
+            (IpAddr::V4(Ipv4Addr::from(src)), IpAddr::V4(Ipv4Addr::from(dst)))
+        };
+        // An entry in the table makes the loaded tag word part of the comparison.
+        let ip = IpMeta { src, dst, proto: 6, ttl: 64, fragment: Fragment::None, l4 };
+        let _ = ct.insert(&FlowKey::from_ip(&ip), &l4, 1, T0);
+        check_prefetch_ip(&ct, &ip);
+    }
+}
