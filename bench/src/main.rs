@@ -8,6 +8,10 @@
 
 mod pipeline;
 
+/// Large tables (conntrack, routes) on transparent huge pages, as the agent will have them.
+#[global_allocator]
+static GLOBAL: dataplane::sys::HugePageAlloc = dataplane::sys::HugePageAlloc;
+
 use std::path::PathBuf;
 
 use anyhow::Result;

@@ -43,6 +43,9 @@ pub struct Args {
     /// the live flows at a load factor of at most 0.5).
     #[arg(long)]
     ct_capacity: Option<usize>,
+    /// Keep the tables on 4 KiB pages (the baseline huge pages are measured against).
+    #[arg(long)]
+    no_huge_pages: bool,
     /// Run without the conntrack prefetch stages (the baseline they are measured against).
     #[arg(long)]
     no_prefetch: bool,
@@ -73,6 +76,7 @@ impl Outcome {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    dataplane::sys::HUGE_PAGES.store(!args.no_huge_pages, std::sync::atomic::Ordering::Relaxed);
     let div = if args.quick { 100 } else { 1 };
     let spec = WorkloadSpec {
         namespaces: args.namespaces.div_ceil(div),

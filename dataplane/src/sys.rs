@@ -971,8 +971,134 @@ pub fn poll_readable<'a>(
     Ok(rc > 0)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Huge pages for the big tables.
+
+/// Allocations at least this large are backed by transparent huge pages when the kernel allows.
+pub const HUGE_PAGE_MIN: usize = 4 << 20;
+
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Whether [`HugePageAlloc`] asks for huge pages (on by default; benchmarks turn it off to
+/// measure what it is worth).
+pub static HUGE_PAGES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// A global allocator that asks the kernel to back large allocations with transparent huge
+/// pages (`madvise(MADV_HUGEPAGE)`), for binaries that hold the classifier's tables.
+///
+/// The conntrack table (tens of MiB) and the DIR-24-8 route table (up to 64 MiB) are read at
+/// random addresses on every packet. With 4 KiB pages almost every such read is also a TLB
+/// miss, and in a virtual machine a TLB miss costs a two-dimensional page walk. Where the
+/// kernel's THP mode is `madvise` (the common default), only advised ranges get huge pages;
+/// the classifier, which does no I/O, cannot ask, so the binary's allocator does. Advice is
+/// given right after the allocation, before the caller touches it, so pages fault in huge.
+/// It changes how memory is backed, never what it contains. Small allocations pass through.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HugePageAlloc;
+
+impl HugePageAlloc {
+    fn advise(ptr: *mut u8, len: usize) {
+        if ptr.is_null()
+            || len < HUGE_PAGE_MIN
+            || !HUGE_PAGES.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        // Only whole huge pages inside the allocation can be advised.
+        let start = (ptr as usize).next_multiple_of(HUGE_PAGE);
+        let end = (ptr as usize + len) / HUGE_PAGE * HUGE_PAGE;
+        if end > start {
+            // SAFETY: [start, end) lies inside the allocation just returned to us, so it is
+            // mapped memory of this process; MADV_HUGEPAGE only changes how the kernel backs
+            // those pages, not their contents or validity. A failure (THP disabled) is
+            // harmless and ignored.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+}
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged and returns
+// its result; `advise` never changes an allocation's contents or size.
+unsafe impl std::alloc::GlobalAlloc for HugePageAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract for `layout`.
+        let ptr = unsafe { std::alloc::System.alloc(layout) };
+        Self::advise(ptr, layout.size());
+        ptr
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: as for `alloc`.
+        let ptr = unsafe { std::alloc::System.alloc_zeroed(layout) };
+        Self::advise(ptr, layout.size());
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: `ptr` was allocated by `System` (through us) with `layout`.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller upholds `GlobalAlloc::realloc`'s contract.
+        let new = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
+        Self::advise(new, new_size);
+        new
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    /// The AnonHugePages figure of the mapping that contains `addr`, in KiB.
+    fn anon_huge_kib(addr: usize) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((lo, hi)) = range.split_once('-')
+                && let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+            {
+                inside = (lo..hi).contains(&addr);
+                continue;
+            }
+            if inside && let Some(v) = line.strip_prefix("AnonHugePages:") {
+                return v.trim().trim_end_matches("kB").trim().parse().ok();
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn large_allocations_get_huge_pages_when_the_kernel_allows() {
+        use std::alloc::{GlobalAlloc, Layout};
+        let len = 16 << 20;
+        let layout = Layout::from_size_align(len, 4096).unwrap();
+        // SAFETY: a non-zero layout; the block is freed below with the same layout.
+        let ptr = unsafe { HugePageAlloc.alloc_zeroed(layout) };
+        assert!(!ptr.is_null());
+        // SAFETY: `ptr` points to `len` writable bytes we own.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+        for page in bytes.chunks_mut(4096) {
+            page[0] = 1;
+        }
+        assert!(bytes.iter().step_by(4096).all(|b| *b == 1));
+        let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        let huge = anon_huge_kib(ptr as usize + len / 2);
+        // SAFETY: allocated above with this layout.
+        unsafe { HugePageAlloc.dealloc(ptr, layout) };
+        if mode.contains("[never]") || mode.is_empty() {
+            return; // THP is off on this machine: nothing to check beyond correctness.
+        }
+        assert!(
+            huge.unwrap_or(0) > 0,
+            "no huge pages in a 16 MiB advised block (THP mode {mode:?})"
+        );
+    }
     use super::*;
 
     #[test]
