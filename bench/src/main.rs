@@ -37,8 +37,7 @@ fn main() -> Result<()> {
     }
 }
 
-/// Where `--json` output goes.
-#[allow(dead_code)] // Used by every subcommand that writes JSON; kept here to share.
+/// Writes a subcommand's `--json` output.
 fn write_json(path: &PathBuf, value: &serde_json::Value) -> Result<()> {
     std::fs::write(path, serde_json::to_string_pretty(value)? + "\n")?;
     Ok(())
