@@ -990,62 +990,129 @@ pub static HUGE_PAGES: std::sync::atomic::AtomicBool = std::sync::atomic::Atomic
 /// random addresses on every packet. With 4 KiB pages almost every such read is also a TLB
 /// miss, and in a virtual machine a TLB miss costs a two-dimensional page walk. Where the
 /// kernel's THP mode is `madvise` (the common default), only advised ranges get huge pages;
-/// the classifier, which does no I/O, cannot ask, so the binary's allocator does. Advice is
-/// given right after the allocation, before the caller touches it, so pages fault in huge.
-/// It changes how memory is backed, never what it contains. Small allocations pass through.
+/// the classifier, which does no I/O, cannot ask, so the binary's allocator does.
+///
+/// Allocations of [`HUGE_PAGE_MIN`] bytes or more (with at most page alignment) get their own
+/// anonymous mapping, aligned to 2 MiB and advised before anything touches it, so its pages
+/// fault in huge. (Going through `malloc` would not do: it may serve the block from memory it
+/// already touched, or zero it with `memset` before the advice.) Which path a block took is
+/// decided by its layout alone, so `dealloc` and `realloc` always know. Smaller allocations go
+/// to the system allocator unchanged. [`HUGE_PAGES`] turns only the advice off.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HugePageAlloc;
 
 impl HugePageAlloc {
-    fn advise(ptr: *mut u8, len: usize) {
-        if ptr.is_null()
-            || len < HUGE_PAGE_MIN
-            || !HUGE_PAGES.load(std::sync::atomic::Ordering::Relaxed)
-        {
-            return;
+    const PAGE: usize = 4096;
+
+    fn is_large(layout: &std::alloc::Layout) -> bool {
+        layout.size() >= HUGE_PAGE_MIN && layout.align() <= Self::PAGE
+    }
+
+    fn mapped_len(size: usize) -> usize {
+        size.next_multiple_of(Self::PAGE)
+    }
+
+    /// Maps `size` bytes at a 2 MiB boundary, advised for huge pages; null on failure.
+    fn map(size: usize) -> *mut u8 {
+        let len = Self::mapped_len(size);
+        let Some(over) = len.checked_add(HUGE_PAGE) else {
+            return std::ptr::null_mut();
+        };
+        // SAFETY: an anonymous private mapping at an address of the kernel's choosing; it
+        // aliases nothing, and the result is checked before use.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                over,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return std::ptr::null_mut();
         }
-        // Only whole huge pages inside the allocation can be advised.
-        let start = (ptr as usize).next_multiple_of(HUGE_PAGE);
-        let end = (ptr as usize + len) / HUGE_PAGE * HUGE_PAGE;
-        if end > start {
-            // SAFETY: [start, end) lies inside the allocation just returned to us, so it is
-            // mapped memory of this process; MADV_HUGEPAGE only changes how the kernel backs
-            // those pages, not their contents or validity. A failure (THP disabled) is
-            // harmless and ignored.
-            unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        let raw = raw as usize;
+        let start = raw.next_multiple_of(HUGE_PAGE);
+        let head = start - raw;
+        let tail = over - head - len;
+        // SAFETY: the head [raw, start) and the tail [start + len, raw + over) are parts of the
+        // mapping just made that the caller will never see; unmapping them leaves exactly
+        // [start, start + len) mapped.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw as *mut libc::c_void, head);
+            }
+            if tail > 0 {
+                libc::munmap((start + len) as *mut libc::c_void, tail);
             }
         }
+        if HUGE_PAGES.load(std::sync::atomic::Ordering::Relaxed) {
+            // SAFETY: [start, start + len) is our mapping, untouched so far; MADV_HUGEPAGE
+            // only changes how the kernel backs it. A failure (THP off) is harmless.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+            }
+        }
+        start as *mut u8
     }
 }
 
-// SAFETY: every method forwards to `System` with the caller's arguments unchanged and returns
-// its result; `advise` never changes an allocation's contents or size.
+// SAFETY: large blocks are whole private mappings of at least `size` bytes, aligned to 2 MiB
+// (so to any alignment up to a page, which `is_large` requires), zero-filled by the kernel,
+// and unmapped exactly once by `dealloc`; everything else is forwarded to `System` unchanged.
+// A block's path depends only on its layout, which `dealloc`/`realloc` receive unchanged.
 unsafe impl std::alloc::GlobalAlloc for HugePageAlloc {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if Self::is_large(&layout) {
+            return Self::map(layout.size());
+        }
         // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract for `layout`.
-        let ptr = unsafe { std::alloc::System.alloc(layout) };
-        Self::advise(ptr, layout.size());
-        ptr
+        unsafe { std::alloc::System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if Self::is_large(&layout) {
+            // Fresh anonymous memory is already zero.
+            return Self::map(layout.size());
+        }
         // SAFETY: as for `alloc`.
-        let ptr = unsafe { std::alloc::System.alloc_zeroed(layout) };
-        Self::advise(ptr, layout.size());
-        ptr
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        if Self::is_large(&layout) {
+            // SAFETY: `ptr` came from `map` with this layout's size, so it starts a mapping of
+            // `mapped_len(size)` bytes that nothing else refers to any more.
+            unsafe {
+                libc::munmap(ptr as *mut libc::c_void, Self::mapped_len(layout.size()));
+            }
+            return;
+        }
         // SAFETY: `ptr` was allocated by `System` (through us) with `layout`.
         unsafe { std::alloc::System.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: the caller upholds `GlobalAlloc::realloc`'s contract.
-        let new = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
-        Self::advise(new, new_size);
-        new
+        let Ok(new_layout) = std::alloc::Layout::from_size_align(new_size, layout.align()) else {
+            return std::ptr::null_mut();
+        };
+        if !Self::is_large(&layout) && !Self::is_large(&new_layout) {
+            // SAFETY: the caller upholds `GlobalAlloc::realloc`'s contract; both layouts
+            // belong to `System`.
+            return unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
+        }
+        // SAFETY: `new_layout` has a non-zero size (the contract forbids 0) and a valid
+        // alignment; on success the old block is copied and then freed with its own layout.
+        unsafe {
+            let new = self.alloc(new_layout);
+            if !new.is_null() {
+                std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+            new
+        }
     }
 }
 
@@ -1070,6 +1137,44 @@ mod tests {
             }
         }
         None
+    }
+
+    #[test]
+    fn huge_page_allocator_keeps_contents_across_size_classes() {
+        use std::alloc::{GlobalAlloc, Layout};
+        let a = HugePageAlloc;
+        let small = Layout::from_size_align(1000, 8).unwrap();
+        // SAFETY: non-zero layouts; every block is freed once with the layout it has.
+        unsafe {
+            let p = a.alloc(small);
+            assert!(!p.is_null());
+            for i in 0..1000 {
+                *p.add(i) = i as u8;
+            }
+            // Small → large (own mapping) → larger → small again.
+            let mut len = 1000;
+            let mut ptr = p;
+            for new_len in [HUGE_PAGE_MIN + 123, 3 * HUGE_PAGE_MIN, 500] {
+                let old = Layout::from_size_align(len, 8).unwrap();
+                ptr = a.realloc(ptr, old, new_len);
+                assert!(!ptr.is_null());
+                for i in 0..500 {
+                    assert_eq!(*ptr.add(i), i as u8, "byte {i} after realloc to {new_len}");
+                }
+                len = new_len;
+            }
+            a.dealloc(ptr, Layout::from_size_align(len, 8).unwrap());
+            // Zeroed large blocks are zero.
+            let big = Layout::from_size_align(HUGE_PAGE_MIN, 64).unwrap();
+            let z = a.alloc_zeroed(big);
+            assert!(!z.is_null());
+            assert!(
+                std::slice::from_raw_parts(z, HUGE_PAGE_MIN)
+                    .iter()
+                    .all(|b| *b == 0)
+            );
+            a.dealloc(z, big);
+        }
     }
 
     #[test]
