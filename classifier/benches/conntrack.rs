@@ -135,5 +135,53 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// The shared table from two threads at once, as two workers use it: one tracks the flows'
+/// original direction, the other their replies (`FlowKey::reversed`), in different orders.
+/// Compared with one thread doing the same lookups alone: if the table scales, the per-thread
+/// time per lookup stays the same with two threads.
+fn bench_two_workers(c: &mut Criterion) {
+    let n = 100_000usize;
+    let mut rng = Rng(0x0ce1_07fa_ce0f_f1ce);
+    let keys = random_keys(n, &mut rng);
+    let forward = shuffled(&keys, &mut rng);
+    let replies: Vec<FlowKey> = shuffled(&keys, &mut rng)
+        .iter()
+        .map(FlowKey::reversed)
+        .collect();
+    let ct = Conntrack::new(CtConfig {
+        capacity: 2 * n,
+        timeouts: CtTimeouts::default(),
+    });
+    for k in &keys {
+        ct.insert(k, &UDP, 1, NOW)
+            .expect("bench table sized for its flows");
+    }
+    let run = |keys: &[FlowKey], iters: u64| {
+        let start = std::time::Instant::now();
+        for i in 0..iters as usize {
+            black_box(ct.track(&keys[i % keys.len()], &UDP, NOW));
+        }
+        start.elapsed()
+    };
+    let mut g = c.benchmark_group("conntrack_100k_shared");
+    g.bench_function("one_thread_per_lookup", |b| {
+        b.iter_custom(|iters| run(&forward, iters))
+    });
+    g.bench_function("two_threads_per_lookup_per_thread", |b| {
+        b.iter_custom(|iters| {
+            std::thread::scope(|s| {
+                let a = s.spawn(|| run(&forward, iters));
+                let b = s.spawn(|| run(&replies, iters));
+                let (a, b) = (a.join(), b.join());
+                match (a, b) {
+                    (Ok(a), Ok(b)) => a.max(b),
+                    _ => std::time::Duration::MAX,
+                }
+            })
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_two_workers);
 criterion_main!(benches);
