@@ -315,11 +315,18 @@ fn established(
     let mut worker = new_worker(n, cap);
     let t = Instant::now();
     establish(w, &mut worker, &flows)?;
+    let live = worker.conntrack().len();
     eprintln!(
-        "{name}: {} flows established in {:.0} ms",
+        "{name}: {} flows established in {:.0} ms ({live} conntrack entries)",
         flows.len(),
         t.elapsed().as_secs_f64() * 1e3
     );
+    if live < flows.len() {
+        bail!(
+            "{name}: only {live} distinct connections for {} flows; refusing to report",
+            flows.len()
+        );
+    }
     let templates: Vec<_> = shuffled(&flows, 11)
         .iter()
         .map(|f| (f.frame(TcpFlags::ACK | TcpFlags::PSH), f.src.port))

@@ -480,11 +480,13 @@ impl Flow {
 }
 
 /// Picks `n` distinct TCP flows from local pods that the snapshot's policy allows (or denies,
-/// with `allowed = false`). Returns fewer if the cluster has too few such pairs after a
-/// bounded search.
+/// with `allowed = false`). Distinct means distinct connections: no two flows share a 5-tuple
+/// in either direction. Returns fewer if the cluster has too few such pairs after a bounded
+/// search.
 pub fn flows(w: &Workload, n: usize, allowed: bool, seed: u64) -> Vec<Flow> {
     let mut rng = Rng::new(seed);
     let mut out = Vec::with_capacity(n);
+    let mut seen = ahash::AHashSet::with_capacity(n * 2);
     let ports = [80u16, 8080, 8085, 443, 22];
     let mut attempts = 0usize;
     while out.len() < n && attempts < n.saturating_mul(50).max(10_000) {
@@ -498,6 +500,7 @@ pub fn flows(w: &Workload, n: usize, allowed: bool, seed: u64) -> Vec<Flow> {
         };
         let dst = w.pod_ips[rng.below(w.pod_ips.len() as u64) as usize];
         let dport = ports[rng.below(ports.len() as u64) as usize];
+        let sport = 1024 + rng.below(60_000) as u16;
         if dst == src.ip {
             continue;
         }
@@ -508,25 +511,8 @@ pub fn flows(w: &Workload, n: usize, allowed: bool, seed: u64) -> Vec<Flow> {
         if (decision == PolicyDecision::Allow) != allowed {
             continue;
         }
-        // Distinct source ports keep the flows distinct.
-        let sport = 1024 + (out.len() % 60_000) as u16;
-        let src_ip_variant = out.len() / 60_000;
-        if src_ip_variant > 0 && w.local.len() > 1 {
-            // Beyond 60,000 flows, vary the source pod too.
-            let alt = w.local
-                [(src_ip_variant + rng.below(w.local.len() as u64) as usize) % w.local.len()];
-            let decision =
-                w.snapshot
-                    .policy
-                    .check(IpAddr::V4(alt.ip), IpAddr::V4(dst), 6, Some(dport));
-            if (decision == PolicyDecision::Allow) == allowed && alt.ip != dst {
-                out.push(Flow {
-                    src: alt,
-                    dst,
-                    sport,
-                    dport,
-                });
-            }
+        if seen.contains(&(dst, dport, src.ip, sport)) || !seen.insert((src.ip, sport, dst, dport))
+        {
             continue;
         }
         out.push(Flow {
