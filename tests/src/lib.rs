@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod netns;
+pub mod xdp;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};

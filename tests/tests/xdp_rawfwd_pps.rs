@@ -18,12 +18,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use classifier::verdict::{DropReason, PortId, Verdict};
+use classifier::verdict::{DropReason, PortId};
 use dataplane::port::{BURST, FrameMem, Tx};
 use dataplane::rawfwd::{self, FwdConfig, Idle, MacRewrite, Side};
 use dataplane::sys::{self, BindMode, SocketOpts, UmemOpts, XdpMode};
-use dataplane::worker::{Classify, Worker, WorkerPort};
+use dataplane::worker::{Worker, WorkerPort};
 use ocelot_tests::netns::{Netns, VirtualNode};
+use ocelot_tests::xdp::CrossConnect;
 
 const POD_A: &str = "10.66.0.1";
 const POD_B: &str = "10.66.0.2";
@@ -136,33 +137,6 @@ enum Device {
     /// worker loop's own cost over the baseline (swap in `worker::Pipeline` once the
     /// classifier is done).
     Worker,
-}
-
-/// Forwards port 0 ↔ port 1 and writes the egress link's MACs.
-#[derive(Debug, Clone, Copy)]
-struct CrossConnect {
-    macs: [([u8; 6], [u8; 6]); 2],
-}
-
-impl Classify for CrossConnect {
-    fn classify_burst(
-        &mut self,
-        frames: &mut [&mut [u8]],
-        ingress: PortId,
-        verdicts: &mut [Verdict],
-    ) {
-        let egress = 1 - ingress.0.min(1);
-        let (dst, src) = self.macs[usize::from(egress)];
-        for (frame, verdict) in frames.iter_mut().zip(verdicts.iter_mut()) {
-            *verdict = if frame.len() >= 14 {
-                frame[..6].copy_from_slice(&dst);
-                frame[6..12].copy_from_slice(&src);
-                Verdict::Forward(PortId(egress))
-            } else {
-                Verdict::Drop(DropReason::Truncated)
-            };
-        }
-    }
 }
 
 /// Starts a worker owning vA (port 0) and vB (port 1) on its own thread; the returned

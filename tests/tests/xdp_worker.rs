@@ -11,41 +11,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
-use classifier::verdict::{DropReason, PortId, Verdict};
+use classifier::verdict::{DropReason, PortId};
 use dataplane::handoff::{self, HandoffRx, HandoffTx};
 use dataplane::rawfwd::Idle;
 use dataplane::sys::{self, SocketOpts, UmemOpts};
-use dataplane::worker::{Classify, Worker, WorkerCounters, WorkerPort};
+use dataplane::worker::{Worker, WorkerCounters, WorkerPort};
 use ocelot_tests::netns::VirtualNode;
-
-/// Forwards port 0 ↔ port 1, writing the egress link's MACs, as the classifier's rewrite
-/// stage will.
-#[derive(Debug, Clone, Copy)]
-struct CrossConnect {
-    /// (destination, source) MACs for frames leaving by port 0 and by port 1.
-    macs: [([u8; 6], [u8; 6]); 2],
-}
-
-impl Classify for CrossConnect {
-    fn classify_burst(
-        &mut self,
-        frames: &mut [&mut [u8]],
-        ingress: PortId,
-        verdicts: &mut [Verdict],
-    ) {
-        let egress = 1 - ingress.0.min(1);
-        let (dst, src) = self.macs[usize::from(egress)];
-        for (frame, verdict) in frames.iter_mut().zip(verdicts.iter_mut()) {
-            *verdict = if frame.len() >= 14 {
-                frame[..6].copy_from_slice(&dst);
-                frame[6..12].copy_from_slice(&src);
-                Verdict::Forward(PortId(egress))
-            } else {
-                Verdict::Drop(DropReason::Truncated)
-            };
-        }
-    }
-}
+use ocelot_tests::xdp::CrossConnect;
 
 /// The worker on its own thread in the node namespace; stopped and joined on drop.
 struct WorkerThread {
