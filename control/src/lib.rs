@@ -11,6 +11,7 @@
 
 pub mod error;
 pub mod manifests;
+pub mod naming;
 pub mod verdicts;
 
 pub use error::{Error, ManifestError, ObjectRef};

@@ -98,4 +98,12 @@ pub enum Error {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A command (`ip`, `ethtool`, `sysctl`) that builds a topology failed.
+    #[error("`{command}` failed: {detail}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Its exit status and stderr, or why it could not start.
+        detail: String,
+    },
 }

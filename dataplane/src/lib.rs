@@ -33,6 +33,7 @@
 mod error;
 pub mod handoff;
 pub mod mem;
+pub mod netns;
 pub mod port;
 pub mod rawfwd;
 #[allow(unsafe_code)] // The only module that touches UMEM memory, rings and syscalls.

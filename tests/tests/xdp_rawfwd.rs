@@ -30,7 +30,7 @@ struct Topology {
 impl Topology {
     fn new() -> Topology {
         Topology {
-            vn: VirtualNode::new(&[("pod-a", POD_A, "vA"), ("pod-b", POD_B, "vB")]),
+            vn: VirtualNode::new(&[("pod-a", POD_A, "vA"), ("pod-b", POD_B, "vB")]).unwrap(),
         }
     }
 
@@ -54,7 +54,7 @@ impl Topology {
             queue: 0,
             rewrite: MacRewrite {
                 dst: pod.mac,
-                src: self.vn.node.mac(&pod.host_dev),
+                src: self.vn.node.mac(&pod.host_dev).unwrap(),
             },
         };
         (side(&self.vn.pods[0]), side(&self.vn.pods[1]))
@@ -71,7 +71,10 @@ impl Topology {
 
     fn assert_no_xdp(&self) {
         for dev in ["vA", "vB"] {
-            assert!(!self.node().has_xdp(dev), "XDP program left on {dev}");
+            assert!(
+                !self.node().has_xdp(dev).unwrap(),
+                "XDP program left on {dev}"
+            );
         }
     }
 }
@@ -143,6 +146,7 @@ fn udp_round_trips(topo: &Topology, count: usize) -> usize {
 
 fn ping(from: &Netns, to: &str, count: u32) -> std::process::Output {
     from.exec(&["ping", "-c", &count.to_string(), "-i", "0.2", "-W", "2", to])
+        .unwrap()
 }
 
 fn forwards_ping_and_udp(socket: SocketOpts) {
@@ -154,7 +158,7 @@ fn forwards_ping_and_udp(socket: SocketOpts) {
     assert!(!out.status.success(), "ping worked without a forwarder");
 
     let fwd = topo.start(socket);
-    assert!(topo.node().has_xdp("vA") && topo.node().has_xdp("vB"));
+    assert!(topo.node().has_xdp("vA").unwrap() && topo.node().has_xdp("vB").unwrap());
 
     let out = ping(topo.pod_a(), POD_B, 3);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -183,7 +187,7 @@ fn forwards_ping_and_udp(socket: SocketOpts) {
     // The forwarder's sockets are gone, and libxdp's program with them.
     topo.assert_no_xdp();
     drop(topo);
-    let left = netns::list();
+    let left = netns::list().unwrap();
     for name in names {
         assert!(!left.contains(&name), "namespace {name} left behind");
     }
@@ -304,7 +308,7 @@ fn stale_program_of_a_crashed_run_is_cleaned_at_the_next_start() {
         "the child was meant to die after opening"
     );
     assert!(
-        topo.node().has_xdp("vA"),
+        topo.node().has_xdp("vA").unwrap(),
         "the crash left no program behind?"
     );
 

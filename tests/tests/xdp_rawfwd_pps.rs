@@ -31,10 +31,12 @@ const POD_B: &str = "10.66.0.2";
 const PACKETS: u64 = 300_000;
 
 fn rx_packets(ns: &Netns, dev: &str) -> u64 {
-    let out = ns.exec_ok(&[
-        "cat",
-        &format!("/sys/class/net/{dev}/statistics/rx_packets"),
-    ]);
+    let out = ns
+        .exec_ok(&[
+            "cat",
+            &format!("/sys/class/net/{dev}/statistics/rx_packets"),
+        ])
+        .unwrap();
     out.trim().parse().expect("a number")
 }
 
@@ -184,14 +186,14 @@ fn start_worker(
 }
 
 fn measure(label: &str, device: Device, generator: Generator, socket: SocketOpts, idle: Idle) {
-    let vn = VirtualNode::new(&[("pod-a", POD_A, "vA"), ("pod-b", POD_B, "vB")]);
+    let vn = VirtualNode::new(&[("pod-a", POD_A, "vA"), ("pod-b", POD_B, "vB")]).unwrap();
     let (node, pod_a, pod_b) = (&vn.node, &vn.pods[0].ns, &vn.pods[1].ns);
     let side = |host: &str, pod: &Netns| Side {
         interface: host.into(),
         queue: 0,
         rewrite: MacRewrite {
-            dst: pod.mac("eth0"),
-            src: node.mac(host),
+            dst: pod.mac("eth0").unwrap(),
+            src: node.mac(host).unwrap(),
         },
     };
     // The forwarder on the last core; the generator and the kernel's receive work share the
@@ -218,8 +220,8 @@ fn measure(label: &str, device: Device, generator: Generator, socket: SocketOpts
         }
         Device::Worker => {
             let macs = [
-                (pod_a.mac("eth0"), node.mac("vA")),
-                (pod_b.mac("eth0"), node.mac("vB")),
+                (pod_a.mac("eth0").unwrap(), node.mac("vA").unwrap()),
+                (pod_b.mac("eth0").unwrap(), node.mac("vB").unwrap()),
             ];
             start_worker(node.name(), config, CrossConnect { macs })
         }
@@ -253,7 +255,7 @@ fn measure(label: &str, device: Device, generator: Generator, socket: SocketOpts
             start.elapsed()
         }
         Generator::Xsk => {
-            let frame = udp_frame(node.mac("vA"), pod_a.mac("eth0"));
+            let frame = udp_frame(node.mac("vA").unwrap(), pod_a.mac("eth0").unwrap());
             xsk_blast(pod_a.name(), "eth0", frame, PACKETS)
         }
     };
@@ -261,9 +263,12 @@ fn measure(label: &str, device: Device, generator: Generator, socket: SocketOpts
     std::thread::sleep(Duration::from_millis(300));
     let received = rx_packets(pod_b, "eth0") - before;
     if std::env::var_os("OCELOT_PPS_DEBUG").is_some() {
-        eprintln!("{}", pod_a.ip(&["-s", "link", "show", "eth0"]));
-        eprintln!("{}", node.ip(&["-s", "link", "show", "vA"]));
-        eprintln!("{}", node.exec_ok(&["cat", "/proc/net/softnet_stat"]));
+        eprintln!("{}", pod_a.ip(&["-s", "link", "show", "eth0"]).unwrap());
+        eprintln!("{}", node.ip(&["-s", "link", "show", "vA"]).unwrap());
+        eprintln!(
+            "{}",
+            node.exec_ok(&["cat", "/proc/net/softnet_stat"]).unwrap()
+        );
     }
     let report = stop_device();
     let secs = sent_in.as_secs_f64();

@@ -100,10 +100,11 @@ impl Drop for WorkerThread {
 
 #[test]
 fn worker_forwards_ping_through_a_classifier() {
-    let vn = VirtualNode::new(&[("pod-a", "10.67.0.1", "vA"), ("pod-b", "10.67.0.2", "vB")]);
+    let vn =
+        VirtualNode::new(&[("pod-a", "10.67.0.1", "vA"), ("pod-b", "10.67.0.2", "vB")]).unwrap();
     let macs = [
-        (vn.pods[0].mac, vn.node.mac("vA")),
-        (vn.pods[1].mac, vn.node.mac("vB")),
+        (vn.pods[0].mac, vn.node.mac("vA").unwrap()),
+        (vn.pods[1].mac, vn.node.mac("vB").unwrap()),
     ];
     let worker = WorkerThread::start(
         &vn,
@@ -117,23 +118,25 @@ fn worker_forwards_ping_through_a_classifier() {
     );
     let out = vn.pods[0]
         .ns
-        .exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.67.0.2"]);
+        .exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.67.0.2"])
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "ping failed: {stdout}");
     let c = worker.stop();
     assert!(c.rx >= 6 && c.tx >= 6, "{c:?}");
     assert_eq!(c.dropped(DropReason::TxFull), 0, "{c:?}");
     for dev in ["vA", "vB"] {
-        assert!(!vn.node.has_xdp(dev), "XDP program left on {dev}");
+        assert!(!vn.node.has_xdp(dev).unwrap(), "XDP program left on {dev}");
     }
 }
 
 #[test]
 fn two_pinned_workers_forward_across_the_handoff() {
-    let vn = VirtualNode::new(&[("pod-a", "10.68.0.1", "vA"), ("pod-b", "10.68.0.2", "vB")]);
+    let vn =
+        VirtualNode::new(&[("pod-a", "10.68.0.1", "vA"), ("pod-b", "10.68.0.2", "vB")]).unwrap();
     let macs = [
-        (vn.pods[0].mac, vn.node.mac("vA")),
-        (vn.pods[1].mac, vn.node.mac("vB")),
+        (vn.pods[0].mac, vn.node.mac("vA").unwrap()),
+        (vn.pods[1].mac, vn.node.mac("vB").unwrap()),
     ];
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (a_to_b, b_from_a) = handoff::channel(256, 2048);
@@ -161,7 +164,8 @@ fn two_pinned_workers_forward_across_the_handoff() {
     );
     let out = vn.pods[0]
         .ns
-        .exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.68.0.2"]);
+        .exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.68.0.2"])
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "ping failed: {stdout}");
     let (c0, c1) = (w0.stop(), w1.stop());
@@ -170,6 +174,6 @@ fn two_pinned_workers_forward_across_the_handoff() {
     assert!(c1.handoff_out >= 3 && c0.handoff_in >= 3, "{c0:?} {c1:?}");
     assert_eq!(c0.handoff_dropped + c1.handoff_dropped, 0);
     for dev in ["vA", "vB"] {
-        assert!(!vn.node.has_xdp(dev), "XDP program left on {dev}");
+        assert!(!vn.node.has_xdp(dev).unwrap(), "XDP program left on {dev}");
     }
 }

@@ -1,43 +1,59 @@
-//! RAII helpers for test topologies in network namespaces.
+//! RAII network-namespace topologies for `ocelot lab`, the benchmark testbed and the tests.
 //!
-//! Everything a test builds lives in namespaces it created: [`Netns::new`] makes one with a
-//! unique name (`ocl-<pid>-<counter>-<role>`) and its `Drop` kills the processes the test
-//! started in it and deletes it, also when the test panics. Veth pairs are created directly
-//! inside namespaces (`ip -n`), never in the root namespace, so nothing here touches the
-//! host's interfaces, addresses, routes or XDP programs.
+//! Everything built here lives in namespaces created here: [`Netns::new`] makes one with a
+//! unique name (`ocl-<pid>-<counter>-<role>`) and its `Drop` kills the processes started in it
+//! and deletes it, also when the owner panics. Veth pairs are created directly inside
+//! namespaces (`ip -n`), never in the root namespace, so nothing here touches the host's
+//! interfaces, addresses, routes or XDP programs.
 //!
-//! The helpers shell out to `ip` (iproute2); a failing command panics with its output, which
-//! is what a test wants.
+//! The helpers shell out to iproute2 (`ip`), `ethtool` and `sysctl`; a failing command is an
+//! [`Error::Command`] with its command line and stderr.
 
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::Error;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// Runs `ip args…` (or another program) and returns its output, panicking if it cannot start.
-fn run(program: &str, args: &[&str]) -> Output {
+fn command_line(program: &str, args: &[&str]) -> String {
+    std::iter::once(program)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs `program args…` and returns its output.
+fn run(program: &str, args: &[&str]) -> Result<Output, Error> {
     Command::new(program)
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} {args:?}: {e}"))
+        .map_err(|e| Error::Command {
+            command: command_line(program, args),
+            detail: format!("cannot start: {e}"),
+        })
 }
 
-/// Runs a command and panics with its stderr unless it succeeds; returns its stdout.
-fn run_ok(program: &str, args: &[&str]) -> String {
-    let out = run(program, args);
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// Runs a command and fails with its stderr unless it succeeds; returns its stdout.
+fn run_ok(program: &str, args: &[&str]) -> Result<String, Error> {
+    let out = run(program, args)?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            command: command_line(program, args),
+            detail: format!(
+                "{}: {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// A network namespace owned by the test; deleted (with everything in it) on drop.
+/// A network namespace we created; deleted (with everything in it) on drop.
 #[derive(Debug)]
 pub struct Netns {
     name: String,
@@ -46,19 +62,19 @@ pub struct Netns {
 
 impl Netns {
     /// Creates a namespace named `ocl-<pid>-<counter>-<role>` with its loopback up.
-    pub fn new(role: &str) -> Netns {
+    pub fn new(role: &str) -> Result<Netns, Error> {
         let name = format!(
             "ocl-{}-{}-{role}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        run_ok("ip", &["netns", "add", &name]);
+        run_ok("ip", &["netns", "add", &name])?;
         let ns = Netns {
             name,
             children: Mutex::new(Vec::new()),
         };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
     }
 
     /// The namespace's name (as `ip netns` and `dataplane::sys::enter_netns` know it).
@@ -66,22 +82,22 @@ impl Netns {
         &self.name
     }
 
-    /// Runs `ip -n <ns> args…`, panicking on failure; returns stdout.
-    pub fn ip(&self, args: &[&str]) -> String {
+    /// Runs `ip -n <ns> args…`; returns stdout.
+    pub fn ip(&self, args: &[&str]) -> Result<String, Error> {
         let mut full = vec!["-n", self.name.as_str()];
         full.extend_from_slice(args);
         run_ok("ip", &full)
     }
 
     /// Runs a command inside the namespace (`ip netns exec`) and returns its output.
-    pub fn exec(&self, cmd: &[&str]) -> Output {
+    pub fn exec(&self, cmd: &[&str]) -> Result<Output, Error> {
         let mut full = vec!["netns", "exec", self.name.as_str()];
         full.extend_from_slice(cmd);
         run("ip", &full)
     }
 
-    /// Runs a command inside the namespace, panicking unless it succeeds; returns stdout.
-    pub fn exec_ok(&self, cmd: &[&str]) -> String {
+    /// Runs a command inside the namespace, failing unless it succeeds; returns stdout.
+    pub fn exec_ok(&self, cmd: &[&str]) -> Result<String, Error> {
         let mut full = vec!["netns", "exec", self.name.as_str()];
         full.extend_from_slice(cmd);
         run_ok("ip", &full)
@@ -89,43 +105,53 @@ impl Netns {
 
     /// Starts a command inside the namespace in the background; it is killed when the
     /// namespace is dropped, if it has not exited by then. Returns its pid.
-    pub fn spawn(&self, cmd: &[&str]) -> u32 {
-        let child = Command::new("ip")
+    pub fn spawn(&self, cmd: &[&str]) -> Result<u32, Error> {
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", self.name.as_str()])
             .args(cmd)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn {cmd:?} in {}: {e}", self.name));
+            .stderr(Stdio::null());
+        self.adopt(command, cmd)
+    }
+
+    /// Starts a prepared command (whose program is `ip netns exec <this namespace> …`, or
+    /// one that enters the namespace itself) and kills it when the namespace is dropped, if
+    /// it has not exited by then. `what` names it in errors. Returns its pid.
+    pub fn adopt(&self, mut command: Command, what: &[&str]) -> Result<u32, Error> {
+        let child = command.spawn().map_err(|e| Error::Command {
+            command: format!("{} (in {})", what.join(" "), self.name),
+            detail: format!("cannot start: {e}"),
+        })?;
         let pid = child.id();
         self.children
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(child);
-        pid
+        Ok(pid)
     }
 
     /// Adds an address (`10.65.0.1/32`) to a device and brings it up.
-    pub fn addr_add(&self, dev: &str, cidr: &str) {
-        self.ip(&["addr", "add", cidr, "dev", dev]);
-        self.link_up(dev);
+    pub fn addr_add(&self, dev: &str, cidr: &str) -> Result<(), Error> {
+        self.ip(&["addr", "add", cidr, "dev", dev])?;
+        self.link_up(dev)
     }
 
     /// Brings a device up.
-    pub fn link_up(&self, dev: &str) {
-        self.ip(&["link", "set", dev, "up"]);
+    pub fn link_up(&self, dev: &str) -> Result<(), Error> {
+        self.ip(&["link", "set", dev, "up"]).map(drop)
     }
 
     /// Adds a route: `route_add(&["default", "via", "169.254.1.1", "dev", "eth0"])`.
-    pub fn route_add(&self, spec: &[&str]) {
+    pub fn route_add(&self, spec: &[&str]) -> Result<(), Error> {
         let mut full = vec!["route", "add"];
         full.extend_from_slice(spec);
-        self.ip(&full);
+        self.ip(&full).map(drop)
     }
 
     /// Adds a permanent neighbour entry: `ip` has MAC `mac` on `dev`.
-    pub fn neigh_add(&self, dev: &str, ip: &str, mac: [u8; 6]) {
+    pub fn neigh_add(&self, dev: &str, ip: &str, mac: [u8; 6]) -> Result<(), Error> {
         let mac = format_mac(mac);
         self.ip(&[
             "neigh",
@@ -137,24 +163,27 @@ impl Netns {
             dev,
             "nud",
             "permanent",
-        ]);
+        ])
+        .map(drop)
     }
 
     /// The MAC address of a device.
-    pub fn mac(&self, dev: &str) -> [u8; 6] {
-        let out = self.ip(&["-o", "link", "show", dev]);
-        let word = out
-            .split_whitespace()
+    pub fn mac(&self, dev: &str) -> Result<[u8; 6], Error> {
+        let out = self.ip(&["-o", "link", "show", dev])?;
+        out.split_whitespace()
             .skip_while(|w| *w != "link/ether")
             .nth(1)
-            .unwrap_or_else(|| panic!("no MAC in {out:?}"));
-        parse_mac(word).unwrap_or_else(|| panic!("bad MAC {word:?}"))
+            .and_then(parse_mac)
+            .ok_or_else(|| Error::Command {
+                command: format!("ip -n {} -o link show {dev}", self.name),
+                detail: format!("no MAC address in {out:?}"),
+            })
     }
 
     /// Whether an XDP program is attached to a device (as `ip link` reports it).
-    pub fn has_xdp(&self, dev: &str) -> bool {
-        let out = self.ip(&["-d", "link", "show", dev]);
-        out.contains("xdp") || out.contains("prog/xdp")
+    pub fn has_xdp(&self, dev: &str) -> Result<bool, Error> {
+        let out = self.ip(&["-d", "link", "show", dev])?;
+        Ok(out.contains("xdp") || out.contains("prog/xdp"))
     }
 
     /// Turns off transmit checksum offload (and the segmentation offloads that depend on it)
@@ -162,14 +191,15 @@ impl Netns {
     /// leaves checksums for "hardware" to fill in, but AF_XDP hands user space the raw
     /// frame without that metadata, so a forwarded frame would arrive with a wrong UDP/TCP
     /// checksum.
-    pub fn tx_checksum_off(&self, dev: &str) {
-        self.exec_ok(&["ethtool", "-K", dev, "tx", "off"]);
+    pub fn tx_checksum_off(&self, dev: &str) -> Result<(), Error> {
+        self.exec_ok(&["ethtool", "-K", dev, "tx", "off"]).map(drop)
     }
 
     /// Disables IPv6 in the namespace, so router solicitations and DAD do not add frames.
-    pub fn disable_ipv6(&self) {
-        self.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"]);
-        self.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"]);
+    pub fn disable_ipv6(&self) -> Result<(), Error> {
+        self.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"])?;
+        self.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"])
+            .map(drop)
     }
 
     /// Kills what [`Netns::spawn`] started and is still running, and anything else left in
@@ -181,9 +211,10 @@ impl Netns {
             let _ = child.wait();
         }
         children.clear();
-        let pids = run("ip", &["netns", "pids", &self.name]);
-        for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
-            let _ = run("kill", &["-9", pid]);
+        if let Ok(pids) = run("ip", &["netns", "pids", &self.name]) {
+            for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                let _ = run("kill", &["-9", pid]);
+            }
         }
     }
 }
@@ -207,16 +238,17 @@ pub struct VethPair {
 
 impl VethPair {
     /// Creates the pair inside `a` and moves its peer straight into `b`.
-    pub fn new(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> VethPair {
+    pub fn new(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<VethPair, Error> {
         a.ip(&[
             "link", "add", a_dev, "type", "veth", "peer", "name", b_dev, "netns", &b.name,
-        ]);
-        a.link_up(a_dev);
-        b.link_up(b_dev);
-        VethPair {
+        ])?;
+        let pair = VethPair {
             a_ns: a.name.clone(),
             a_dev: a_dev.into(),
-        }
+        };
+        a.link_up(a_dev)?;
+        b.link_up(b_dev)?;
+        Ok(pair)
     }
 }
 
@@ -242,6 +274,31 @@ pub struct Pod {
     pub mac: [u8; 6],
 }
 
+impl Pod {
+    /// Gives a pod namespace whose `eth0` is already the peer of `host_dev` in `node` the
+    /// Calico shape: its /32 address, transmit checksum offload off, a link route to
+    /// [`GATEWAY`], the default route via it, and a permanent neighbour entry resolving the
+    /// gateway to the host-side MAC (what proxy-ARP would answer).
+    pub fn configure(ns: Netns, ip: &str, host_dev: &str, node: &Netns) -> Result<Pod, Error> {
+        let addr: std::net::Ipv4Addr = ip.parse().map_err(|e| Error::Command {
+            command: format!("configure pod {ip}"),
+            detail: format!("not an IPv4 address: {e}"),
+        })?;
+        ns.addr_add("eth0", &format!("{ip}/32"))?;
+        ns.tx_checksum_off("eth0")?;
+        ns.route_add(&[GATEWAY, "dev", "eth0", "scope", "link"])?;
+        ns.route_add(&["default", "via", GATEWAY, "dev", "eth0"])?;
+        ns.neigh_add("eth0", GATEWAY, node.mac(host_dev)?)?;
+        let mac = ns.mac("eth0")?;
+        Ok(Pod {
+            ns,
+            ip: addr,
+            host_dev: host_dev.into(),
+            mac,
+        })
+    }
+}
+
 /// A node shaped the way Calico shapes one: a `node` namespace and one namespace per pod,
 /// each pod's eth0 a veth whose peer (`host_dev`) is in the node namespace; the pod has its
 /// /32 address, a default route via [`GATEWAY`] and a permanent neighbour entry resolving
@@ -261,35 +318,23 @@ pub struct VirtualNode {
 
 impl VirtualNode {
     /// Builds the node with one pod per `(role, ip, host_dev)`.
-    pub fn new(pods: &[(&str, &str, &str)]) -> VirtualNode {
-        let node = Netns::new("node");
-        node.disable_ipv6();
+    pub fn new(pods: &[(&str, &str, &str)]) -> Result<VirtualNode, Error> {
+        let node = Netns::new("node")?;
+        node.disable_ipv6()?;
         let mut veths = Vec::new();
         let mut built = Vec::new();
         for &(role, ip, host_dev) in pods {
-            let ns = Netns::new(role);
-            ns.disable_ipv6();
-            veths.push(VethPair::new(&ns, "eth0", &node, host_dev));
-            ns.addr_add("eth0", &format!("{ip}/32"));
-            ns.tx_checksum_off("eth0");
-            ns.route_add(&[GATEWAY, "dev", "eth0", "scope", "link"]);
-            ns.route_add(&["default", "via", GATEWAY, "dev", "eth0"]);
-            ns.neigh_add("eth0", GATEWAY, node.mac(host_dev));
-            let mac = ns.mac("eth0");
-            built.push(Pod {
-                ns,
-                ip: ip
-                    .parse()
-                    .unwrap_or_else(|e| panic!("pod address {ip}: {e}")),
-                host_dev: host_dev.into(),
-                mac,
-            });
+            let ns = Netns::new(role)?;
+            ns.disable_ipv6()?;
+            veths.push(VethPair::new(&ns, "eth0", &node, host_dev)?);
+            let pod = Pod::configure(ns, ip, host_dev, &node)?;
+            built.push(pod);
         }
-        VirtualNode {
+        Ok(VirtualNode {
             _veths: veths,
             pods: built,
             node,
-        }
+        })
     }
 
     /// Names of every namespace of this node.
@@ -319,12 +364,12 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 /// Namespace names currently listed by `ip netns list`.
-pub fn list() -> Vec<String> {
-    let out = run("ip", &["netns", "list"]);
-    String::from_utf8_lossy(&out.stdout)
+pub fn list() -> Result<Vec<String>, Error> {
+    let out = run_ok("ip", &["netns", "list"])?;
+    Ok(out
         .lines()
         .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
-        .collect()
+        .collect())
 }
 
 #[cfg(test)]
@@ -351,25 +396,25 @@ mod tests {
 
     #[test]
     fn namespace_is_created_and_removed() {
-        let ns = Netns::new("life");
+        let ns = Netns::new("life").unwrap();
         let name = ns.name().to_owned();
-        assert!(list().contains(&name));
+        assert!(list().unwrap().contains(&name));
         drop(ns);
-        assert!(!list().contains(&name));
+        assert!(!list().unwrap().contains(&name));
     }
 
     #[test]
     fn panic_inside_a_closure_still_removes_the_namespace_and_its_processes() {
         let seen = Mutex::new(None);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let ns = Netns::new("panic");
-            let pid = ns.spawn(&["sleep", "600"]);
+            let ns = Netns::new("panic").unwrap();
+            let pid = ns.spawn(&["sleep", "600"]).unwrap();
             *seen.lock().unwrap() = Some((ns.name().to_owned(), pid));
             panic!("test panic while the namespace exists");
         }));
         assert!(result.is_err());
         let (name, pid) = seen.lock().unwrap().clone().expect("closure ran");
-        assert!(!list().contains(&name), "{name} left behind");
+        assert!(!list().unwrap().contains(&name), "{name} left behind");
         assert!(
             !std::path::Path::new(&format!("/proc/{pid}")).exists(),
             "process {pid} left running"
@@ -378,32 +423,37 @@ mod tests {
 
     #[test]
     fn virtual_node_pods_are_isolated_without_a_dataplane() {
-        let vn = VirtualNode::new(&[("pa", "10.78.0.1", "hA"), ("pb", "10.78.0.2", "hB")]);
+        let vn = VirtualNode::new(&[("pa", "10.78.0.1", "hA"), ("pb", "10.78.0.2", "hB")]).unwrap();
         let names = vn.namespace_names();
         assert_eq!(names.len(), 3);
         let a = &vn.pods[0];
-        assert_eq!(a.mac, a.ns.mac("eth0"));
+        assert_eq!(a.mac, a.ns.mac("eth0").unwrap());
         assert!(
             a.ns.ip(&["route", "show"])
+                .unwrap()
                 .contains("default via 169.254.1.1")
         );
         // Nothing in the node forwards, so the pods cannot reach each other.
-        let out = a.ns.exec(&["ping", "-c", "1", "-W", "1", "10.78.0.2"]);
+        let out =
+            a.ns.exec(&["ping", "-c", "1", "-W", "1", "10.78.0.2"])
+                .unwrap();
         assert!(!out.status.success());
         drop(vn);
-        let left = list();
+        let left = list().unwrap();
         assert!(names.iter().all(|n| !left.contains(n)), "{left:?}");
     }
 
     #[test]
     fn veth_pair_connects_two_namespaces() {
-        let a = Netns::new("va");
-        let b = Netns::new("vb");
-        let _veth = VethPair::new(&a, "x0", &b, "y0");
-        a.addr_add("x0", "10.77.0.1/24");
-        b.addr_add("y0", "10.77.0.2/24");
-        assert_ne!(a.mac("x0"), b.mac("y0"));
-        let out = a.exec(&["ping", "-c", "1", "-W", "2", "10.77.0.2"]);
+        let a = Netns::new("va").unwrap();
+        let b = Netns::new("vb").unwrap();
+        let _veth = VethPair::new(&a, "x0", &b, "y0").unwrap();
+        a.addr_add("x0", "10.77.0.1/24").unwrap();
+        b.addr_add("y0", "10.77.0.2/24").unwrap();
+        assert_ne!(a.mac("x0").unwrap(), b.mac("y0").unwrap());
+        let out = a
+            .exec(&["ping", "-c", "1", "-W", "2", "10.77.0.2"])
+            .unwrap();
         assert!(out.status.success(), "{out:?}");
     }
 }
