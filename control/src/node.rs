@@ -8,8 +8,8 @@
 //!
 //! Routes today are the node-local part of Calico's model: each local pod's addresses as
 //! host routes (/32, /128) out of its veth, with our MAC as source and the pod's as
-//! destination. Routes to other nodes' pod blocks and the uplink come with the multi-node
-//! work.
+//! destination, and default routes out of the uplink to its gateway when one is configured.
+//! Routes to other nodes' pod blocks come with the multi-node work.
 //!
 //! **Architecture Invariant**: port ids are the agent's, stable for the life of the process;
 //! this module never renumbers them, so conntrack entries and in-flight frames keep meaning
@@ -38,8 +38,12 @@ pub enum PortRole {
         /// (its route is left out) and the source-MAC check is skipped.
         pod_mac: Option<[u8; 6]>,
     },
-    /// The node's uplink.
-    Uplink,
+    /// The node's uplink. With a gateway MAC, the default routes (`0.0.0.0/0`, `::/0`) lead
+    /// out of it to that MAC: everything that is not a local pod.
+    Uplink {
+        /// The next hop's MAC for routes off the node.
+        gateway_mac: Option<[u8; 6]>,
+    },
 }
 
 /// One port of the node, indexed by its [`PortId`] (the position in the slice given to
@@ -120,7 +124,24 @@ pub fn build_snapshot(
             continue;
         };
         let kind = match &spec.role {
-            PortRole::Uplink => PortKind::Uplink,
+            PortRole::Uplink { gateway_mac } => {
+                if let Some(gw) = gateway_mac {
+                    for prefix in ["0.0.0.0/0", "::/0"] {
+                        if let Ok(prefix) = prefix.parse::<Cidr>() {
+                            routes.insert(
+                                prefix,
+                                NextHop {
+                                    kind: HopKind::Port,
+                                    port: id,
+                                    src_mac: spec.mac,
+                                    dst_mac: *gw,
+                                },
+                            );
+                        }
+                    }
+                }
+                PortKind::Uplink
+            }
             PortRole::Pod {
                 namespace,
                 name,
@@ -254,16 +275,35 @@ status: {podIPs: [{ip: 10.1.0.3}]}
             pod_port("b", 2, Some([2, 0, 0, 0, 0, 2])),
             pod_port("gone", 3, Some([2, 0, 0, 0, 0, 3])),
             pod_port("c", 4, None),
+            Some(PortSpec {
+                name: "eth0".into(),
+                mac: [0xaa; 6],
+                role: PortRole::Uplink {
+                    gateway_mac: Some([0xbb; 6]),
+                },
+            }),
         ];
         let (snap, report) = build_snapshot(&manifests(), &ports, &NodeOptions::default(), 7);
         assert_eq!(snap.epoch, 7);
-        assert_eq!(snap.ports.len(), 5);
+        assert_eq!(snap.ports.len(), 6);
+        let out = snap.routes.lookup("192.0.2.1".parse().unwrap()).unwrap();
+        assert_eq!(
+            (out.port, out.src_mac, out.dst_mac),
+            (PortId(5), [0xaa; 6], [0xbb; 6])
+        );
         let hop = snap.routes.lookup("10.1.0.2".parse().unwrap()).unwrap();
         assert_eq!((hop.port, hop.dst_mac), (PortId(2), [2, 0, 0, 0, 0, 2]));
         assert_eq!(hop.src_mac, [0xee ^ 2; 6]);
         let hop6 = snap.routes.lookup("fd00::2".parse().unwrap()).unwrap();
         assert_eq!(hop6.port, PortId(2));
-        assert!(snap.routes.lookup("10.1.0.3".parse().unwrap()).is_none());
+        // No MAC yet: no route of its own (the default route applies).
+        assert_eq!(
+            snap.routes
+                .lookup("10.1.0.3".parse().unwrap())
+                .unwrap()
+                .port,
+            PortId(5)
+        );
         match snap.ports[0].kind {
             PortKind::Pod { endpoint, ip4, .. } => {
                 assert!(endpoint.is_some());

@@ -12,6 +12,10 @@
 //! busy_poll_us = 0           # 0: off
 //! frames_per_worker = 8192
 //!
+//! [uplink]                  # optional: the node's link to everything that is not a local pod
+//! interface = "eth0"
+//! gateway_mac = "02:00:00:00:00:01"   # next hop of the default routes (static for now)
+//!
 //! [[workers]]
 //! core = 1
 //! interfaces = ["calic440f455693", "cali0123456789a:0"]   # "name" (queue 0) or "name:queue"
@@ -47,6 +51,33 @@ pub struct Config {
     /// Workers; empty means the default layout.
     #[serde(default)]
     pub workers: Vec<WorkerConfig>,
+    /// The uplink, if any.
+    pub uplink: Option<UplinkConfig>,
+}
+
+/// `[uplink]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    /// Interface name (queue 0 unless a worker lists `name:queue`).
+    pub interface: String,
+    /// The MAC of the next hop for the default routes.
+    pub gateway_mac: Option<String>,
+}
+
+impl UplinkConfig {
+    /// The gateway MAC, parsed.
+    pub fn gateway(&self) -> Result<Option<[u8; 6]>, ConfigError> {
+        self.gateway_mac
+            .as_deref()
+            .map(|m| {
+                super::ports::parse_mac(m).ok_or_else(|| ConfigError {
+                    entry: "uplink.gateway_mac".into(),
+                    why: format!("{m:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"),
+                })
+            })
+            .transpose()
+    }
 }
 
 /// `[node]`.
@@ -312,6 +343,30 @@ impl Config {
             }
             workers.push((wc.core, queues));
         }
+        if let Some(up) = &self.uplink {
+            up.gateway()?;
+            let Some(n) = machine.rx_queues(&up.interface) else {
+                return Err(err(
+                    "uplink.interface".into(),
+                    format!("interface {:?} does not exist", up.interface),
+                ));
+            };
+            let listed = owner.keys().any(|q| q.interface == up.interface);
+            if !listed {
+                // Every queue of the uplink, spread over the workers like pods.
+                for queue in 0..n {
+                    let k = queue as usize % workers.len().max(1);
+                    if let Some((_, queues)) = workers.get_mut(k) {
+                        let q = Queue {
+                            interface: up.interface.clone(),
+                            queue,
+                        };
+                        owner.insert(q.clone(), "uplink.interface".into());
+                        queues.push(q);
+                    }
+                }
+            }
+        }
         // Pod veths not placed explicitly: spread them in sorted order, so a restart with the
         // same pods gives the same layout.
         let mut rest: Vec<&String> = pod_interfaces
@@ -474,5 +529,20 @@ mod tests {
             Err("xdp.frames_per_worker: 1 is not in 64..=1048576"),
         );
         check("[xdp]\nmode = \"turbo\"\n", Err("unknown variant `turbo`"));
+        check(
+            "[uplink]\ninterface = \"eth0\"\n[[workers]]\ncore = 0\n[[workers]]\ncore = 1\n",
+            Ok(vec![
+                (0, vec!["eth0:0", "eth0:2", "vA:0", "vC:0"]),
+                (1, vec!["eth0:1", "eth0:3", "vB:0"]),
+            ]),
+        );
+        check(
+            "[uplink]\ninterface = \"eth9\"\n",
+            Err("uplink.interface: interface \"eth9\" does not exist"),
+        );
+        check(
+            "[uplink]\ninterface = \"eth0\"\ngateway_mac = \"nope\"\n",
+            Err("uplink.gateway_mac: \"nope\" is not a MAC address"),
+        );
     }
 }

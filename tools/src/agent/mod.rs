@@ -136,7 +136,13 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         );
     }
 
-    let ports = assign_ports(&layout, &pod_ifaces)?;
+    let gateway = match &config.uplink {
+        Some(up) => up
+            .gateway()
+            .map_err(|e| anyhow!("config {}: {e}", opts.config.display()))?,
+        None => None,
+    };
+    let ports = assign_ports(&layout, &pod_ifaces, gateway)?;
     for p in &ports {
         if let Some(prog) = sys::detach_stale_xsk_prog(&p.spec.name)
             .with_context(|| format!("interface {}", p.spec.name))?
@@ -320,14 +326,18 @@ fn log_report(report: &BuildReport) {
 }
 
 /// Gives every attached interface a port id, in layout order.
-fn assign_ports(layout: &Layout, pods: &[(String, String, String)]) -> Result<Vec<AgentPort>> {
+fn assign_ports(
+    layout: &Layout,
+    pods: &[(String, String, String)],
+    gateway_mac: Option<[u8; 6]>,
+) -> Result<Vec<AgentPort>> {
     let mut ports: Vec<AgentPort> = Vec::new();
     for (w, (_, queues)) in layout.workers.iter().enumerate() {
         for q in queues {
             if ports.iter().any(|p| p.spec.name == q.interface) {
                 bail!(
-                    "interface {} is configured on more than one queue; multi-queue interfaces \
-                     come with uplink support",
+                    "interface {} is configured on more than one queue; one queue per \
+                     interface is supported so far",
                     q.interface
                 );
             }
@@ -339,7 +349,7 @@ fn assign_ports(layout: &Layout, pods: &[(String, String, String)]) -> Result<Ve
                     name: pod.clone(),
                     pod_mac: ports::peer_mac(name),
                 },
-                None => PortRole::Uplink,
+                None => PortRole::Uplink { gateway_mac },
             };
             ports.push(AgentPort {
                 spec: PortSpec {

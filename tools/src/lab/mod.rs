@@ -27,7 +27,9 @@
 mod probe;
 mod topology;
 
+use std::collections::BTreeSet;
 use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,7 +41,7 @@ use control::manifests::{Manifests, load_dir};
 use control::verdicts::{Evaluator, Matrix, OrderedObject, Probe, ProbeResult, Verdict};
 
 pub use self::probe::ProbeOutcome;
-pub use self::topology::{Lab, LabOptions};
+pub use self::topology::{Endpoint, Lab, LabOptions, UPLINK};
 
 /// `ocelot lab` arguments.
 #[derive(Debug, clap::Args)]
@@ -97,12 +99,14 @@ pub fn run(args: &LabArgs, stop: &Arc<AtomicBool>) -> Result<()> {
         .collect::<Result<Vec<_>, _>>()
         .context("probes")?;
     let ports = probe::ports_to_serve(&manifests, &probes);
+    let outside = outside_addresses(&manifests, &expected)?;
     let lab = Lab::start(&LabOptions {
         manifests: args.manifests.clone(),
         workers: args.workers,
         agent: agent_binary()?,
         verbose: args.verbose,
         serve: ports,
+        outside,
     })?;
     if probes.iter().any(|p| p.protocol == Protocol::Sctp) {
         eprintln!(
@@ -181,6 +185,34 @@ pub fn run(args: &LabArgs, stop: &Arc<AtomicBool>) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Addresses probes use that belong to no pod: the outside host gets them.
+pub fn outside_addresses(manifests: &Manifests, probes: &[ProbeResult]) -> Result<Vec<Ipv4Addr>> {
+    let pod_ips: BTreeSet<IpAddr> = manifests
+        .cluster
+        .pods
+        .iter()
+        .flat_map(|p| p.ips.iter().copied())
+        .collect();
+    let mut out = BTreeSet::new();
+    for p in probes {
+        for ip in [p.src_ip, p.dst_ip] {
+            if pod_ips.contains(&ip) {
+                continue;
+            }
+            match ip {
+                IpAddr::V4(a) if !a.is_loopback() && !a.is_unspecified() && !a.is_multicast() => {
+                    out.insert(a);
+                }
+                _ => bail!(
+                    "probe line {}: {ip} cannot be given to the lab's outside host",
+                    p.probe.line
+                ),
+            }
+        }
+    }
+    Ok(out.into_iter().collect())
 }
 
 /// The probes behind a set of matrices, row by row.

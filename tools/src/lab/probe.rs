@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::io::ErrorKind;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -14,7 +14,7 @@ use control::manifests::Manifests;
 use control::verdicts::{Probe, ProbeResult, Verdict};
 use dataplane::sys;
 
-use super::topology::{Lab, LabPod, stopped};
+use super::topology::{Endpoint, Lab, stopped};
 
 /// Probes run at once (denied ones wait for their timeout).
 const PARALLEL: usize = 48;
@@ -47,15 +47,16 @@ pub struct Servers {
 }
 
 impl Servers {
-    /// Binds a TCP listener and a UDP echo socket per port in every pod (SCTP needs none).
-    pub fn start(pods: &[LabPod], serve: &BTreeSet<(Protocol, u16)>) -> Result<Servers> {
+    /// Binds a TCP listener and a UDP echo socket per port on every endpoint (SCTP needs
+    /// none).
+    pub fn start(pods: &[Endpoint], serve: &BTreeSet<(Protocol, u16)>) -> Result<Servers> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut servers = Servers {
             stop: Arc::clone(&stop),
             threads: Vec::new(),
         };
         for pod in pods {
-            let netns = pod.pod.ns.name().to_owned();
+            let netns = pod.netns.clone();
             let ip = pod.ip;
             let serve = serve.clone();
             let stop = Arc::clone(&stop);
@@ -208,15 +209,14 @@ pub fn run_all(
         .collect()
 }
 
-fn source_pod<'l>(lab: &'l Lab, p: &ProbeResult) -> Result<&'l LabPod> {
-    lab.pod(&p.probe.src)
-        .or_else(|| lab.pods.iter().find(|q| IpAddr::V4(q.ip) == p.src_ip))
-        .ok_or_else(|| {
-            anyhow!(
-                "probe source {:?} is not a pod of the lab (the lab sends from pods only)",
-                p.probe.src
-            )
-        })
+fn source<'l>(lab: &'l Lab, p: &ProbeResult) -> Result<&'l Endpoint> {
+    lab.endpoint(ipv4(p.src_ip)?).ok_or_else(|| {
+        anyhow!(
+            "probe source {:?} ({}) has no place in the lab",
+            p.probe.src,
+            p.src_ip
+        )
+    })
 }
 
 fn ipv4(ip: IpAddr) -> Result<Ipv4Addr> {
@@ -228,23 +228,34 @@ fn ipv4(ip: IpAddr) -> Result<Ipv4Addr> {
 
 /// One TCP or UDP probe, from a thread that enters the source pod's namespace.
 fn probe_one(lab: &Lab, p: &ProbeResult, timeout: Duration) -> Result<Verdict> {
-    let src = source_pod(lab, p)?;
+    let src = source(lab, p)?;
     let dst = SocketAddr::new(IpAddr::V4(ipv4(p.dst_ip)?), p.probe.port);
-    sys::enter_netns(src.pod.ns.name())?;
+    sys::enter_netns(&src.netns)?;
+    let from = SocketAddr::new(IpAddr::V4(src.ip), 0);
     match p.probe.protocol {
-        Protocol::Tcp => Ok(match TcpStream::connect_timeout(&dst, timeout) {
-            Ok(_) => Verdict::Allow,
-            // A refusal comes from the destination's kernel: the path is open.
-            Err(e) if e.kind() == ErrorKind::ConnectionRefused => Verdict::Allow,
-            Err(_) => Verdict::Deny,
-        }),
-        Protocol::Udp => udp_probe(dst, timeout),
+        Protocol::Tcp => tcp_probe(from, dst, timeout),
+        Protocol::Udp => udp_probe(from, dst, timeout),
         Protocol::Sctp => bail!("SCTP probes run separately"),
     }
 }
 
-fn udp_probe(dst: SocketAddr, timeout: Duration) -> Result<Verdict> {
-    let sock = UdpSocket::bind("0.0.0.0:0").context("UDP probe socket")?;
+/// A TCP connect from `from` (the outside host has several addresses, so the source is
+/// bound explicitly).
+fn tcp_probe(from: SocketAddr, dst: SocketAddr, timeout: Duration) -> Result<Verdict> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .context("TCP probe socket")?;
+    sock.bind(&from.into())
+        .with_context(|| format!("binding {from}"))?;
+    Ok(match sock.connect_timeout(&dst.into(), timeout) {
+        Ok(()) => Verdict::Allow,
+        // A refusal comes from the destination's kernel: the path is open.
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => Verdict::Allow,
+        Err(_) => Verdict::Deny,
+    })
+}
+
+fn udp_probe(from: SocketAddr, dst: SocketAddr, timeout: Duration) -> Result<Verdict> {
+    let sock = UdpSocket::bind(from).context("UDP probe socket")?;
     sock.connect(dst).context("UDP probe connect")?;
     let tries = 3;
     sock.set_read_timeout(Some(timeout / tries))?;
@@ -266,18 +277,16 @@ fn udp_probe(dst: SocketAddr, timeout: Duration) -> Result<Verdict> {
 /// SCTP: a crafted INIT from the source pod; `allow` when the destination's kernel counts
 /// its arrival.
 fn probe_sctp(lab: &Lab, p: &ProbeResult, timeout: Duration) -> Result<Verdict> {
-    let src = source_pod(lab, p)?;
+    let src = source(lab, p)?;
     let dst_ip = ipv4(p.dst_ip)?;
     let dst = lab
-        .pods
-        .iter()
-        .find(|q| q.ip == dst_ip)
-        .ok_or_else(|| anyhow!("SCTP probe destination {dst_ip} is not a pod of the lab"))?;
+        .endpoint(dst_ip)
+        .ok_or_else(|| anyhow!("SCTP probe destination {dst_ip} has no place in the lab"))?;
     let before = sctp_arrivals(dst)?;
     let deadline = Instant::now() + timeout;
     let sport = 40000 + (std::process::id() % 20000) as u16;
     let init = sctp_init(sport, p.probe.port, 0x0c_e1_07_01);
-    let netns = src.pod.ns.name().to_owned();
+    let netns = src.netns.clone();
     while Instant::now() < deadline {
         let ns = netns.clone();
         let packet = init.clone();
@@ -303,10 +312,19 @@ fn probe_sctp(lab: &Lab, p: &ProbeResult, timeout: Duration) -> Result<Verdict> 
 
 /// SCTP packets the pod's kernel has received: `Ip: InUnknownProtos` (no SCTP module) plus
 /// `SctpInSCTPPacks` where the module exists.
-fn sctp_arrivals(pod: &LabPod) -> Result<u64> {
-    let snmp = pod.pod.ns.exec_ok(&["cat", "/proc/net/snmp"])?;
+fn sctp_arrivals(at: &Endpoint) -> Result<u64> {
+    let read = |file: &str| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &at.netns, "cat", file])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let snmp = read("/proc/net/snmp")
+        .ok_or_else(|| anyhow!("cannot read /proc/net/snmp in {}", at.netns))?;
     let mut total = snmp_field(&snmp, "Ip:", "InUnknownProtos").unwrap_or(0);
-    if let Ok(sctp) = pod.pod.ns.exec_ok(&["cat", "/proc/net/sctp/snmp"]) {
+    if let Some(sctp) = read("/proc/net/sctp/snmp") {
         total += sctp
             .lines()
             .find_map(|l| l.strip_prefix("SctpInSCTPPacks"))

@@ -35,7 +35,24 @@ pub struct LabOptions {
     pub verbose: bool,
     /// (protocol, port) pairs every pod serves (TCP listener, UDP echo).
     pub serve: BTreeSet<(Protocol, u16)>,
+    /// Addresses that belong to no pod but that probes use: the lab gives them to an
+    /// "outside" host behind the node's uplink.
+    pub outside: Vec<Ipv4Addr>,
 }
+
+/// Where the lab sends from and serves on: a pod, or an address of the outside host.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// `namespace/name`, or the address for the outside host.
+    pub key: String,
+    /// Its IPv4 address.
+    pub ip: Ipv4Addr,
+    /// The network namespace it lives in.
+    pub netns: String,
+}
+
+/// The name of the node's uplink interface in the lab.
+pub const UPLINK: &str = "uplink0";
 
 /// One pod of the lab.
 #[derive(Debug)]
@@ -103,7 +120,11 @@ pub struct Lab {
     workdir: TempDir,
     /// The pods, in manifest order.
     pub pods: Vec<LabPod>,
+    /// Pods and outside addresses, as probes see them.
+    pub endpoints: Vec<Endpoint>,
     _veths: Vec<VethPair>,
+    /// The outside host, if probes need one.
+    pub outside: Option<Netns>,
     /// The node's namespace.
     pub node: Netns,
 }
@@ -165,15 +186,45 @@ impl Lab {
                 opts.manifests.display()
             );
         }
+        let mut endpoints: Vec<Endpoint> = pods
+            .iter()
+            .map(|p| Endpoint {
+                key: p.key.clone(),
+                ip: p.ip,
+                netns: p.pod.ns.name().to_owned(),
+            })
+            .collect();
+        let mut uplink = None;
+        let outside = if opts.outside.is_empty() {
+            None
+        } else {
+            let ns = Netns::new("outside")?;
+            ns.disable_ipv6()?;
+            veths.push(VethPair::new(&ns, "eth0", &node, UPLINK)?);
+            for ip in &opts.outside {
+                ns.addr_add("eth0", &format!("{ip}/32"))?;
+                endpoints.push(Endpoint {
+                    key: ip.to_string(),
+                    ip: *ip,
+                    netns: ns.name().to_owned(),
+                });
+            }
+            ns.tx_checksum_off("eth0")?;
+            ns.route_add(&[dataplane::netns::GATEWAY, "dev", "eth0", "scope", "link"])?;
+            ns.route_add(&["default", "via", dataplane::netns::GATEWAY, "dev", "eth0"])?;
+            ns.neigh_add("eth0", dataplane::netns::GATEWAY, node.mac(UPLINK)?)?;
+            uplink = Some(ns.mac("eth0")?);
+            Some(ns)
+        };
         let dir =
             std::env::temp_dir().join(format!("ocelot-lab-{}-{}", std::process::id(), node.name()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let workdir = TempDir(dir.clone());
         let config = dir.join("ocelot.toml");
-        std::fs::write(&config, agent_config(opts.workers)?)
+        std::fs::write(&config, agent_config(opts.workers, uplink)?)
             .with_context(|| format!("writing {}", config.display()))?;
         let status_path = dir.join("status.json");
-        let servers = Servers::start(&pods, &opts.serve)?;
+        let servers = Servers::start(&endpoints, &opts.serve)?;
         let agent = start_agent(opts, &node, &config, &status_path)?;
         Ok(Lab {
             servers,
@@ -182,7 +233,9 @@ impl Lab {
             manifests: opts.manifests.clone(),
             workdir,
             pods,
+            endpoints,
             _veths: veths,
+            outside,
             node,
         })
     }
@@ -190,6 +243,11 @@ impl Lab {
     /// The pod `namespace/name`.
     pub fn pod(&self, key: &str) -> Option<&LabPod> {
         self.pods.iter().find(|p| p.key == key)
+    }
+
+    /// The endpoint (pod or outside address) that owns `ip`.
+    pub fn endpoint(&self, ip: Ipv4Addr) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| e.ip == ip)
     }
 
     /// The agent's status file, parsed.
@@ -241,9 +299,13 @@ impl Lab {
                 self.agent.log_tail()
             );
         }
-        for p in &self.pods {
-            if self.node.has_xdp(&p.pod.host_dev)? {
-                bail!("an XDP program was left on {}", p.pod.host_dev);
+        let mut devs: Vec<&str> = self.pods.iter().map(|p| p.pod.host_dev.as_str()).collect();
+        if self.outside.is_some() {
+            devs.push(UPLINK);
+        }
+        for dev in devs {
+            if self.node.has_xdp(dev)? {
+                bail!("an XDP program was left on {dev}");
             }
         }
         let summary = self
@@ -286,12 +348,18 @@ fn summarize(status: &serde_json::Value) -> String {
 
 /// The agent's config for `workers` workers: cores from the last one down, so one worker
 /// on a two-core machine leaves core 0 to the lab's own threads.
-fn agent_config(workers: usize) -> Result<String> {
+fn agent_config(workers: usize, uplink_gateway: Option<[u8; 6]>) -> Result<String> {
     let cores = core_affinity::get_core_ids().map_or(1, |ids| ids.len());
     if workers == 0 || workers > cores {
         bail!("--workers {workers}: this machine has {cores} cores");
     }
     let mut text = String::from("[node]\nname = \"lab\"\n");
+    if let Some(mac) = uplink_gateway {
+        text.push_str(&format!(
+            "\n[uplink]\ninterface = \"{UPLINK}\"\ngateway_mac = \"{}\"\n",
+            crate::agent::ports::format_mac(mac)
+        ));
+    }
     for k in 0..workers {
         text.push_str(&format!("\n[[workers]]\ncore = {}\n", cores - 1 - k));
     }
