@@ -228,6 +228,19 @@ impl XskUmem {
         Ok((umem, frames))
     }
 
+    /// Closes a socket of this UMEM (its port was retired): the (interface, queue) can be
+    /// bound again, and the XDP program is detached when it was the interface's last socket.
+    /// Frames still in the socket's rings are not recovered (see `Worker::retire_port`).
+    pub fn release(&mut self, rx: XskRx, tx: XskTx) {
+        let bound = rx.bound;
+        drop(tx);
+        drop(rx);
+        self.bound.retain(|b| *b != bound);
+        // The UMEM's own reference is the last one once no socket uses the interface.
+        self.guards
+            .retain(|g| g.ifindex != bound.0 || Rc::strong_count(g) > 1);
+    }
+
     /// This UMEM's id, carried by each of its frames.
     pub fn id(&self) -> u32 {
         self.id
@@ -358,6 +371,8 @@ impl XskUmem {
             need_wakeup: opts.need_wakeup,
             interface: interface.into(),
             scratch: [FrameDesc::default(); BURST],
+            in_kernel: 0,
+            bound: (ifindex, queue),
             _guard: Rc::clone(&guard),
         };
         let tx = XskTx {
@@ -453,6 +468,10 @@ pub struct XskRx {
     need_wakeup: bool,
     interface: String,
     scratch: [FrameDesc; BURST],
+    /// Frames on the fill ring or the rx ring (given to the kernel, not yet received).
+    in_kernel: usize,
+    /// The (ifindex, queue) this socket is bound to on its UMEM.
+    bound: (u32, u32),
     // Last field: dropped after the socket's queues, so libxdp has detached first.
     _guard: Rc<XdpGuard>,
 }
@@ -522,6 +541,7 @@ impl Rx for XskRx {
             let produced = unsafe { self.fq.produce(self.scratch.get(..n).unwrap_or_default()) };
             free.truncate(free.len() - produced);
             total += produced;
+            self.in_kernel += produced;
             if produced < n {
                 break;
             }
@@ -552,7 +572,12 @@ impl Rx for XskRx {
             desc,
             umem: self.umem,
         }));
+        self.in_kernel = self.in_kernel.saturating_sub(got);
         Ok(got)
+    }
+
+    fn in_kernel(&self) -> usize {
+        self.in_kernel
     }
 
     fn fd(&self) -> Option<BorrowedFd<'_>> {
@@ -1158,6 +1183,17 @@ pub fn send_raw_ipv4(proto: u8, dst: std::net::Ipv4Addr, payload: &[u8]) -> Resu
         return Err(err("sendto"));
     }
     Ok(())
+}
+
+/// Silences libxdp's and libbpf's messages on stderr ("No bpffs found", "skipping
+/// unrecognized data section", …): they describe fallbacks libxdp takes on its own, and every
+/// failure still reaches the caller as an error value. Call once, before opening sockets.
+pub fn quiet_libxdp() {
+    // SAFETY: setting the print callback to none only changes a global function pointer in
+    // libxdp; no memory is passed.
+    unsafe {
+        libxdp_sys::libxdp_set_print(None);
+    }
 }
 
 #[cfg(test)]

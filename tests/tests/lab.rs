@@ -422,3 +422,63 @@ fn wrong_config_is_refused_before_attaching() {
         );
     }
 }
+
+/// A pod whose veth and manifest appear while the agent runs is attached and reachable; when
+/// its manifest goes, its port is retired and its traffic stops; it comes back when it does.
+#[test]
+fn pods_are_attached_and_retired_live() {
+    use ocelot_tests::netns::{Netns, Pod, VethPair};
+    let dir = TempDir::new("ocelot-lab-live").expect("temp dir");
+    write_atomic(dir.path(), "model.yaml", &model_yaml());
+    let lab = Lab::start(&LabOptions {
+        manifests: dir.path().to_path_buf(),
+        workers: 1,
+        agent: binary("ocelot"),
+        verbose: false,
+        serve: serve_model(),
+        outside: Vec::new(),
+    })
+    .expect("lab starts");
+    lab.wait_applied(Duration::from_secs(20)).expect("applied");
+    let pod_yaml = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: d\n  namespace: x\n  labels:\n    pod: d\nstatus:\n  podIPs:\n  - ip: 10.1.1.4\n";
+    let ns = Netns::new("d").expect("netns");
+    ns.disable_ipv6().expect("sysctl");
+    let host = control::naming::veth_name("x", "d");
+    let _veth = VethPair::new(&ns, "eth0", &lab.node, &host).expect("veth");
+    let d = Pod::configure_proxy_arp(ns, "10.1.1.4", &host).expect("pod");
+    let ping = |to: &str| {
+        d.ns.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "1", to])
+            .expect("ping runs")
+            .status
+            .success()
+    };
+    assert!(!ping("10.1.2.1"), "reachable before it is in the datastore");
+
+    write_atomic(dir.path(), "d.yaml", pod_yaml);
+    lab.wait_applied(Duration::from_secs(20)).expect("applied");
+    assert!(
+        ping("10.1.2.1"),
+        "new pod cannot reach y/a\n{}",
+        lab.agent_log()
+    );
+    assert!(
+        lab.status().expect("status")["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .any(|p| p["interface"] == host.as_str())
+    );
+
+    std::fs::remove_file(dir.path().join("d.yaml")).expect("remove");
+    lab.wait_applied(Duration::from_secs(20)).expect("applied");
+    assert!(!ping("10.1.2.1"), "reachable after its pod was deleted");
+    assert!(
+        !lab.node.has_xdp(&host).expect("ip link"),
+        "XDP left on a retired port"
+    );
+
+    write_atomic(dir.path(), "d.yaml", pod_yaml);
+    lab.wait_applied(Duration::from_secs(20)).expect("applied");
+    assert!(ping("10.1.2.1"), "pod not reattached\n{}", lab.agent_log());
+    lab.stop().expect("agent stops cleanly");
+}
