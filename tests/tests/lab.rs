@@ -482,3 +482,68 @@ fn pods_are_attached_and_retired_live() {
     assert!(ping("10.1.2.1"), "pod not reattached\n{}", lab.agent_log());
     lab.stop().expect("agent stops cleanly");
 }
+
+/// An agent killed with SIGKILL leaves its XDP programs behind; the next start removes them
+/// and runs; SIGTERM then leaves nothing.
+#[test]
+fn a_crashed_run_is_cleaned_up_by_the_next_start() {
+    use ocelot_tests::netns::{Netns, VethPair};
+    let node = Netns::new("crash").expect("netns");
+    let pod = Netns::new("crashpod").expect("netns");
+    let veth = control::naming::veth_name("x", "a");
+    let _pair = VethPair::new(&pod, "eth0", &node, &veth).expect("veth");
+    let dir = TempDir::new("ocelot-crash").expect("temp dir");
+    write_atomic(dir.path(), "model.yaml", &model_yaml());
+    let config = dir.path().join("ocelot.toml.txt");
+    std::fs::write(&config, "[[workers]]\ncore = 0\n").expect("config");
+    let start = || {
+        Command::new("ip")
+            .args(["netns", "exec", node.name()])
+            .arg(binary("ocelot"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .arg("--manifests")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("agent starts")
+    };
+    let wait_ready = |child: &mut std::process::Child| -> String {
+        use std::io::{BufRead, BufReader};
+        let stderr = child.stderr.take().expect("stderr");
+        let mut seen = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.starts_with(tools::agent::READY_LINE) {
+                return seen;
+            }
+        }
+        panic!("agent never became ready:\n{seen}");
+    };
+    let mut first = start();
+    wait_ready(&mut first);
+    assert!(node.has_xdp(&veth).expect("ip link"));
+    first.kill().expect("SIGKILL");
+    first.wait().expect("reaped");
+    assert!(
+        node.has_xdp(&veth).expect("ip link"),
+        "a killed agent cannot clean up"
+    );
+    let mut second = start();
+    let log = wait_ready(&mut second);
+    assert!(log.contains("removed XDP program"), "{log}");
+    let pid = second.id().to_string();
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    let status = second.wait().expect("exits");
+    assert!(status.success(), "{status}");
+    assert!(
+        !node.has_xdp(&veth).expect("ip link"),
+        "SIGTERM left XDP behind"
+    );
+}

@@ -232,12 +232,12 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
     ));
 
     let workers = start_workers(&config, &layout, &ports, &published, &ct, stop)?;
-    eprintln!(
+    say(format_args!(
         "{READY_LINE} (node {node_name}, epoch {epoch}, {} ports, {} workers on cores {:?})",
         ports.len(),
         workers.len(),
         workers.iter().map(|w| w.core).collect::<Vec<_>>()
-    );
+    ));
 
     let mut status = Status::new(&node_name, &ports_summary(&ports), epoch, digest, &report);
     let mut last_status = Instant::now() - Duration::from_secs(10);
@@ -377,14 +377,14 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         let _ = status.write(path);
     }
     for (core, (io, class)) in &totals {
-        eprintln!(
+        say(format_args!(
             "ocelot: worker on core {core}: rx {} tx {} forwarded {} replied {} drops {}",
             io.rx,
             io.tx,
             class.forwarded,
             class.replied,
             status::drops_line(io, class)
-        );
+        ));
     }
     result
 }
@@ -438,6 +438,13 @@ fn attach(
         queue: 0,
         ifindex,
     })
+}
+
+/// A line on stderr. Unlike `eprintln!`, a closed stderr (the reader went away) is not a
+/// reason to panic: the agent keeps forwarding.
+fn say(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{args}");
 }
 
 fn hostname() -> String {

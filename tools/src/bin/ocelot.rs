@@ -49,7 +49,8 @@ fn main() {
         .init();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
-        eprintln!("ocelot: error: {e:#}");
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "ocelot: error: {e:#}");
         std::process::exit(1);
     }
 }
