@@ -968,7 +968,9 @@ pub fn poll_readable<'a>(
     fds: impl IntoIterator<Item = BorrowedFd<'a>>,
     timeout_ms: i32,
 ) -> Result<bool, Error> {
-    const MAX: usize = 16;
+    // A worker with more ports than this sleeps on the first ones only; the rest are seen
+    // when the timeout ends the sleep.
+    const MAX: usize = 256;
     let mut set = [libc::pollfd {
         fd: -1,
         events: 0,
@@ -1193,6 +1195,53 @@ pub fn quiet_libxdp() {
     // libxdp; no memory is passed.
     unsafe {
         libxdp_sys::libxdp_set_print(None);
+    }
+}
+
+/// An eventfd: a counter one thread signals and another sleeps on with `poll` (a worker's
+/// doorbell, rung when another worker hands it frames or the control thread has commands).
+#[derive(Debug)]
+pub struct EventFd {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl EventFd {
+    /// A new, non-blocking eventfd.
+    pub fn new() -> Result<EventFd, Error> {
+        // SAFETY: eventfd(2) takes no pointers; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::SocketIo {
+                syscall: "eventfd",
+                interface: "(doorbell)".into(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `fd` was just returned by eventfd(2) and is owned by nothing else.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        Ok(EventFd { fd })
+    }
+
+    /// Makes the descriptor readable (wakes a `poll` on it). Never blocks.
+    pub fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes the 8 bytes of `one`, which outlives the call, to our descriptor. A
+        // failure can only be EAGAIN (the counter is saturated: already readable), which is
+        // what we want anyway.
+        let _ = unsafe { libc::write(self.fd.as_raw_fd(), (&raw const one).cast(), 8) };
+    }
+
+    /// Resets the counter (after a wakeup). Never blocks.
+    pub fn drain(&self) {
+        let mut value: u64 = 0;
+        // SAFETY: reads at most 8 bytes into `value`, which outlives the call; EAGAIN (not
+        // signalled) leaves it untouched.
+        let _ = unsafe { libc::read(self.fd.as_raw_fd(), (&raw mut value).cast(), 8) };
+    }
+
+    /// The descriptor, to poll on.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 

@@ -31,7 +31,7 @@ use classifier::snapshot::Snapshot;
 use classifier::verdict::{Counters, DropReason, PortId, Verdict};
 
 use crate::Error;
-use crate::handoff::{HandoffRx, HandoffTx};
+use crate::handoff::{Doorbell, HandoffRx, HandoffTx};
 use crate::live::LiveCounters;
 use crate::port::{BURST, FrameMem, Rx, Tx};
 use crate::rawfwd::Idle;
@@ -200,6 +200,7 @@ pub struct Worker<M: FrameMem, R, T, C> {
     counters: WorkerCounters,
     frames: usize,
     live: Option<Arc<LiveCounters>>,
+    doorbell: Option<Arc<Doorbell>>,
 }
 
 impl<M, R, T, C> Worker<M, R, T, C>
@@ -256,6 +257,7 @@ where
             counters: WorkerCounters::default(),
             frames: count,
             live: None,
+            doorbell: None,
         })
     }
 
@@ -385,6 +387,12 @@ where
     /// The frame memory (the agent opens new sockets on the worker's UMEM through it).
     pub fn mem_mut(&mut self) -> &mut M {
         &mut self.mem
+    }
+
+    /// Sleeps on `doorbell` too when idle, so hand-offs (whose senders ring it, see
+    /// [`HandoffTx::with_doorbell`]) and the owner's commands wake the worker at once.
+    pub fn set_doorbell(&mut self, doorbell: Arc<Doorbell>) {
+        self.doorbell = Some(doorbell);
     }
 
     /// Publishes this worker's counters (and its classifier's) to `live` from [`Worker::run`]:
@@ -591,8 +599,22 @@ where
                     if empty == after_empty_polls {
                         self.publish();
                     }
-                    let fds = self.ports.iter().filter_map(|p| p.rx.fd());
-                    sys::poll_readable(fds, timeout_ms)?;
+                    if let Some(bell) = &self.doorbell {
+                        bell.going_to_sleep();
+                        // Checked after announcing the sleep: a frame handed over before it
+                        // is seen here, one handed over after it rings the bell.
+                        let waiting = self.handoff_in.iter().any(|h| !h.is_empty());
+                        if !waiting && !attention.load(Ordering::SeqCst) {
+                            // The bell first: `poll_readable` takes a bounded number.
+                            let fds = std::iter::once(bell.fd())
+                                .chain(self.ports.iter().filter_map(|p| p.rx.fd()));
+                            sys::poll_readable(fds, timeout_ms)?;
+                        }
+                        bell.woke();
+                    } else {
+                        let fds = self.ports.iter().filter_map(|p| p.rx.fd());
+                        sys::poll_readable(fds, timeout_ms)?;
+                    }
                 }
             }
         }

@@ -37,7 +37,7 @@ use classifier::verdict::PortId;
 use control::manifests::{Manifests, load_dir};
 use control::naming::veth_name;
 use control::node::{BuildReport, NodeOptions, PortRole, PortSpec, build_snapshot};
-use dataplane::handoff::{self, HandoffRx, HandoffTx};
+use dataplane::handoff::{self, Doorbell, HandoffRx, HandoffTx};
 use dataplane::live::LiveCounters;
 use dataplane::rawfwd::Idle;
 use dataplane::sys::{self, UmemOpts};
@@ -110,6 +110,7 @@ struct WorkerHandle {
     cmds: mpsc::Sender<WorkerCmd>,
     acks: mpsc::Receiver<Result<(), String>>,
     attention: Arc<AtomicBool>,
+    doorbell: Arc<Doorbell>,
     /// Index of the hand-off to each other worker, by that worker's index.
     outs: Vec<Option<usize>>,
 }
@@ -124,6 +125,7 @@ impl WorkerHandle {
                 .map_err(|_| anyhow!("worker on core {} is gone", self.core))?;
         }
         self.attention.store(true, Ordering::SeqCst);
+        self.doorbell.ring();
         let mut first_error = None;
         for _ in 0..n {
             match self.acks.recv_timeout(Duration::from_secs(10)) {
@@ -552,6 +554,7 @@ struct WorkerSetup {
     out_index: Vec<Option<usize>>,
     ins: Vec<HandoffRx>,
     live: Arc<LiveCounters>,
+    doorbell: Arc<Doorbell>,
 }
 
 fn start_workers(
@@ -563,11 +566,17 @@ fn start_workers(
     stop: &Arc<AtomicBool>,
 ) -> Result<Vec<WorkerHandle>> {
     let n = layout.workers.len();
+    let doorbells = (0..n)
+        .map(|_| Doorbell::new())
+        .collect::<Result<Vec<_>, _>>()
+        .context("creating worker doorbells")?;
     let mut setups: Vec<WorkerSetup> = layout
         .workers
         .iter()
         .enumerate()
-        .map(|(w, (core, _))| WorkerSetup {
+        .zip(&doorbells)
+        .map(|((w, (core, _)), doorbell)| WorkerSetup {
+            doorbell: Arc::clone(doorbell),
             core: *core,
             ports: ports
                 .iter()
@@ -597,6 +606,10 @@ fn start_workers(
                 .map(|s| s.ports.iter().map(|p| p.2).collect())
                 .unwrap_or_default();
             let (tx, rx) = handoff::channel(capacity, 2048);
+            let tx = match doorbells.get(to) {
+                Some(bell) => tx.with_doorbell(Arc::clone(bell)),
+                None => tx,
+            };
             if let Some(s) = setups.get_mut(from) {
                 if let Some(slot) = s.out_index.get_mut(to) {
                     *slot = Some(s.outs.len());
@@ -625,6 +638,7 @@ fn start_workers(
         let (cmd_tx, cmd_rx) = mpsc::channel::<WorkerCmd>();
         let (ack_tx, ack_rx) = mpsc::channel::<Result<(), String>>();
         let attention = Arc::new(AtomicBool::new(false));
+        let doorbell = Arc::clone(&setup.doorbell);
         let thread_attention = Arc::clone(&attention);
         let thread = std::thread::Builder::new()
             .name(format!("ocelot-worker-{w}"))
@@ -662,6 +676,7 @@ fn start_workers(
                         worker.add_handoff_in(rx);
                     }
                     worker.publish_to(setup.live);
+                    worker.set_doorbell(setup.doorbell);
                     Ok(worker)
                 })();
                 let mut worker = match started {
@@ -718,6 +733,7 @@ fn start_workers(
             cmds: cmd_tx,
             acks: ack_rx,
             attention,
+            doorbell,
             outs,
         });
     }
