@@ -18,8 +18,9 @@
 //!   re-list replaces a resource's objects only once complete, so no snapshot is empty or
 //!   partial;
 //! - on any watch error (API server unreachable, connection refused, `410 Gone`) the
-//!   resource's watcher is dropped and, after an exponential backoff with jitter, started
-//!   afresh: a full re-list, which also covers "re-list on 410" and "resync on reconnect".
+//!   resource's watcher is dropped and, after an exponential backoff with jitter (none after
+//!   a 410: that server answers), started afresh: a full re-list, which also covers
+//!   "re-list on 410" and "resync on reconnect".
 //!   Meanwhile nothing is sent, so the consumer keeps forwarding on its last snapshot;
 //! - [`SyncStatus`] says which resources are connected and since when the view may be stale.
 //!
@@ -522,6 +523,7 @@ impl Watch {
         };
         loop {
             let mut stream = watcher(api.clone(), self.cfg.clone()).boxed();
+            let mut gone = false;
             while let Some(item) = stream.next().await {
                 let update = match item {
                     Ok(watcher::Event::Init) => Update::Init,
@@ -537,6 +539,7 @@ impl Watch {
                     Ok(watcher::Event::Delete(obj)) => Update::Delete(key(&obj)),
                     Err(e) => {
                         tracing::warn!(resource = %resource, "watch failed, will re-list: {e}");
+                        gone = is_gone(&e);
                         self.record(resource, |r| {
                             r.errors += 1;
                             r.last_error = Some(e.to_string());
@@ -568,13 +571,29 @@ impl Watch {
                     return;
                 }
             }
-            tokio::time::sleep(backoff.next_delay()).await;
+            // 410 Gone comes from a server that answers: re-list at once. Anything else may
+            // be a server that is down or overloaded, so wait.
+            if !gone {
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
         }
     }
 
     fn record(&self, resource: Resource, f: impl FnOnce(&mut ResourceStatus)) {
         let mut s = self.status.lock().unwrap_or_else(PoisonError::into_inner);
         f(&mut s.resources[resource.index()]);
+    }
+}
+
+/// Whether the server said the version the watcher asked for has been compacted away
+/// (`410 Gone`, as a watch event or as the answer to a list's `continue`).
+fn is_gone(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::WatchError(status) => status.code == 410,
+        watcher::Error::InitialListFailed(::kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(::kube::Error::Api(status))
+        | watcher::Error::WatchFailed(::kube::Error::Api(status)) => status.code == 410,
+        _ => false,
     }
 }
 
@@ -642,6 +661,24 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= min);
+    }
+
+    #[test]
+    fn only_410_is_gone() {
+        use ::kube::core::Status;
+        let status = |code| Status::failure("x", "Expired").with_code(code).boxed();
+        let check = |e: watcher::Error, expected: bool| assert_eq!(is_gone(&e), expected, "{e:?}");
+        check(watcher::Error::WatchError(status(410)), true);
+        check(watcher::Error::WatchError(status(500)), false);
+        check(
+            watcher::Error::InitialListFailed(::kube::Error::Api(status(410))),
+            true,
+        );
+        check(
+            watcher::Error::WatchStartFailed(::kube::Error::Api(status(403))),
+            false,
+        );
+        check(watcher::Error::NoResourceVersion, false);
     }
 
     #[test]
