@@ -414,3 +414,53 @@ fn nothing_is_sent_before_every_resource_is_listed() {
     let s = ds.status();
     assert!(!s.synced() && !s.connected(), "{s:#?}");
 }
+
+#[test]
+fn dropped_connections_lose_no_change() {
+    let server = seeded_server();
+    let ds = start(&server);
+    ds.updates().recv_timeout(WAIT).expect("first update");
+    for i in 0..3 {
+        server.drop_connections();
+        let name = format!("after-drop-{i}");
+        server.apply(&pod("default", &name, json!({ "tier": "x" }), "10.65.0.40"));
+        wait_for(&ds, &format!("pod default/{name}"), |m| {
+            has_pod(m, "default", &name)
+        });
+    }
+    // A watch stream that ends while the server is up is resumed from its resourceVersion:
+    // no error, no re-list.
+    let s = ds.status();
+    assert!(
+        s.resources.iter().all(|r| r.lists == 1 && r.errors == 0),
+        "{s:#?}"
+    );
+}
+
+#[test]
+fn ten_thousand_pods_list_in_pages() {
+    let server = ApiServer::start();
+    for n in 0..100 {
+        server.apply(&namespace(&format!("ns-{n}"), json!({})));
+    }
+    for i in 0..10_000u32 {
+        let ip = format!("10.64.{}.{}", i / 256, i % 256);
+        server.apply(&pod(
+            &format!("ns-{}", i % 100),
+            &format!("p-{i}"),
+            json!({ "app": format!("a{}", i % 50) }),
+            &ip,
+        ));
+    }
+    // The default page size (500): twenty pages of pods.
+    let ds = control::kube::spawn(KubeOptions::with_config(server.config())).expect("datastore");
+    let m = ds.updates().recv_timeout(WAIT).expect("first update");
+    assert_eq!(m.cluster.pods.len(), 10_000);
+    assert_eq!(m.cluster.namespaces.len(), 100);
+    let pages = server
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch="))
+        .count();
+    assert_eq!(pages, 20, "{:#?}", server.requests());
+}
