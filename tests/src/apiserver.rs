@@ -25,7 +25,11 @@
 //! [`ApiServer::restart`]. Changes made while stopped are kept and replayed to watches
 //! resumed after the restart. Every request line is recorded ([`ApiServer::requests`]).
 //!
-//! Not served: namespaced paths, selectors, get/create/update by the client (the agent only
+//! Streaming lists (`sendInitialEvents=true`) are served too: the current objects as
+//! `ADDED`, then a `BOOKMARK` annotated `k8s.io/initial-events-end`.
+//!
+//! Not served: namespaced paths, label and field selectors, `resourceVersionMatch=Exact`
+//! (every list is of the latest version), get/create/update by the client (the agent only
 //! lists and watches), authentication.
 
 use std::collections::BTreeMap;
@@ -557,7 +561,13 @@ fn list(shared: &Shared, kind: Kind, q: &BTreeMap<String, String>) -> Response<B
             next = Some(encode_continue(rv, items_last_key(&items, key)));
             break;
         }
-        items.push((key.clone(), obj.clone()));
+        // List items carry no `kind` and `apiVersion`: the list's own say what they are.
+        let mut item = obj.clone();
+        if let Some(fields) = item.as_object_mut() {
+            fields.remove("kind");
+            fields.remove("apiVersion");
+        }
+        items.push((key.clone(), item));
     }
     let mut metadata = json!({ "resourceVersion": rv.to_string() });
     if let Some(token) = next {
@@ -609,10 +619,14 @@ fn watch_response(
         .and_then(|t| t.parse::<u64>().ok())
         .map_or(Duration::from_secs(1800), Duration::from_secs);
     let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+    // Streaming lists (`sendInitialEvents=true`): the current objects, then a bookmark
+    // annotated `k8s.io/initial-events-end`, then changes.
+    let initial_events = q.get("sendInitialEvents").is_some_and(|b| b == "true");
+    let from = if initial_events { None } else { from };
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let shared = Arc::clone(shared);
     tokio::spawn(async move {
-        let _ = stream_events(&shared, kind, from, timeout, bookmarks, &tx).await;
+        let _ = stream_events(&shared, kind, from, timeout, bookmarks, initial_events, &tx).await;
     });
     let body = StreamBody::new(futures::stream::unfold(rx, |mut rx| async move {
         rx.recv()
@@ -631,13 +645,15 @@ fn watch_response(
 struct Closed;
 
 /// Feeds one watch: the changes after `from` (or the current objects as `ADDED` when
-/// `from` is `None`), then every new change, bookmarks, until the timeout.
+/// `from` is `None`, followed by the initial-events-end bookmark for a streaming list), then
+/// every new change, bookmarks, until the timeout.
 async fn stream_events(
     shared: &Shared,
     kind: Kind,
     from: Option<u64>,
     timeout: Duration,
     bookmarks: bool,
+    initial_events: bool,
     tx: &mpsc::Sender<Bytes>,
 ) -> Result<(), Closed> {
     let send = |b: Bytes| async move { tx.send(b).await.map_err(|_| Closed) };
@@ -658,6 +674,17 @@ async fn stream_events(
             };
             for o in &objects {
                 send(event_line("ADDED", o)).await?;
+            }
+            if initial_events {
+                let end = json!({
+                    "kind": kind.name(),
+                    "apiVersion": kind.api_version(),
+                    "metadata": {
+                        "resourceVersion": rv.to_string(),
+                        "annotations": { "k8s.io/initial-events-end": "true" },
+                    },
+                });
+                send(event_line("BOOKMARK", &end)).await?;
             }
             rv
         }
@@ -932,6 +959,38 @@ mod tests {
                 .is_ok()
         });
         assert!(ended, "the watch outlived drop_connections");
+    }
+
+    #[test]
+    fn kube_watcher_lists_both_ways() {
+        use kube::runtime::watcher;
+        let server = ApiServer::start();
+        server.apply(&pod("a", "p", "x"));
+        server.apply(&pod("a", "q", "x"));
+        for config in [
+            watcher::Config::default().page_size(1),
+            watcher::Config::default().streaming_lists(),
+        ] {
+            let events = with_client(&server, async |api| {
+                watcher::watcher(api, config.clone())
+                    .take(4)
+                    .map(|e| match e.expect("event") {
+                        watcher::Event::Init => "Init".to_owned(),
+                        watcher::Event::InitApply(p) => {
+                            format!("InitApply {}", p.metadata.name.unwrap_or_default())
+                        }
+                        watcher::Event::InitDone => "InitDone".to_owned(),
+                        other => format!("{other:?}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .await
+            });
+            assert_eq!(
+                events,
+                ["Init", "InitApply p", "InitApply q", "InitDone"],
+                "{config:?}"
+            );
+        }
     }
 
     #[test]
