@@ -170,7 +170,8 @@ pub struct ResourceStatus {
     pub resource: Resource,
     /// Whether an initial list has completed (at least once).
     pub synced: bool,
-    /// Whether the last word from the API server was a success.
+    /// Whether the watch is up: set by a completed list or a watch event, cleared by an
+    /// error (and not set again until a re-list completes).
     pub connected: bool,
     /// When the last full list completed.
     pub last_list: Option<Instant>,
@@ -551,8 +552,10 @@ impl Watch {
                         break;
                     }
                 };
-                // `Init` is sent before any request, so it says nothing about the server.
-                if !matches!(update, Update::Init) {
+                // `Init` is sent before any request, and a list in progress has not yet
+                // replaced the stale objects: the view is current again only from `InitDone`
+                // (or an event of a watch, which only follows one).
+                if !matches!(update, Update::Init | Update::InitApply(..)) {
                     let done = matches!(update, Update::InitDone);
                     self.record(resource, |r| {
                         r.connected = true;
