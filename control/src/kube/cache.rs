@@ -44,18 +44,6 @@ pub(crate) enum Msg {
     Node(Update<NodeInfo>),
 }
 
-impl Msg {
-    /// The resource the update is about.
-    pub(crate) fn resource(&self) -> Resource {
-        match self {
-            Msg::Namespace(_) => Resource::Namespaces,
-            Msg::Pod(_) => Resource::Pods,
-            Msg::Policy(_) => Resource::NetworkPolicies,
-            Msg::Node(_) => Resource::Nodes,
-        }
-    }
-}
-
 /// The objects of one resource.
 #[derive(Debug)]
 struct Store<T> {
@@ -135,7 +123,8 @@ pub(crate) struct Cache {
 pub(crate) type Counts = (usize, usize);
 
 impl Cache {
-    /// Applies one update; returns whether the cluster's state changed.
+    /// Applies one update; returns whether the cluster's state changed. Cost: one map
+    /// operation (a completed re-list also compares the new objects with the old).
     pub(crate) fn apply(&mut self, msg: Msg) -> bool {
         match msg {
             Msg::Namespace(u) => self.namespaces.apply(u),

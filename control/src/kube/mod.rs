@@ -183,9 +183,9 @@ pub struct ResourceStatus {
     pub errors: u64,
     /// The last error, as text.
     pub last_error: Option<String>,
-    /// Objects held.
+    /// Objects in the last snapshot sent.
     pub objects: usize,
-    /// Objects held that the converter refused (left out of the snapshot).
+    /// Objects the converter refused, as of the last snapshot sent (left out of it).
     pub rejected: usize,
 }
 
@@ -434,15 +434,7 @@ async fn run(
         tokio::select! {
             msg = rx.recv() => {
                 let Some(msg) = msg else { break };
-                let resource = msg.resource();
                 dirty |= cache.apply(msg);
-                let (objects, rejected) = cache.counts(resource);
-                {
-                    let mut s = status.lock().unwrap_or_else(PoisonError::into_inner);
-                    let r = &mut s.resources[resource.index()];
-                    r.objects = objects;
-                    r.rejected = rejected;
-                }
                 if dirty && deadline.is_none() {
                     deadline = Some(tokio::time::Instant::now() + opts.coalesce);
                 }
@@ -453,12 +445,23 @@ async fn run(
                 // and the list that completes the set is itself a change.
                 if let Some(m) = cache.build() {
                     dirty = false;
+                    // The status is updated first, so a consumer that has the snapshot sees
+                    // the status that goes with it. Objects are counted once per snapshot,
+                    // not per event: counting walks a store.
+                    {
+                        let mut s = status.lock().unwrap_or_else(PoisonError::into_inner);
+                        for r in Resource::ALL {
+                            let (objects, rejected) = cache.counts(r);
+                            let rs = &mut s.resources[r.index()];
+                            rs.objects = objects;
+                            rs.rejected = rejected;
+                        }
+                        s.updates += 1;
+                        s.last_update = Some(Instant::now());
+                    }
                     if updates.send(m).is_err() {
                         tracing::debug!("kube datastore: the consumer is gone");
                     }
-                    let mut s = status.lock().unwrap_or_else(PoisonError::into_inner);
-                    s.updates += 1;
-                    s.last_update = Some(Instant::now());
                 }
             }
             _ = shutdown.changed() => break,
