@@ -533,3 +533,60 @@ fn the_netpol_model_compiles_alike_from_both_datastores() {
     assert_eq!(matrices.len(), 4, "80/81 over TCP/UDP");
     assert_eq!(matrices, render(&files));
 }
+
+#[test]
+fn churn_across_drops_and_restarts_loses_no_change() {
+    let mut server = seeded_server();
+    let ds = start(&server);
+    ds.updates().recv_timeout(WAIT).expect("first update");
+    let mut expected: std::collections::BTreeSet<String> = ["backend", "frontend"]
+        .map(|p| format!("default/{p}"))
+        .into_iter()
+        .chain([
+            "client/client".to_owned(),
+            "management-ui/management-ui".to_owned(),
+        ])
+        .collect();
+    let mut churn = |server: &ApiServer, round: usize| {
+        for i in 0..25 {
+            let name = format!("churn-{round}-{i}");
+            let ip = format!("10.66.{round}.{i}");
+            server.apply(&pod(
+                "default",
+                &name,
+                json!({ "round": round.to_string() }),
+                &ip,
+            ));
+            expected.insert(format!("default/{name}"));
+            if round > 0 && i % 3 == 0 {
+                let old = format!("churn-{}-{i}", round - 1);
+                server.delete("Pod", "default", &old);
+                expected.remove(&format!("default/{old}"));
+            }
+        }
+    };
+    for round in 0..6 {
+        // The changes stream to the watches while the connections drop or the server
+        // restarts right behind them.
+        churn(&server, round);
+        match round % 3 {
+            0 => server.drop_connections(),
+            1 => server.restart(true),
+            _ => {
+                server.stop();
+                churn(&server, round + 100);
+                server.restart(true);
+            }
+        }
+    }
+    let m = wait_for(&ds, "every churned pod, and no deleted one", |m| {
+        let got: std::collections::BTreeSet<String> = m
+            .cluster
+            .pods
+            .iter()
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .collect();
+        got == expected
+    });
+    assert!(m.cluster.pods.len() > 100);
+}
