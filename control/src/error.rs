@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 /// Where an object came from: the file, the document in it (1-based), the item inside a
 /// `kind: List` (1-based) when there is one, and the object's kind and `namespace/name`.
+/// Objects read from the Kubernetes API have no file: [`ObjectRef::api`] makes their
+/// reference, with document 0.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectRef {
     /// The manifest file.
@@ -19,8 +21,24 @@ pub struct ObjectRef {
     pub name: String,
 }
 
+impl ObjectRef {
+    /// The reference of an object read from the Kubernetes API.
+    pub fn api(kind: &str, name: String) -> ObjectRef {
+        ObjectRef {
+            file: PathBuf::new(),
+            document: 0,
+            item: None,
+            kind: kind.to_owned(),
+            name,
+        }
+    }
+}
+
 impl fmt::Display for ObjectRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.document == 0 {
+            return write!(f, "kubernetes API ({} {})", self.kind, self.name);
+        }
         write!(f, "{} document {}", self.file.display(), self.document)?;
         if let Some(item) = self.item {
             write!(f, " item {item}")?;
@@ -67,6 +85,22 @@ pub enum Error {
         at: Box<ObjectRef>,
         /// The first definition.
         first: Box<ObjectRef>,
+    },
+    /// The Kubernetes client could not be configured (no in-cluster service account, no
+    /// usable KUBECONFIG), or its HTTP stack could not be built.
+    #[error("kubernetes client: {what}: {source}")]
+    KubeClient {
+        /// What was being set up.
+        what: &'static str,
+        /// The kube crate's reason.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The Kubernetes datastore's thread or runtime could not be started.
+    #[error("kubernetes datastore: {what}")]
+    KubeDatastore {
+        /// What failed.
+        what: String,
     },
     /// A probe line that cannot be parsed or resolved.
     #[error("probe line {line}: {why}")]

@@ -13,8 +13,13 @@
 //! namespace `default`, protocol `TCP`, missing `policyTypes` become `Ingress` plus `Egress`
 //! when egress rules exist, and every namespace carries `kubernetes.io/metadata.name`. A pod
 //! whose namespace has no Namespace object gets one implicitly (with a warning), because a
-//! cluster cannot hold a pod in a namespace that does not exist. Kinds other than
-//! `Namespace`, `Pod`, `NetworkPolicy` and `List` are skipped with a warning.
+//! cluster cannot hold a pod in a namespace that does not exist. `Node` objects become
+//! [`NodeInfo`] (name, `spec.podCIDRs`, `InternalIP` addresses). Kinds other than
+//! `Namespace`, `Pod`, `NetworkPolicy`, `Node` and `List` are skipped with a warning.
+//!
+//! The per-object conversions (`convert_*`) are shared with the Kubernetes datastore
+//! ([`crate::kube`]), so a manifest directory and a live cluster holding the same objects
+//! produce the same [`Manifests`].
 //!
 //! Invariant: an object Kubernetes' validation would reject is an [`Error`] naming the file,
 //! the document, the kind and `namespace/name`; nothing invalid reaches the [`Cluster`]. Two
@@ -65,13 +70,26 @@ pub const LEGACY_API_VERSION: &str = "net.alpha.kubernetes.io/v1alpha1";
 /// The name of the default-deny-ingress policy synthesized for an isolated legacy namespace.
 pub const LEGACY_ISOLATION_POLICY: &str = "legacy-isolation";
 
-/// A loaded manifest directory.
+/// A loaded manifest directory, or a snapshot of a live cluster.
 #[derive(Clone, Debug, Default)]
 pub struct Manifests {
     /// Namespaces, pods and policies after defaulting (and legacy translation).
     pub cluster: Cluster,
     /// Objects skipped or completed, in the order met; the CLI prints them to stderr.
     pub warnings: Vec<String>,
+    /// The cluster's nodes (`kind: Node`), sorted by name.
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// What ocelot keeps of a `Node`: where its pods' addresses come from and how to reach it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// `metadata.name`.
+    pub name: String,
+    /// `spec.podCIDRs` (or the older single `spec.podCIDR`), in the API's order.
+    pub pod_cidrs: Vec<Cidr>,
+    /// `status.addresses` of type `InternalIP`, in the API's order.
+    pub internal_ips: Vec<IpAddr>,
 }
 
 impl Manifests {
@@ -207,6 +225,7 @@ struct Loader {
     pods: Vec<(ObjectRef, core::Pod)>,
     policies: Vec<(ObjectRef, net::NetworkPolicy)>,
     legacy: Vec<(ObjectRef, LegacyPolicy)>,
+    nodes: Vec<(ObjectRef, core::Node)>,
     seen: HashMap<(String, String), ObjectRef>,
     warnings: Vec<String>,
 }
@@ -263,7 +282,7 @@ impl Loader {
             document,
             item,
             kind: kind.clone(),
-            name: if kind == "Namespace" {
+            name: if kind == "Namespace" || kind == "Node" {
                 name.clone()
             } else {
                 format!("{namespace}/{name}")
@@ -292,12 +311,15 @@ impl Loader {
                 }
                 return Ok(());
             }
-            ("Namespace", "v1") | ("Pod", "v1") | ("NetworkPolicy", "networking.k8s.io/v1") => {}
+            ("Namespace", "v1")
+            | ("Pod", "v1")
+            | ("Node", "v1")
+            | ("NetworkPolicy", "networking.k8s.io/v1") => {}
             ("NetworkPolicy", LEGACY_API_VERSION) => {}
             _ => {
                 self.warnings.push(format!(
                     "{at}: skipped: apiVersion {api_version:?} kind {kind:?} is not a policy \
-                     input (Namespace v1, Pod v1, NetworkPolicy networking.k8s.io/v1)"
+                     input (Namespace v1, Pod v1, Node v1, NetworkPolicy networking.k8s.io/v1)"
                 ));
                 return Ok(());
             }
@@ -329,6 +351,10 @@ impl Loader {
                 let pod = serde_yaml::from_value(value).map_err(bad)?;
                 self.pods.push((at, pod));
             }
+            "Node" => {
+                let node = serde_yaml::from_value(value).map_err(bad)?;
+                self.nodes.push((at, node));
+            }
             _ if legacy => {
                 let p = serde_yaml::from_value(value).map_err(bad)?;
                 self.legacy.push((at, p));
@@ -346,10 +372,8 @@ impl Loader {
         let mut cluster = Cluster::default();
         let mut isolated = BTreeSet::new();
         for (at, ns) in &self.namespaces {
-            let name = ns.metadata.name.clone().unwrap_or_default();
-            let mut labels: Labels = ns.metadata.labels.clone().unwrap_or_default();
-            // The API server always sets this label to the name, overwriting what was sent.
-            labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name.clone());
+            let namespace = convert_namespace(ns);
+            let name = namespace.name.clone();
             if let Some(value) = ns
                 .metadata
                 .annotations
@@ -372,24 +396,11 @@ impl Loader {
                     )),
                 }
             }
-            cluster.namespaces.push(Namespace { name, labels });
+            cluster.namespaces.push(namespace);
         }
         for (at, pod) in &self.pods {
             let pod = convert_pod(at, pod)?;
-            if !cluster.namespaces.iter().any(|n| n.name == pod.namespace) {
-                warnings.push(format!(
-                    "{at}: namespace {:?} has no Namespace object; assuming one with only \
-                     the {NAMESPACE_NAME_LABEL} label",
-                    pod.namespace
-                ));
-                cluster.namespaces.push(Namespace {
-                    name: pod.namespace.clone(),
-                    labels: Labels::from([(
-                        NAMESPACE_NAME_LABEL.to_owned(),
-                        pod.namespace.clone(),
-                    )]),
-                });
-            }
+            add_implicit_namespace(&mut cluster, &mut warnings, at, &pod);
             cluster.pods.push(pod);
         }
         for (at, p) in &self.policies {
@@ -434,11 +445,96 @@ impl Loader {
                 ));
             }
         }
-        Ok(Manifests { cluster, warnings })
+        let mut nodes = Vec::new();
+        for (at, node) in &self.nodes {
+            nodes.push(convert_node(at, node)?);
+        }
+        nodes.sort_by(|a: &NodeInfo, b| a.name.cmp(&b.name));
+        Ok(Manifests {
+            cluster,
+            warnings,
+            nodes,
+        })
     }
 }
 
-fn convert_pod(at: &ObjectRef, pod: &core::Pod) -> Result<Pod, Error> {
+/// A namespace with the label the API server always sets to its name (overwriting what was
+/// sent).
+pub(crate) fn convert_namespace(ns: &core::Namespace) -> Namespace {
+    let name = ns.metadata.name.clone().unwrap_or_default();
+    let mut labels: Labels = ns.metadata.labels.clone().unwrap_or_default();
+    labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name.clone());
+    Namespace { name, labels }
+}
+
+/// Gives `pod`'s namespace an implicit Namespace object (with a warning) when the cluster has
+/// none: a cluster cannot hold a pod in a namespace that does not exist, so the namespace is
+/// merely not known yet (a manifest left it out, or a watch delivered the pod first).
+pub(crate) fn add_implicit_namespace(
+    cluster: &mut Cluster,
+    warnings: &mut Vec<String>,
+    at: &dyn std::fmt::Display,
+    pod: &Pod,
+) {
+    if cluster.namespaces.iter().any(|n| n.name == pod.namespace) {
+        return;
+    }
+    warnings.push(format!(
+        "{at}: namespace {:?} has no Namespace object; assuming one with only the \
+         {NAMESPACE_NAME_LABEL} label",
+        pod.namespace
+    ));
+    cluster.namespaces.push(Namespace {
+        name: pod.namespace.clone(),
+        labels: Labels::from([(NAMESPACE_NAME_LABEL.to_owned(), pod.namespace.clone())]),
+    });
+}
+
+/// What ocelot keeps of a Node; a pod CIDR or InternalIP that does not parse is an error.
+pub(crate) fn convert_node(at: &ObjectRef, node: &core::Node) -> Result<NodeInfo, Error> {
+    let mut out = NodeInfo {
+        name: node.metadata.name.clone().unwrap_or_default(),
+        ..NodeInfo::default()
+    };
+    if let Some(spec) = &node.spec {
+        // `podCIDRs` supersedes `podCIDR`; when both are set the first entries agree.
+        let cidrs: Vec<&String> = match (&spec.pod_cidrs, &spec.pod_cidr) {
+            (Some(list), _) if !list.is_empty() => list.iter().collect(),
+            (_, Some(one)) => vec![one],
+            _ => Vec::new(),
+        };
+        for text in cidrs {
+            let cidr = text
+                .parse::<Cidr>()
+                .map_err(|e| invalid(at, format!("spec.podCIDRs: {text:?}: {e}")))?;
+            if !out.pod_cidrs.contains(&cidr) {
+                out.pod_cidrs.push(cidr);
+            }
+        }
+    }
+    for a in node
+        .status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+        .filter(|a| a.type_ == "InternalIP")
+    {
+        let ip = a.address.parse::<IpAddr>().map_err(|_| {
+            invalid(
+                at,
+                format!(
+                    "status.addresses: InternalIP {:?} is not an IP address",
+                    a.address
+                ),
+            )
+        })?;
+        if !out.internal_ips.contains(&ip) {
+            out.internal_ips.push(ip);
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) fn convert_pod(at: &ObjectRef, pod: &core::Pod) -> Result<Pod, Error> {
     let mut out = Pod {
         namespace: pod
             .metadata
@@ -702,7 +798,10 @@ fn convert_rule(
     Ok(rule)
 }
 
-fn convert_policy(at: &ObjectRef, p: &net::NetworkPolicy) -> Result<NetworkPolicy, Error> {
+pub(crate) fn convert_policy(
+    at: &ObjectRef,
+    p: &net::NetworkPolicy,
+) -> Result<NetworkPolicy, Error> {
     let default_spec = net::NetworkPolicySpec::default();
     let spec = p.spec.as_ref().unwrap_or(&default_spec);
     let mut out = NetworkPolicy {

@@ -7,6 +7,7 @@
 //! x, y, z and P = 1, 2, 3 for a, b, c, so ipBlocks can name namespaces (`10.1.2.0/24` is y).
 #![forbid(unsafe_code)]
 
+pub mod apiserver;
 pub use dataplane::netns;
 pub mod xdp;
 

@@ -527,3 +527,49 @@ fn load_dir_reads_manifest_files_sorted_and_not_recursively() {
     assert_eq!(names, ["a", "b", "c"]);
     assert!(missing.unwrap_err().to_string().contains("cannot read"));
 }
+
+/// Loads one Node document with `spec` and `status` (block YAML at column 0) and checks what
+/// is kept of it.
+fn check_node(spec: &str, status: &str, cidrs: &[&str], ips: &[&str]) {
+    let indent = |s: &str| s.lines().map(|l| format!("  {l}\n")).collect::<String>();
+    let yaml = format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: n1}}\nspec:\n{}status:\n{}",
+        indent(spec),
+        indent(status)
+    );
+    let m = load(&yaml);
+    let expected = NodeInfo {
+        name: "n1".to_owned(),
+        pod_cidrs: cidrs.iter().map(|c| c.parse().expect("cidr")).collect(),
+        internal_ips: ips.iter().map(|i| i.parse().expect("ip")).collect(),
+    };
+    assert_eq!(m.nodes, vec![expected], "{yaml}");
+    assert!(m.warnings.is_empty(), "{:?}", m.warnings);
+}
+
+#[test]
+fn nodes_keep_pod_cidrs_and_internal_ips() {
+    check_node("{}", "{}", &[], &[]);
+    check_node(
+        "podCIDR: 10.0.1.0/24\npodCIDRs: [10.0.1.0/24, 'fd00:1::/64']",
+        "addresses:\n- {type: Hostname, address: n1}\n- {type: InternalIP, address: 192.168.0.1}\n\
+         - {type: ExternalIP, address: 203.0.113.1}\n- {type: InternalIP, address: 'fd00::1'}",
+        &["10.0.1.0/24", "fd00:1::/64"],
+        &["192.168.0.1", "fd00::1"],
+    );
+    // Clusters from before dual-stack set only the singular field.
+    check_node("podCIDR: 10.0.2.0/24", "{}", &["10.0.2.0/24"], &[]);
+}
+
+#[test]
+fn invalid_nodes_name_the_field() {
+    check_err(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {podCIDRs: [10.0.1.0/33]}",
+        &["(Node n1)", "spec.podCIDRs", "10.0.1.0/33"],
+    );
+    check_err(
+        "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nstatus: {addresses: [{type: InternalIP, \
+         address: nope}]}",
+        &["(Node n1)", "InternalIP \"nope\""],
+    );
+}
