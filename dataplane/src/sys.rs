@@ -42,6 +42,11 @@
 //! interface of the same index in another namespace. libxdp detaches its program when the
 //! last socket on an interface goes; an [`XdpGuard`] checks afterwards and detaches the
 //! program it recorded if it is somehow still there.
+//!
+//! The node's uplink is different: it also carries the node's own traffic, so it gets
+//! ocelot's own program ([`UplinkProgram`], `bpf/ocelot_xdp.c`), which redirects only frames
+//! for local pods and passes everything else to the kernel. Sockets there are opened with
+//! [`SocketOpts::load_default_prog`] off and registered in that program's XSKMAP.
 
 use std::ffi::CString;
 use std::fs::File;

@@ -329,11 +329,23 @@ fn uplink_redirects_local_pod_traffic_and_the_kernel_keeps_the_rest() {
 fn stale_uplink_program_is_found_by_name_and_removed() {
     let topo = Topology::new(1);
     sys::in_netns(topo.node.name(), || {
-        // A run that dies without detaching (abort, SIGKILL) leaves its program attached.
+        let kernel = kernel_udp();
+        // A run that dies without detaching (abort, SIGKILL) leaves its program attached,
+        // with its maps; its sockets are closed by the kernel.
         let program = UplinkProgram::attach("eth0", XdpMode::Auto).unwrap();
         let id = program.prog_id().unwrap();
+        program
+            .set_local_pod(POD.parse::<IpAddr>().unwrap(), true)
+            .unwrap();
+        let sockets = Sockets::open(&[0]);
+        program.register_socket(&sockets.rxs[0]).unwrap();
         std::mem::forget(program);
+        drop(sockets);
         assert!(topo.node.has_xdp("eth0").unwrap());
+        // Meanwhile the pod's traffic is not lost into a dead socket: the closed socket left
+        // the XSKMAP, so the program passes the frame to the kernel.
+        send_udp(&topo, 0, POD, b"orphaned");
+        assert_eq!(kernel_received(&kernel), vec![b"orphaned".to_vec()]);
 
         // The next start cannot attach over it…
         let err = UplinkProgram::attach("eth0", XdpMode::Auto).unwrap_err();
