@@ -3,7 +3,8 @@
 //! 10.70.0.1/24; `eth0` in the node, its uplink, 10.70.0.2/24). The router routes the pod
 //! block 10.71.0.0/24 via the node. 10.71.0.5 is a "local pod": in the program's
 //! `local_pods`, and also an address on the node's `lo`, so that a frame for it that wrongly
-//! reached the node's kernel would be delivered to a kernel socket and be seen.
+//! reached the node's kernel would be delivered to a kernel socket and be seen. The IPv6
+//! test adds fd00:70::1/64 and fd00:70::2/64 on the link and the pod fd00:71::5.
 //!
 //! Needs root (CI runs it as root). Everything lives in namespaces the test creates and
 //! removes (RAII, also on panic); the program is attached only to the node namespace's
@@ -24,6 +25,9 @@ const ROUTER: &str = "10.70.0.1";
 const NODE: &str = "10.70.0.2";
 const POD: &str = "10.71.0.5";
 const POD_PORT: u16 = 9999;
+const ROUTER6: &str = "fd00:70::1";
+const NODE6: &str = "fd00:70::2";
+const POD6: &str = "fd00:71::5";
 
 /// The router and the node, joined by the node's uplink.
 struct Topology {
@@ -35,10 +39,22 @@ impl Topology {
     /// Builds it with `queues` rx and tx queues on each end of the veth. Deleting the
     /// namespaces (on drop) deletes the veth and any XDP program on it.
     fn new(queues: u32) -> Topology {
+        Topology::build(queues, false)
+    }
+
+    /// As [`Topology::new`], with IPv6 too: fd00:70::1/64 and fd00:70::2/64 on the link,
+    /// fd00:71::5 the pod (on the node's `lo`), fd00:71::/64 routed via the node.
+    fn new_dual_stack() -> Topology {
+        Topology::build(1, true)
+    }
+
+    fn build(queues: u32, ipv6: bool) -> Topology {
         let router = Netns::new("router").unwrap();
         let node = Netns::new("node").unwrap();
-        for ns in [&router, &node] {
-            ns.disable_ipv6().unwrap();
+        if !ipv6 {
+            for ns in [&router, &node] {
+                ns.disable_ipv6().unwrap();
+            }
         }
         let q = queues.to_string();
         router
@@ -70,6 +86,33 @@ impl Topology {
         router
             .route_add(&["10.71.0.0/24", "via", NODE, "dev", "up0"])
             .unwrap();
+        if ipv6 {
+            // No duplicate address detection: the addresses are usable at once.
+            router
+                .ip(&[
+                    "addr",
+                    "add",
+                    &format!("{ROUTER6}/64"),
+                    "dev",
+                    "up0",
+                    "nodad",
+                ])
+                .unwrap();
+            node.ip(&[
+                "addr",
+                "add",
+                &format!("{NODE6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])
+            .unwrap();
+            node.ip(&["addr", "add", &format!("{POD6}/128"), "dev", "lo"])
+                .unwrap();
+            router
+                .route_add(&["fd00:71::/64", "via", NODE6, "dev", "up0"])
+                .unwrap();
+        }
         Topology { router, node }
     }
 
@@ -84,7 +127,9 @@ impl Topology {
 
 /// Sends one UDP datagram from the router (source port `sport`, 0 for any) to `dst`.
 fn send_udp(topo: &Topology, sport: u16, dst: &str, payload: &[u8]) {
-    let socket = sys::in_netns(topo.router.name(), || UdpSocket::bind((ROUTER, sport)))
+    let dst: IpAddr = dst.parse().unwrap();
+    let src = if dst.is_ipv4() { ROUTER } else { ROUTER6 };
+    let socket = sys::in_netns(topo.router.name(), || UdpSocket::bind((src, sport)))
         .unwrap()
         .unwrap();
     socket.send_to(payload, (dst, POD_PORT)).unwrap();
@@ -92,7 +137,12 @@ fn send_udp(topo: &Topology, sport: u16, dst: &str, payload: &[u8]) {
 
 /// A UDP socket of the node's kernel on the pod's address.
 fn kernel_udp() -> UdpSocket {
-    let socket = UdpSocket::bind((POD, POD_PORT)).unwrap();
+    kernel_udp_on(POD)
+}
+
+/// A UDP socket of the node's kernel on `addr`, port [`POD_PORT`].
+fn kernel_udp_on(addr: &str) -> UdpSocket {
+    let socket = UdpSocket::bind((addr.parse::<IpAddr>().unwrap(), POD_PORT)).unwrap();
     socket
         .set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
@@ -427,6 +477,60 @@ fn two_queue_uplink_spreads_flows_over_both_sockets() {
         assert!(per_queue.iter().all(|&n| n > 0), "{per_queue:?}");
         let d = program.counters().unwrap();
         assert_eq!((d.redirected, d.no_socket), (u64::from(flows), 0), "{d:?}");
+    })
+    .unwrap();
+}
+
+#[test]
+fn ipv6_neighbour_discovery_reaches_the_kernel_and_pod_traffic_the_socket() {
+    let topo = Topology::new_dual_stack();
+    sys::in_netns(topo.node.name(), || {
+        let kernel = kernel_udp_on(POD6);
+        // Without the program the kernel gets it (so the check below can fail).
+        send_udp(&topo, 0, POD6, b"before");
+        assert_eq!(kernel_received(&kernel), vec![b"before".to_vec()]);
+        topo.router
+            .ip(&["neigh", "flush", "dev", "up0"])
+            .map(drop)
+            .unwrap();
+        let program = UplinkProgram::attach("eth0", XdpMode::Auto).unwrap();
+        program
+            .set_local_pod(POD6.parse::<IpAddr>().unwrap(), true)
+            .unwrap();
+        let mut sockets = Sockets::open(&[0]);
+        program.register_socket(&sockets.rxs[0]).unwrap();
+
+        // The router resolves the node's address with neighbour discovery, which the
+        // node's kernel answers, and the node answers ping on it.
+        let c0 = program.counters().unwrap();
+        let out = ping(&topo.router, NODE6, 3);
+        assert!(out.contains("3 received"), "{out}");
+        let d = delta(c0, program.counters().unwrap());
+        assert!(d.passed_arp_ndp >= 1 && d.passed_not_pod >= 3, "{d:?}");
+        assert_eq!(d.redirected, 0, "{d:?}");
+
+        // UDP to the pod's IPv6 address goes to the socket, not to the kernel.
+        let c1 = program.counters().unwrap();
+        for i in 0..3 {
+            send_udp(&topo, 0, POD6, format!("v6 pod {i}").as_bytes());
+        }
+        let got = sockets.receive(3);
+        assert_eq!(got[0].len(), 3);
+        for (i, frame) in got[0].iter().enumerate() {
+            assert_eq!(frame[12..14], [0x86, 0xdd]);
+            let dst: [u8; 16] = frame[38..54].try_into().unwrap();
+            assert_eq!(
+                std::net::Ipv6Addr::from(dst),
+                POD6.parse::<std::net::Ipv6Addr>().unwrap()
+            );
+            assert!(frame.ends_with(format!("v6 pod {i}").as_bytes()));
+        }
+        assert!(
+            kernel_received(&kernel).is_empty(),
+            "the kernel saw pod traffic"
+        );
+        let d = delta(c1, program.counters().unwrap());
+        assert_eq!((d.redirected, d.no_socket), (3, 0), "{d:?}");
     })
     .unwrap();
 }
