@@ -534,3 +534,92 @@ fn ipv6_neighbour_discovery_reaches_the_kernel_and_pod_traffic_the_socket() {
     })
     .unwrap();
 }
+
+/// Set in the child process of `node_stays_reachable_after_the_dataplane_is_sigkilled`: the
+/// node namespace in which to attach the program, register a socket and wait to be killed.
+const CHILD_ENV: &str = "OCELOT_TEST_UPLINK_CHILD_NETNS";
+
+/// A child process, SIGKILLed and reaped on drop if it is still running (also on panic).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn node_stays_reachable_after_the_dataplane_is_sigkilled() {
+    if let Ok(ns) = std::env::var(CHILD_ENV) {
+        // Child: the dataplane that will be killed.
+        sys::enter_netns(&ns).expect("enter node");
+        let program = UplinkProgram::attach("eth0", XdpMode::Auto).expect("attach");
+        program
+            .set_local_pod(POD.parse::<IpAddr>().unwrap(), true)
+            .unwrap();
+        let sockets = Sockets::open(&[0]);
+        program.register_socket(&sockets.rxs[0]).unwrap();
+        println!("ready");
+        std::thread::sleep(Duration::from_secs(60));
+        // Not reached: the parent kills this process first.
+        std::process::exit(2);
+    }
+    let topo = Topology::new(1);
+    let mut child = Child(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "node_stays_reachable_after_the_dataplane_is_sigkilled",
+                "--nocapture",
+            ])
+            .env(CHILD_ENV, topo.node.name())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the dataplane child"),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let ready = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+        .map_while(Result::ok)
+        .any(|line| line.contains("ready"));
+    assert!(ready, "the child did not get ready");
+    assert!(topo.node.has_xdp("eth0").unwrap());
+
+    sys::in_netns(topo.node.name(), || {
+        let kernel = kernel_udp();
+        let listener = TcpListener::bind(("0.0.0.0", 22)).unwrap();
+        // While the dataplane runs: pod traffic is its, the node answers for itself.
+        send_udp(&topo, 0, POD, b"to the live dataplane");
+        assert!(
+            kernel_received(&kernel).is_empty(),
+            "the kernel saw pod traffic"
+        );
+        ping(&topo.router, NODE, 2);
+        ssh_like(&topo, &listener, NODE);
+
+        // SIGKILL: no destructor runs, the program stays attached, the sockets are closed.
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
+        assert!(
+            topo.node.has_xdp("eth0").unwrap(),
+            "the program went with the process?"
+        );
+        // The node is still reachable: ARP, ping and TCP 22 never depended on the dataplane.
+        topo.flush_router_arp();
+        ping(&topo.router, NODE, 2);
+        ssh_like(&topo, &listener, NODE);
+        // Pod traffic falls back to the node's kernel (its socket left the XSKMAP), which
+        // here delivers it to the pod address on `lo`; on a real node it would route it.
+        send_udp(&topo, 0, POD, b"after the kill");
+        assert_eq!(kernel_received(&kernel), vec![b"after the kill".to_vec()]);
+
+        // The next start removes the leftover, recognised by name, and can attach again.
+        assert!(sys::detach_stale_xsk_prog("eth0").unwrap().is_some());
+        assert!(!topo.node.has_xdp("eth0").unwrap());
+        let program = UplinkProgram::attach("eth0", XdpMode::Auto).unwrap();
+        drop(program);
+        assert!(!topo.node.has_xdp("eth0").unwrap());
+    })
+    .unwrap();
+}
