@@ -1237,9 +1237,9 @@ fn bpf_err(interface: &str, what: &'static str, rc: libc::c_int) -> Error {
 }
 
 impl UplinkProgram {
-    /// Loads the program and creates its maps (empty, failsafe list included), without
-    /// attaching it anywhere: enough to fill maps or [`UplinkProgram::test_run`] it.
-    /// Needs `CAP_BPF` (root).
+    /// Loads the program and creates its maps, without attaching it anywhere: enough to fill
+    /// maps or [`UplinkProgram::test_run`] it. The maps start empty except `failsafe`, which
+    /// holds [`default_failsafe`]. Needs `CAP_BPF` (root).
     pub fn load() -> Result<UplinkProgram, Error> {
         const WHAT: &str = "(ocelot XDP object)";
         let words = UPLINK_OBJECT.len().div_ceil(8);
@@ -1343,8 +1343,8 @@ impl UplinkProgram {
         Ok(program)
     }
 
-    /// Loads the program and attaches it to `interface` (in the calling thread's network
-    /// namespace) in `mode`, with Calico's default failsafe ports ([`default_failsafe`]),
+    /// Loads the program (as [`UplinkProgram::load`]) and attaches it to `interface` (in the
+    /// calling thread's network namespace) in `mode`, with Calico's default failsafe ports,
     /// no local pods and no sockets: until pods and sockets are added, every frame goes to
     /// the kernel.
     ///
