@@ -4,7 +4,7 @@
 # ethtool for the namespace tests. Idempotent and quiet when everything is already there.
 set -euo pipefail
 
-packages=(clang llvm libelf-dev zlib1g-dev m4 pkg-config iproute2 nftables make libpcap-dev iputils-ping ethtool)
+packages=(clang llvm linux-libc-dev libelf-dev zlib1g-dev m4 pkg-config iproute2 nftables make libpcap-dev iputils-ping ethtool)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

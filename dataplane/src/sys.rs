@@ -42,6 +42,11 @@
 //! interface of the same index in another namespace. libxdp detaches its program when the
 //! last socket on an interface goes; an [`XdpGuard`] checks afterwards and detaches the
 //! program it recorded if it is somehow still there.
+//!
+//! The node's uplink is different: it also carries the node's own traffic, so it gets
+//! ocelot's own program ([`UplinkProgram`], `bpf/ocelot_xdp.c`), which redirects only frames
+//! for local pods and passes everything else to the kernel. Sockets there are opened with
+//! [`SocketOpts::load_default_prog`] off and registered in that program's XSKMAP.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -138,6 +143,13 @@ pub struct SocketOpts {
     /// `SO_BUSY_POLL_BUDGET`): the driver's NAPI runs in the worker's syscalls instead of in
     /// softirq. Helps real NICs; veth in copy mode has no NAPI of its own to poll.
     pub busy_poll: Option<BusyPoll>,
+    /// Whether binding the first socket on an interface makes libxdp attach its default
+    /// program (which redirects every frame of the queue into the socket). False where
+    /// another program owns the interface's XDP hook and directs frames to the socket
+    /// through its own XSKMAP: ocelot's [`UplinkProgram`] on the uplink
+    /// ([`UplinkProgram::register_socket`]). Then the socket receives nothing until it is
+    /// registered.
+    pub load_default_prog: bool,
 }
 
 /// Busy-poll settings of a socket.
@@ -158,6 +170,7 @@ impl Default for SocketOpts {
             bind: BindMode::Copy,
             need_wakeup: true,
             busy_poll: None,
+            load_default_prog: true,
         }
     }
 }
@@ -258,6 +271,10 @@ impl XskUmem {
     /// redirects the queue's frames into the socket (through an XSKMAP). An XDP program that
     /// is already on the interface and was not attached through this UMEM is another
     /// owner's: it is reported as an error, never replaced.
+    ///
+    /// With [`SocketOpts::load_default_prog`] off, no program is attached or checked here:
+    /// the interface's program (an [`UplinkProgram`]) belongs to someone else in this
+    /// process, who registers the socket in its XSKMAP.
     pub fn open(
         &mut self,
         interface: &str,
@@ -277,6 +294,15 @@ impl XskUmem {
             XdpMode::Native => XdpFlags::XDP_FLAGS_DRV_MODE,
         };
         let guard = match self.guards.iter().find(|g| g.ifindex == ifindex) {
+            // The program is the caller's (an `UplinkProgram`): a guard that records no
+            // program, so it never detaches anything, and is not shared with sockets that
+            // do use libxdp's program.
+            _ if !opts.load_default_prog => Rc::new(XdpGuard {
+                ifindex,
+                interface: interface.into(),
+                netns: current_netns()?,
+                prog: std::cell::Cell::new(None),
+            }),
             Some(guard) => Rc::clone(guard),
             None => {
                 // Flags 0 asks for the program in whichever single mode it is attached: a
@@ -307,7 +333,11 @@ impl XskUmem {
         let config = SocketConfig::builder()
             .rx_queue_size(queue_size("rx ring", opts.rx_size)?)
             .tx_queue_size(queue_size("tx ring", opts.tx_size)?)
-            .libxdp_flags(LibxdpFlags::empty())
+            .libxdp_flags(if opts.load_default_prog {
+                LibxdpFlags::empty()
+            } else {
+                LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD
+            })
             .xdp_flags(xdp_flags)
             .bind_flags(bind)
             .build();
@@ -355,13 +385,15 @@ impl XskUmem {
                 })?;
             }
         }
-        if guard.prog.get().is_none() {
-            guard
-                .prog
-                .set(xdp_prog_id(ifindex, xdp_flags.bits(), interface)?);
-        }
-        if !self.guards.iter().any(|g| g.ifindex == ifindex) {
-            self.guards.push(Rc::clone(&guard));
+        if opts.load_default_prog {
+            if guard.prog.get().is_none() {
+                guard
+                    .prog
+                    .set(xdp_prog_id(ifindex, xdp_flags.bits(), interface)?);
+            }
+            if !self.guards.iter().any(|g| g.ifindex == ifindex) {
+                self.guards.push(Rc::clone(&guard));
+            }
         }
         self.bound.push((ifindex, queue));
         let rx = XskRx {
@@ -797,19 +829,21 @@ fn detach_prog(ifindex: u32, prog: u32, interface: &str) -> Result<bool, Error> 
 }
 
 /// Removes an AF_XDP program left on `interface` (in the calling thread's namespace) by a
-/// run that died without cleaning up: libxdp's default program ([`XSK_DEFAULT_PROG`]) is
-/// detached; any other program is someone else's and is reported as [`Error::XdpBusy`],
-/// never touched. Returns the id of the program removed, if any.
+/// run that died without cleaning up: libxdp's default program ([`XSK_DEFAULT_PROG`]) or
+/// ocelot's uplink program ([`UPLINK_PROG`]) is detached; any other program is someone
+/// else's and is reported as [`Error::XdpBusy`], never touched. Returns the id of the
+/// program removed, if any.
 ///
-/// Only call it for interfaces this node agent owns (its pod veths), before opening
-/// sockets on them: another live AF_XDP user of the same interface would lose its program.
+/// Only call it for interfaces this node agent owns (its pod veths and its uplink), before
+/// opening sockets or attaching [`UplinkProgram`] on them: another live AF_XDP user of the
+/// same interface would lose its program.
 pub fn detach_stale_xsk_prog(interface: &str) -> Result<Option<u32>, Error> {
     let ifindex = ifindex(interface)?;
     let Some(prog) = xdp_prog_id(ifindex, 0, interface)? else {
         return Ok(None);
     };
     let name = ProgFd::by_id(prog, interface)?.name(interface)?;
-    if name != XSK_DEFAULT_PROG {
+    if name != XSK_DEFAULT_PROG && name != UPLINK_PROG {
         return Err(Error::XdpBusy {
             interface: interface.into(),
             prog,
@@ -996,6 +1030,571 @@ pub fn poll_readable<'a>(
         });
     }
     Ok(rc > 0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// ocelot's own XDP program for the uplink.
+
+/// The name the kernel knows ocelot's uplink program by (the C function's name, which libbpf
+/// gives the program): how [`detach_stale_xsk_prog`] recognises one a crashed run left.
+pub const UPLINK_PROG: &str = "ocelot_uplink";
+
+/// `bpf/ocelot_xdp.c`, compiled by build.rs.
+static UPLINK_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ocelot_xdp.o"));
+
+/// The XDP action code for "pass to the kernel" (`XDP_PASS`).
+pub const XDP_PASS: u32 = 2;
+/// The XDP action code for "redirected" (`XDP_REDIRECT`).
+pub const XDP_REDIRECT: u32 = 4;
+
+/// `XDP_FLAGS_UPDATE_IF_NOEXIST`: attach only if the hook is empty, atomically.
+const XDP_FLAGS_UPDATE_IF_NOEXIST: u32 = 1;
+
+/// A transport protocol of a failsafe port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum L4Proto {
+    /// TCP (IP protocol 6).
+    Tcp,
+    /// UDP (IP protocol 17).
+    Udp,
+}
+
+impl L4Proto {
+    fn number(self) -> u8 {
+        match self {
+            L4Proto::Tcp => 6,
+            L4Proto::Udp => 17,
+        }
+    }
+}
+
+/// Which port of a frame a failsafe entry matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailsafeDir {
+    /// The destination port: a service the node itself offers (sshd on 22, BGP on 179).
+    In,
+    /// The source port: the reply of a server the node talks to as a client (DNS on 53).
+    Out,
+}
+
+/// One failsafe entry: frames with this port always reach the kernel, even when they are
+/// addressed to a local pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FailsafePort {
+    /// TCP or UDP.
+    pub proto: L4Proto,
+    /// Destination (in) or source (out) port.
+    pub dir: FailsafeDir,
+    /// The port number.
+    pub port: u16,
+}
+
+impl FailsafePort {
+    /// The map key the program looks up: `{proto, dir, port in network order}`.
+    fn key(self) -> [u8; 4] {
+        let [hi, lo] = self.port.to_be_bytes();
+        let dir = match self.dir {
+            FailsafeDir::In => 0,
+            FailsafeDir::Out => 1,
+        };
+        [self.proto.number(), dir, hi, lo]
+    }
+}
+
+/// Calico's default failsafe ports, ranges expanded: inbound tcp 22, udp 68, tcp 179, tcp
+/// 2379-2380, tcp 5473, tcp 6443, tcp 6666-6667; outbound udp 53, udp 67 and the same TCP
+/// ports. [`UplinkProgram::attach`] installs them.
+pub fn default_failsafe() -> Vec<FailsafePort> {
+    const TCP: &[(u16, u16)] = &[
+        (22, 22),
+        (179, 179),
+        (2379, 2380),
+        (5473, 5473),
+        (6443, 6443),
+        (6666, 6667),
+    ];
+    let mut ports = Vec::new();
+    for dir in [FailsafeDir::In, FailsafeDir::Out] {
+        for &(lo, hi) in TCP {
+            ports.extend((lo..=hi).map(|port| FailsafePort {
+                proto: L4Proto::Tcp,
+                dir,
+                port,
+            }));
+        }
+    }
+    ports.push(FailsafePort {
+        proto: L4Proto::Udp,
+        dir: FailsafeDir::In,
+        port: 68,
+    });
+    for port in [53, 67] {
+        ports.push(FailsafePort {
+            proto: L4Proto::Udp,
+            dir: FailsafeDir::Out,
+            port,
+        });
+    }
+    ports
+}
+
+/// The uplink program's counters, summed over CPUs: what happened to each frame the uplink
+/// received while it was attached. Same order as `enum counter` in `bpf/ocelot_xdp.c`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UplinkCounters {
+    /// To a local pod: handed to the AF_XDP socket of the receiving queue.
+    pub redirected: u64,
+    /// IP, but not to a local pod (the node's own addresses, or unknown): to the kernel.
+    pub passed_not_pod: u64,
+    /// A failsafe port: to the kernel.
+    pub passed_failsafe: u64,
+    /// ARP or IPv6 neighbour discovery: to the kernel.
+    pub passed_arp_ndp: u64,
+    /// Truncated or malformed headers: to the kernel.
+    pub passed_unparsed: u64,
+    /// Neither IPv4, IPv6 nor ARP (LLDP, a second VLAN tag, …): to the kernel.
+    pub passed_other: u64,
+    /// To a local pod, but no socket is registered for the receiving queue: to the kernel.
+    pub no_socket: u64,
+}
+
+impl UplinkCounters {
+    const COUNT: u32 = 7;
+
+    fn slot(&mut self, index: u32) -> Option<&mut u64> {
+        Some(match index {
+            0 => &mut self.redirected,
+            1 => &mut self.passed_not_pod,
+            2 => &mut self.passed_failsafe,
+            3 => &mut self.passed_arp_ndp,
+            4 => &mut self.passed_unparsed,
+            5 => &mut self.passed_other,
+            6 => &mut self.no_socket,
+            _ => return None,
+        })
+    }
+}
+
+/// Where the program is attached; detached from there on drop.
+#[derive(Debug)]
+struct UplinkAttachment {
+    ifindex: u32,
+    interface: String,
+    netns: u64,
+    prog: u32,
+}
+
+/// File descriptors of the program's maps. They belong to the libbpf object and are closed
+/// with it.
+#[derive(Debug, Clone, Copy)]
+struct UplinkMaps {
+    xsks: libc::c_int,
+    local_pods_v4: libc::c_int,
+    local_pods_v6: libc::c_int,
+    failsafe: libc::c_int,
+    counters: libc::c_int,
+}
+
+/// ocelot's XDP program ([`UPLINK_PROG`], `bpf/ocelot_xdp.c`) loaded into the kernel, with
+/// its maps, and attached to the node's uplink by [`UplinkProgram::attach`]. It redirects to
+/// the AF_XDP socket of the receiving queue only frames addressed to a local pod
+/// ([`UplinkProgram::set_local_pod`]) that are not on the failsafe list; everything else
+/// (ARP, NDP, the node's own traffic, anything unknown) goes to the kernel.
+///
+/// Sockets on the uplink are opened with [`SocketOpts::load_default_prog`] off and put into
+/// the program's XSKMAP with [`UplinkProgram::register_socket`]. The program is detached on
+/// drop (also when the owner unwinds from a panic), from the namespace it was attached in;
+/// one a crashed run left behind is removed by [`detach_stale_xsk_prog`]. `!Send`, like the
+/// sockets: interface indexes are relative to the calling thread's namespace.
+pub struct UplinkProgram {
+    obj: std::ptr::NonNull<libxdp_sys::bpf_object>,
+    prog_fd: libc::c_int,
+    maps: UplinkMaps,
+    attached: Option<UplinkAttachment>,
+    /// The object file libbpf opened, 8-byte aligned for libelf; kept for the object's
+    /// lifetime.
+    _image: Vec<u64>,
+    _not_send: NotSend,
+}
+
+impl std::fmt::Debug for UplinkProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UplinkProgram")
+            .field("prog_fd", &self.prog_fd)
+            .field("maps", &self.maps)
+            .field("attached", &self.attached)
+            .finish()
+    }
+}
+
+/// A negative libbpf return value (`-errno`) as an error about `interface`.
+fn bpf_err(interface: &str, what: &'static str, rc: libc::c_int) -> Error {
+    Error::Interface {
+        interface: interface.into(),
+        what,
+        source: io::Error::from_raw_os_error(rc.saturating_neg()),
+    }
+}
+
+impl UplinkProgram {
+    /// Loads the program and creates its maps, without attaching it anywhere: enough to fill
+    /// maps or [`UplinkProgram::test_run`] it. The maps start empty except `failsafe`, which
+    /// holds [`default_failsafe`]. Needs `CAP_BPF` (root).
+    pub fn load() -> Result<UplinkProgram, Error> {
+        const WHAT: &str = "(ocelot XDP object)";
+        let words = UPLINK_OBJECT.len().div_ceil(8);
+        let mut image = vec![0u64; words];
+        for (word, chunk) in image.iter_mut().zip(UPLINK_OBJECT.chunks(8)) {
+            let mut bytes = [0u8; 8];
+            bytes
+                .get_mut(..chunk.len())
+                .unwrap_or_default()
+                .copy_from_slice(chunk);
+            *word = u64::from_ne_bytes(bytes);
+        }
+        let name = c"ocelot_xdp";
+        // SAFETY: all-zero is a valid `bpf_object_open_opts` (null pointers, false, 0):
+        // libbpf's "option not set" for every field.
+        let mut opts: libxdp_sys::bpf_object_open_opts = unsafe { std::mem::zeroed() };
+        opts.sz = std::mem::size_of::<libxdp_sys::bpf_object_open_opts>();
+        opts.object_name = name.as_ptr();
+        // SAFETY: `image` holds the object's bytes (the length passed) and lives as long as
+        // the returned object (it is moved into `UplinkProgram`, whose drop closes the object
+        // first); `opts` and `name` outlive the call, which copies the name.
+        let obj = unsafe {
+            libxdp_sys::bpf_object__open_mem(
+                image.as_ptr().cast(),
+                UPLINK_OBJECT.len(),
+                &raw const opts,
+            )
+        };
+        let Some(obj) = std::ptr::NonNull::new(obj) else {
+            return Err(Error::Interface {
+                interface: WHAT.into(),
+                what: "opening the embedded BPF object",
+                source: io::Error::last_os_error(),
+            });
+        };
+        // From here the object is closed by `UplinkProgram::drop`, also on the error paths.
+        let mut program = UplinkProgram {
+            obj,
+            prog_fd: -1,
+            maps: UplinkMaps {
+                xsks: -1,
+                local_pods_v4: -1,
+                local_pods_v6: -1,
+                failsafe: -1,
+                counters: -1,
+            },
+            attached: None,
+            _image: image,
+            _not_send: PhantomData,
+        };
+        // SAFETY: `obj` is an open object that no one else uses.
+        let rc = unsafe { libxdp_sys::bpf_object__load(obj.as_ptr()) };
+        if rc < 0 {
+            return Err(bpf_err(
+                WHAT,
+                "loading the XDP program (verifier, maps)",
+                rc,
+            ));
+        }
+        let prog_name = c"ocelot_uplink";
+        // SAFETY: `obj` is a loaded object; the name is NUL-terminated and outlives the call.
+        let prog = unsafe {
+            libxdp_sys::bpf_object__find_program_by_name(obj.as_ptr(), prog_name.as_ptr())
+        };
+        if prog.is_null() {
+            return Err(bpf_err(
+                WHAT,
+                "finding the program ocelot_uplink",
+                -libc::ENOENT,
+            ));
+        }
+        // SAFETY: `prog` belongs to the loaded object, which is alive.
+        program.prog_fd = unsafe { libxdp_sys::bpf_program__fd(prog) };
+        if program.prog_fd < 0 {
+            return Err(bpf_err(
+                WHAT,
+                "the program's file descriptor",
+                program.prog_fd,
+            ));
+        }
+        let map_fd = |name: &std::ffi::CStr| -> Result<libc::c_int, Error> {
+            // SAFETY: `obj` is a loaded object; `name` is NUL-terminated and outlives the
+            // call.
+            let fd =
+                unsafe { libxdp_sys::bpf_object__find_map_fd_by_name(obj.as_ptr(), name.as_ptr()) };
+            if fd < 0 {
+                return Err(bpf_err(WHAT, "finding a map of the XDP program", fd));
+            }
+            Ok(fd)
+        };
+        program.maps = UplinkMaps {
+            xsks: map_fd(c"xsks")?,
+            local_pods_v4: map_fd(c"local_pods_v4")?,
+            local_pods_v6: map_fd(c"local_pods_v6")?,
+            failsafe: map_fd(c"failsafe")?,
+            counters: map_fd(c"counters")?,
+        };
+        for port in default_failsafe() {
+            program.set_failsafe(port, true)?;
+        }
+        Ok(program)
+    }
+
+    /// Loads the program (as [`UplinkProgram::load`]) and attaches it to `interface` (in the
+    /// calling thread's network namespace) in `mode`, with Calico's default failsafe ports,
+    /// no local pods and no sockets: until pods and sockets are added, every frame goes to
+    /// the kernel.
+    ///
+    /// An XDP program already on the interface is another owner's (or a crashed run's,
+    /// which [`detach_stale_xsk_prog`] removes first): it is reported as
+    /// [`Error::XdpBusy`], never replaced. The attachment itself is atomic in that respect
+    /// (`XDP_FLAGS_UPDATE_IF_NOEXIST`).
+    pub fn attach(interface: &str, mode: XdpMode) -> Result<UplinkProgram, Error> {
+        let ifindex = ifindex(interface)?;
+        if let Some(prog) = xdp_prog_id(ifindex, 0, interface)? {
+            return Err(Error::XdpBusy {
+                interface: interface.into(),
+                prog,
+            });
+        }
+        let mut program = UplinkProgram::load()?;
+        let netns = current_netns()?;
+        let prog = prog_id_of_fd(program.prog_fd, interface)?;
+        let mode_flags = match mode {
+            XdpMode::Auto => XdpFlags::empty(),
+            XdpMode::Generic => XdpFlags::XDP_FLAGS_SKB_MODE,
+            XdpMode::Native => XdpFlags::XDP_FLAGS_DRV_MODE,
+        };
+        // SAFETY: a syscall wrapper taking plain integers and no options (null is allowed).
+        let rc = unsafe {
+            libxdp_sys::bpf_xdp_attach(
+                ifindex as libc::c_int,
+                program.prog_fd,
+                mode_flags.bits() | XDP_FLAGS_UPDATE_IF_NOEXIST,
+                std::ptr::null(),
+            )
+        };
+        if rc == -libc::EBUSY || rc == -libc::EEXIST {
+            // Someone attached a program between the check above and now.
+            return Err(Error::XdpBusy {
+                interface: interface.into(),
+                prog: xdp_prog_id(ifindex, 0, interface)?.unwrap_or(0),
+            });
+        }
+        if rc < 0 {
+            return Err(bpf_err(interface, "attaching ocelot's XDP program", rc));
+        }
+        program.attached = Some(UplinkAttachment {
+            ifindex,
+            interface: interface.into(),
+            netns,
+            prog,
+        });
+        Ok(program)
+    }
+
+    /// The id of the loaded program (`bpftool prog show id …`).
+    pub fn prog_id(&self) -> Result<u32, Error> {
+        prog_id_of_fd(self.prog_fd, "(ocelot XDP object)")
+    }
+
+    /// The interface it is attached to, if any.
+    pub fn interface(&self) -> Option<&str> {
+        self.attached.as_ref().map(|a| a.interface.as_str())
+    }
+
+    fn what(&self) -> &str {
+        self.interface().unwrap_or("(ocelot XDP object)")
+    }
+
+    /// Puts an AF_XDP socket into the program's XSKMAP under its queue: from now on, frames
+    /// for local pods received on that queue go to this socket. Returns the queue. The socket
+    /// must be bound to the interface the program is attached to (with
+    /// [`SocketOpts::load_default_prog`] off). The kernel drops the entry by itself when the
+    /// socket is closed.
+    pub fn register_socket(&self, rx: &XskRx) -> Result<u32, Error> {
+        let (ifindex, queue) = rx.bound;
+        if let Some(a) = &self.attached
+            && a.ifindex != ifindex
+        {
+            return Err(Error::Config(format!(
+                "a socket of {} cannot be registered with the XDP program of {}",
+                rx.interface, a.interface
+            )));
+        }
+        let fd: u32 = rx.rxq.fd().as_raw_fd() as u32;
+        self.update(
+            self.maps.xsks,
+            &queue.to_ne_bytes(),
+            &fd.to_ne_bytes(),
+            "registering an AF_XDP socket",
+        )?;
+        Ok(queue)
+    }
+
+    /// Removes the socket of `queue` from the XSKMAP (a missing entry is not an error): its
+    /// frames go to the kernel again.
+    pub fn unregister_socket(&self, queue: u32) -> Result<(), Error> {
+        self.delete(
+            self.maps.xsks,
+            &queue.to_ne_bytes(),
+            "unregistering an AF_XDP socket",
+        )
+    }
+
+    /// Marks `ip` as a local pod's address (redirected to the dataplane) or not (to the
+    /// kernel).
+    pub fn set_local_pod(&self, ip: std::net::IpAddr, local: bool) -> Result<(), Error> {
+        let (fd, v4, v6);
+        let key: &[u8] = match ip {
+            std::net::IpAddr::V4(a) => {
+                fd = self.maps.local_pods_v4;
+                v4 = a.octets();
+                &v4
+            }
+            std::net::IpAddr::V6(a) => {
+                fd = self.maps.local_pods_v6;
+                v6 = a.octets();
+                &v6
+            }
+        };
+        if local {
+            self.update(fd, key, &[1], "adding a local pod address")
+        } else {
+            self.delete(fd, key, "removing a local pod address")
+        }
+    }
+
+    /// Adds (`on`) or removes a failsafe port.
+    pub fn set_failsafe(&self, port: FailsafePort, on: bool) -> Result<(), Error> {
+        if on {
+            self.update(
+                self.maps.failsafe,
+                &port.key(),
+                &[1],
+                "adding a failsafe port",
+            )
+        } else {
+            self.delete(self.maps.failsafe, &port.key(), "removing a failsafe port")
+        }
+    }
+
+    /// The program's counters, summed over all CPUs.
+    pub fn counters(&self) -> Result<UplinkCounters, Error> {
+        // SAFETY: a libbpf function without arguments (it reads a sysfs file once).
+        let cpus = unsafe { libbpf_sys::libbpf_num_possible_cpus() };
+        if cpus <= 0 {
+            return Err(bpf_err(self.what(), "counting possible CPUs", cpus));
+        }
+        // A per-CPU map's lookup from user space writes one 8-byte-aligned value per possible
+        // CPU.
+        let mut values = vec![0u64; cpus as usize];
+        let mut counters = UplinkCounters::default();
+        for index in 0..UplinkCounters::COUNT {
+            // SAFETY: the key is a u32 (the map's key size); `values` has room for one u64
+            // (the map's value size) per possible CPU, which is what the kernel writes.
+            let rc = unsafe {
+                libxdp_sys::bpf_map_lookup_elem(
+                    self.maps.counters,
+                    (&raw const index).cast(),
+                    values.as_mut_ptr().cast(),
+                )
+            };
+            if rc < 0 {
+                return Err(bpf_err(
+                    self.what(),
+                    "reading the XDP program's counters",
+                    rc,
+                ));
+            }
+            if let Some(slot) = counters.slot(index) {
+                *slot = values.iter().fold(0u64, |sum, v| sum.wrapping_add(*v));
+            }
+        }
+        Ok(counters)
+    }
+
+    /// Runs the loaded program once over `frame` in the kernel (`BPF_PROG_TEST_RUN`, queue 0)
+    /// and returns its XDP action ([`XDP_PASS`], [`XDP_REDIRECT`], …). The counters move as
+    /// for a received frame. For tests and diagnostics: nothing is sent or received.
+    pub fn test_run(&self, frame: &[u8]) -> Result<u32, Error> {
+        // SAFETY: all-zero is a valid `bpf_test_run_opts` (no buffers, no context).
+        let mut opts: libxdp_sys::bpf_test_run_opts = unsafe { std::mem::zeroed() };
+        opts.sz = std::mem::size_of::<libxdp_sys::bpf_test_run_opts>();
+        opts.data_in = frame.as_ptr().cast();
+        opts.data_size_in = u32::try_from(frame.len())
+            .map_err(|_| Error::Config(format!("a frame of {} bytes", frame.len())))?;
+        opts.repeat = 1;
+        // SAFETY: `opts` is initialised, its `data_in` points to `frame`'s `data_size_in`
+        // bytes (only read), no output buffer is given, and both outlive the call.
+        let rc = unsafe { libxdp_sys::bpf_prog_test_run_opts(self.prog_fd, &raw mut opts) };
+        if rc < 0 {
+            return Err(bpf_err(self.what(), "BPF_PROG_TEST_RUN", rc));
+        }
+        Ok(opts.retval)
+    }
+
+    fn update(
+        &self,
+        fd: libc::c_int,
+        key: &[u8],
+        value: &[u8],
+        what: &'static str,
+    ) -> Result<(), Error> {
+        // SAFETY: `key` and `value` are exactly the map's key and value sizes (each caller
+        // passes the type the C map declares; the kernel reads that many bytes) and outlive
+        // the call.
+        let rc = unsafe {
+            libxdp_sys::bpf_map_update_elem(fd, key.as_ptr().cast(), value.as_ptr().cast(), 0)
+        };
+        if rc < 0 {
+            return Err(bpf_err(self.what(), what, rc));
+        }
+        Ok(())
+    }
+
+    fn delete(&self, fd: libc::c_int, key: &[u8], what: &'static str) -> Result<(), Error> {
+        // SAFETY: `key` is exactly the map's key size and outlives the call.
+        let rc = unsafe { libxdp_sys::bpf_map_delete_elem(fd, key.as_ptr().cast()) };
+        if rc < 0 && rc != -libc::ENOENT {
+            return Err(bpf_err(self.what(), what, rc));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for UplinkProgram {
+    fn drop(&mut self) {
+        if let Some(a) = &self.attached
+            // Never act on a same-numbered interface of another namespace (the type is
+            // !Send; this is a second line of defence).
+            && current_netns().ok() == Some(a.netns)
+        {
+            // No way to report from a destructor; a program left behind is found by
+            // `detach_stale_xsk_prog` at the next start.
+            let _ = detach_prog(a.ifindex, a.prog, &a.interface);
+        }
+        // SAFETY: `obj` was opened by `load` and is closed exactly once, here; the map and
+        // program descriptors it owns are not used after this.
+        unsafe { libxdp_sys::bpf_object__close(self.obj.as_ptr()) };
+    }
+}
+
+/// The id of the BPF program behind `fd`.
+fn prog_id_of_fd(fd: libc::c_int, interface: &str) -> Result<u32, Error> {
+    // SAFETY: `bpf_prog_info` is a plain C struct of integers, arrays and u64 "pointers";
+    // all zeroes is a valid value (and what the kernel expects on input).
+    let mut info: libxdp_sys::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libxdp_sys::bpf_prog_info>() as u32;
+    // SAFETY: `info` and `len` are valid for writes and `len` is `info`'s size.
+    let rc = unsafe { libxdp_sys::bpf_prog_get_info_by_fd(fd, &mut info, &mut len) };
+    if rc < 0 {
+        return Err(bpf_err(interface, "reading the XDP program's info", rc));
+    }
+    Ok(info.id)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1334,6 +1933,335 @@ mod tests {
         );
     }
     use super::*;
+
+    // ocelot's uplink program, run by the kernel over crafted frames (BPF_PROG_TEST_RUN):
+    // loaded, never attached. Needs CAP_BPF (root), as the UMEM tests do.
+
+    const POD4: [u8; 4] = [10, 71, 0, 5];
+    const NODE4: [u8; 4] = [10, 70, 0, 2];
+    const PEER4: [u8; 4] = [10, 70, 0, 1];
+    const POD6: [u8; 16] = [0xfd, 0, 0, 0x71, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+    const PEER6: [u8; 16] = [0xfd, 0, 0, 0x70, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+    fn eth(ethertype: u16) -> Vec<u8> {
+        let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1];
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f
+    }
+
+    /// TCP (20 bytes) or UDP (8 bytes) header with the two ports, padded with zeroes.
+    fn l4(proto: u8, sport: u16, dport: u16) -> Vec<u8> {
+        let mut h = Vec::new();
+        h.extend_from_slice(&sport.to_be_bytes());
+        h.extend_from_slice(&dport.to_be_bytes());
+        h.resize(if proto == 6 { 20 } else { 8 }, 0);
+        h
+    }
+
+    /// Ethernet + IPv4 (with `options` extra 4-byte words and the raw frag_off field) +
+    /// `payload`.
+    fn ipv4(dst: [u8; 4], proto: u8, options: u8, frag_off: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = eth(0x0800);
+        let total = (20 + 4 * options as usize + payload.len()) as u16;
+        f.push(0x45 + options);
+        f.push(0);
+        f.extend_from_slice(&total.to_be_bytes());
+        f.extend_from_slice(&[0, 1]);
+        f.extend_from_slice(&frag_off.to_be_bytes());
+        f.extend_from_slice(&[64, proto, 0, 0]);
+        f.extend_from_slice(&PEER4);
+        f.extend_from_slice(&dst);
+        f.extend(std::iter::repeat_n(1u8, 4 * options as usize)); // NOP options
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// Ethernet + IPv6 (next header `nh`) + `payload`.
+    fn ipv6(dst: [u8; 16], nh: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = eth(0x86dd);
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        f.extend_from_slice(&[nh, 64]);
+        f.extend_from_slice(&PEER6);
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Went {
+        NotPod,
+        Failsafe,
+        ArpNdp,
+        Unparsed,
+        Other,
+        NoSocket,
+    }
+
+    /// Runs `frame` through the program and checks the action is XDP_PASS and exactly the
+    /// counter `went` moved, by one.
+    fn check(prog: &UplinkProgram, name: &str, frame: &[u8], went: Went) {
+        let before = prog.counters().unwrap();
+        let action = prog.test_run(frame).unwrap();
+        let after = prog.counters().unwrap();
+        assert_eq!(action, XDP_PASS, "{name}");
+        let mut expected = before;
+        let slot = match went {
+            Went::NotPod => &mut expected.passed_not_pod,
+            Went::Failsafe => &mut expected.passed_failsafe,
+            Went::ArpNdp => &mut expected.passed_arp_ndp,
+            Went::Unparsed => &mut expected.passed_unparsed,
+            Went::Other => &mut expected.passed_other,
+            Went::NoSocket => &mut expected.no_socket,
+        };
+        *slot += 1;
+        assert_eq!(after, expected, "{name}: expected {went:?}");
+    }
+
+    #[test]
+    fn uplink_program_passes_all_but_local_pod_traffic() {
+        let prog = UplinkProgram::load().unwrap();
+        assert_eq!(prog.counters().unwrap(), UplinkCounters::default());
+        prog.set_local_pod(std::net::Ipv4Addr::from(POD4).into(), true)
+            .unwrap();
+        prog.set_local_pod(std::net::Ipv6Addr::from(POD6).into(), true)
+            .unwrap();
+        let udp = |s, d| l4(17, s, d);
+        let tcp = |s, d| l4(6, s, d);
+        // A local pod's frame with no socket on queue 0 (test runs have none) is passed and
+        // counted as `no_socket`: the only thing the program would have redirected.
+        let table: Vec<(&str, Vec<u8>, Went)> = vec![
+            (
+                "udp to a pod",
+                ipv4(POD4, 17, 0, 0, &udp(40000, 9999)),
+                Went::NoSocket,
+            ),
+            (
+                "udp to the node",
+                ipv4(NODE4, 17, 0, 0, &udp(40000, 9999)),
+                Went::NotPod,
+            ),
+            (
+                "icmp to the node",
+                ipv4(NODE4, 1, 0, 0, &[8, 0, 0, 0, 0, 0, 0, 0]),
+                Went::NotPod,
+            ),
+            (
+                "arp",
+                {
+                    let mut f = eth(0x0806);
+                    f.resize(42, 0);
+                    f
+                },
+                Went::ArpNdp,
+            ),
+            (
+                "lldp",
+                {
+                    let mut f = eth(0x88cc);
+                    f.resize(60, 0);
+                    f
+                },
+                Went::Other,
+            ),
+            (
+                "ssh to a pod",
+                ipv4(POD4, 6, 0, 0, &tcp(40000, 22)),
+                Went::Failsafe,
+            ),
+            (
+                "ssh to the node",
+                ipv4(NODE4, 6, 0, 0, &tcp(40000, 22)),
+                Went::Failsafe,
+            ),
+            (
+                "api server reply",
+                ipv4(POD4, 6, 0, 0, &tcp(6443, 40000)),
+                Went::Failsafe,
+            ),
+            (
+                "etcd 2380 in",
+                ipv4(POD4, 6, 0, 0, &tcp(40000, 2380)),
+                Went::Failsafe,
+            ),
+            (
+                "dhcp client in",
+                ipv4(POD4, 17, 0, 0, &udp(67, 68)),
+                Went::Failsafe,
+            ),
+            (
+                "dns reply",
+                ipv4(POD4, 17, 0, 0, &udp(53, 40000)),
+                Went::Failsafe,
+            ),
+            // udp 53 is failsafe outbound only: a query *to* port 53 of a pod is the pod's.
+            (
+                "dns query to a pod",
+                ipv4(POD4, 17, 0, 0, &udp(40000, 53)),
+                Went::NoSocket,
+            ),
+            // tcp 22 is failsafe, udp 22 is not.
+            (
+                "udp 22 to a pod",
+                ipv4(POD4, 17, 0, 0, &udp(40000, 22)),
+                Went::NoSocket,
+            ),
+            (
+                "ssh with ip options",
+                ipv4(POD4, 6, 2, 0, &tcp(40000, 22)),
+                Went::Failsafe,
+            ),
+            // A later fragment has no ports: bytes that look like port 22 are payload.
+            (
+                "later fragment",
+                ipv4(POD4, 6, 0, 185, &tcp(40000, 22)),
+                Went::NoSocket,
+            ),
+            (
+                "first fragment",
+                ipv4(POD4, 6, 0, 0x2000, &tcp(40000, 22)),
+                Went::Failsafe,
+            ),
+            (
+                "vlan udp to a pod",
+                {
+                    let mut f = eth(0x8100);
+                    f.extend_from_slice(&[0, 42, 0x08, 0x00]);
+                    f.extend_from_slice(ipv4(POD4, 17, 0, 0, &udp(1, 2)).get(14..).unwrap());
+                    f
+                },
+                Went::NoSocket,
+            ),
+            (
+                "truncated ipv4",
+                {
+                    let mut f = eth(0x0800);
+                    f.extend_from_slice(&[0x45; 10]);
+                    f
+                },
+                Went::Unparsed,
+            ),
+            (
+                "ihl below 5",
+                {
+                    let mut f = ipv4(POD4, 17, 0, 0, &udp(1, 2));
+                    f[14] = 0x44;
+                    f
+                },
+                Went::Unparsed,
+            ),
+            (
+                "truncated tcp",
+                ipv4(POD4, 6, 0, 0, &[0, 1, 0, 22]),
+                Went::NoSocket,
+            ),
+            (
+                "truncated vlan",
+                {
+                    let mut f = eth(0x8100);
+                    f.extend_from_slice(&[0, 1]);
+                    f
+                },
+                Went::Unparsed,
+            ),
+            (
+                "udp6 to a pod",
+                ipv6(POD6, 17, &udp(40000, 9999)),
+                Went::NoSocket,
+            ),
+            (
+                "udp6 elsewhere",
+                ipv6(PEER6, 17, &udp(40000, 9999)),
+                Went::NotPod,
+            ),
+            (
+                "neighbour solicitation",
+                ipv6(POD6, 58, &[135, 0, 0, 0, 0, 0, 0, 0]),
+                Went::ArpNdp,
+            ),
+            (
+                "echo6 to a pod",
+                ipv6(POD6, 58, &[128, 0, 0, 0, 0, 0, 0, 0]),
+                Went::NoSocket,
+            ),
+            (
+                "ssh6 after hop-by-hop",
+                ipv6(
+                    POD6,
+                    0,
+                    &[[6, 0, 1, 4, 0, 0, 0, 0].as_slice(), &tcp(40000, 22)].concat(),
+                ),
+                Went::Failsafe,
+            ),
+            (
+                "udp6 later fragment",
+                ipv6(
+                    POD6,
+                    44,
+                    &[[17, 0, 0, 8, 0, 0, 0, 1].as_slice(), &udp(40000, 68)].concat(),
+                ),
+                Went::NoSocket,
+            ),
+            (
+                "truncated ipv6",
+                {
+                    let mut f = eth(0x86dd);
+                    f.extend_from_slice(&[0x60; 30]);
+                    f
+                },
+                Went::Unparsed,
+            ),
+        ];
+        for (name, frame, went) in &table {
+            check(&prog, name, frame, *went);
+        }
+
+        // The lists are live: a port taken off the failsafe list, an address no longer a pod.
+        let ssh = FailsafePort {
+            proto: L4Proto::Tcp,
+            dir: FailsafeDir::In,
+            port: 22,
+        };
+        prog.set_failsafe(ssh, false).unwrap();
+        check(
+            &prog,
+            "ssh, not failsafe",
+            &ipv4(POD4, 6, 0, 0, &tcp(40000, 22)),
+            Went::NoSocket,
+        );
+        prog.set_failsafe(ssh, true).unwrap();
+        check(
+            &prog,
+            "ssh, failsafe again",
+            &ipv4(POD4, 6, 0, 0, &tcp(40000, 22)),
+            Went::Failsafe,
+        );
+        prog.set_local_pod(std::net::Ipv4Addr::from(POD4).into(), false)
+            .unwrap();
+        check(
+            &prog,
+            "pod removed",
+            &ipv4(POD4, 17, 0, 0, &udp(40000, 9999)),
+            Went::NotPod,
+        );
+        // Removing what is not there is not an error.
+        prog.set_local_pod(std::net::Ipv4Addr::from(POD4).into(), false)
+            .unwrap();
+    }
+
+    #[test]
+    fn default_failsafe_list_has_calicos_ports() {
+        let list = default_failsafe();
+        let has = |proto, dir, port| list.contains(&FailsafePort { proto, dir, port });
+        use FailsafeDir::{In, Out};
+        use L4Proto::{Tcp, Udp};
+        for port in [22, 179, 2379, 2380, 5473, 6443, 6666, 6667] {
+            assert!(has(Tcp, In, port) && has(Tcp, Out, port), "tcp {port}");
+        }
+        assert!(has(Udp, In, 68) && has(Udp, Out, 53) && has(Udp, Out, 67));
+        assert!(!has(Udp, In, 53) && !has(Tcp, In, 2381) && !has(Udp, In, 22));
+        assert_eq!(list.len(), 2 * 8 + 3);
+    }
 
     #[test]
     fn netns_names_that_could_escape_the_directory_are_refused() {
