@@ -214,10 +214,7 @@ impl Worker {
         match hop.kind {
             HopKind::Host => Ok(Verdict::ToHost),
             HopKind::Port => {
-                rewrite::decrement_ttl(frame, meta)?;
-                if !rewrite::set_macs(frame, hop.src_mac, hop.dst_mac) {
-                    return Err(DropReason::Truncated);
-                }
+                rewrite::route_in_place(frame, ip, meta.l3_offset, hop.src_mac, hop.dst_mac)?;
                 Ok(Verdict::Forward(hop.port))
             }
         }
@@ -251,32 +248,56 @@ impl Worker {
                 self.counters.ct_hits += 1;
             }
             CtVerdict::Invalid => return Err(DropReason::CtInvalid),
-            CtVerdict::Miss => {
-                if !Conntrack::can_open(&ip.l4, ip.src.is_ipv6()) {
-                    return self.admit_related(frame, meta, ip, now);
-                }
-                decide(snap.policy.check(ip.src, ip.dst, ip.proto, dport(&ip.l4)))?;
-                match ct {
-                    Some(p) => self.ct.insert_prefetched(p, &ip.l4, snap.epoch, now),
-                    None => self
-                        .ct
-                        .insert(&FlowKey::from_ip(ip), &ip.l4, snap.epoch, now),
-                }
-                .map_err(|_| DropReason::CtFull)?;
-                self.counters.ct_created += 1;
-            }
+            CtVerdict::Miss => self.admit_new(snap, frame, meta, ip, ct, now)?,
         }
         if let Fragment::First { id } = ip.fragment {
-            // Best effort: if the table is full, later fragments fall back to port-less
-            // policy, which is still safe.
-            let _ = self
-                .ct
-                .insert(&fragment_key(ip, id), &L4::None, snap.epoch, now);
+            self.track_first_fragment(snap, ip, id, now);
         }
         Ok(())
     }
 
+    /// A packet that belongs to no tracked connection: policy decides, and an allowed
+    /// connection is inserted. Out of line (as are the other rare paths below) so that the
+    /// established path, which never comes here, keeps its registers and a short prologue.
+    #[inline(never)]
+    fn admit_new(
+        &mut self,
+        snap: &Snapshot,
+        frame: &[u8],
+        meta: &PacketMeta,
+        ip: &IpMeta,
+        ct: Option<&CtPrefetch>,
+        now: Nanos,
+    ) -> Result<(), DropReason> {
+        if !Conntrack::can_open(&ip.l4, ip.src.is_ipv6()) {
+            return self.admit_related(frame, meta, ip, now);
+        }
+        decide(snap.policy.check(ip.src, ip.dst, ip.proto, dport(&ip.l4)))?;
+        match ct {
+            Some(p) => self.ct.insert_prefetched(p, &ip.l4, snap.epoch, now),
+            None => self
+                .ct
+                .insert(&FlowKey::from_ip(ip), &ip.l4, snap.epoch, now),
+        }
+        .map_err(|_| DropReason::CtFull)?;
+        self.counters.ct_created += 1;
+        Ok(())
+    }
+
+    /// Puts the fragment entry later fragments of this first fragment's datagram follow.
+    #[cold]
+    #[inline(never)]
+    fn track_first_fragment(&mut self, snap: &Snapshot, ip: &IpMeta, id: u32, now: Nanos) {
+        // Best effort: if the table is full, later fragments fall back to port-less
+        // policy, which is still safe.
+        let _ = self
+            .ct
+            .insert(&fragment_key(ip, id), &L4::None, snap.epoch, now);
+    }
+
     /// Re-checks a tracked connection after a policy change, in its original direction.
+    #[cold]
+    #[inline(never)]
     fn revalidate(
         &mut self,
         snap: &Snapshot,
@@ -300,6 +321,8 @@ impl Worker {
         }
     }
 
+    #[cold]
+    #[inline(never)]
     fn admit_later_fragment(
         &mut self,
         snap: &Snapshot,
@@ -318,6 +341,7 @@ impl Worker {
     }
 
     /// An ICMP error passes when the packet it quotes belongs to a tracked connection.
+    #[inline(never)]
     fn admit_related(
         &mut self,
         frame: &[u8],
@@ -351,6 +375,7 @@ fn decide(decision: PolicyDecision) -> Result<(), DropReason> {
     }
 }
 
+#[inline(never)]
 fn handle_arp(frame: &mut [u8], meta: &PacketMeta, port: &Port) -> Verdict {
     match port.kind {
         PortKind::Uplink => Verdict::ToHost,
