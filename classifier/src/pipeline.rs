@@ -205,7 +205,9 @@ impl Worker {
         if !is_unicast(ip.dst) {
             return Ok(Verdict::ToHost);
         }
-        let hop = *snap.routes.lookup(ip.dst).ok_or(DropReason::NoRoute)?;
+        // Held by reference: a copy of the 16-byte hop lived in registers spilled across the
+        // conntrack call.
+        let hop = snap.routes.lookup(ip.dst).ok_or(DropReason::NoRoute)?;
         let from_pod = matches!(port.kind, PortKind::Pod { .. });
         if hop.kind == HopKind::Host && from_pod && snap.config.pod_to_host == PodToHost::Drop {
             return Err(DropReason::PodToHostDenied);
@@ -425,7 +427,8 @@ fn check_pod_source(
 }
 
 fn is_neighbor_discovery(ip: &IpMeta) -> bool {
-    matches!(ip.l4, L4::Icmp { ty: 133..=137, .. }) && ip.src.is_ipv6()
+    // The address family first: one compare settles it for every IPv4 packet.
+    ip.src.is_ipv6() && matches!(ip.l4, L4::Icmp { ty: 133..=137, .. })
 }
 
 fn is_unicast(dst: IpAddr) -> bool {

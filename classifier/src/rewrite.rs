@@ -126,7 +126,7 @@ fn decrement_ttl_at(frame: &mut [u8], l3: usize, v4: bool) -> Result<(), DropRea
                 _,
                 _,
                 ttl,
-                proto,
+                _,
                 csum_hi,
                 csum_lo,
                 ..,
@@ -141,12 +141,16 @@ fn decrement_ttl_at(frame: &mut [u8], l3: usize, v4: bool) -> Result<(), DropRea
         if *ttl <= 1 {
             return Err(DropReason::TtlExpired);
         }
-        // The TTL shares its checksum word with the protocol byte.
-        let old = u16::from_be_bytes([*ttl, *proto]);
+        // The TTL shares its checksum word with the protocol byte: the word goes from
+        // `ttl << 8 | proto` to that minus 0x0100. In eqn. 3 only `~old + new` depends on the
+        // word, and it is 0xFEFF for every TTL and protocol, as it is for the change
+        // 0x0100 -> 0x0000, so that constant change gives the same checksum without reading
+        // the protocol byte. One's complement sums commute with swapping the bytes of every
+        // word (RFC 1071 §2(B)), so the checksum is adjusted as it lies in memory (the change
+        // byte-swapped: 0x0001 -> 0x0000) and written back the same way, with no swaps.
         *ttl -= 1;
-        let new = u16::from_be_bytes([*ttl, *proto]);
-        let csum = checksum_adjust(u16::from_be_bytes([*csum_hi, *csum_lo]), old, new);
-        [*csum_hi, *csum_lo] = csum.to_be_bytes();
+        let csum = checksum_adjust(u16::from_le_bytes([*csum_hi, *csum_lo]), 0x0001, 0x0000);
+        [*csum_hi, *csum_lo] = csum.to_le_bytes();
     } else {
         let Some([version, _, _, _, _, _, _, hop_limit, ..]) = frame.get_mut(l3..l3 + IPV6_LEN)
         else {
@@ -318,6 +322,28 @@ mod tests {
         for ttl in [0, 1, 2, 64, 255] {
             check(&udp_v4(ttl));
             check(&udp_v6(ttl));
+        }
+    }
+
+    /// The TTL decrement's shortcut (a constant change, applied to the checksum as it lies in
+    /// memory) gives the RFC 1624 eqn. 3 result of the real word change, for every checksum
+    /// (TTLs and protocols sampled: the argument does not depend on them).
+    #[test]
+    fn ttl_checksum_shortcut_is_exact() {
+        for ttl in [2u8, 3, 64, 128, 200, 255] {
+            for proto in [0u8, 1, 6, 17, 58, 132, 255] {
+                let old = u16::from_be_bytes([ttl, proto]);
+                let new = u16::from_be_bytes([ttl - 1, proto]);
+                for csum in 0..=u16::MAX {
+                    let [hi, lo] = csum.to_be_bytes();
+                    let shortcut = checksum_adjust(u16::from_le_bytes([hi, lo]), 0x0001, 0x0000);
+                    assert_eq!(
+                        shortcut.to_le_bytes(),
+                        checksum_adjust(csum, old, new).to_be_bytes(),
+                        "csum {csum:#06x}, ttl {ttl}, proto {proto}"
+                    );
+                }
+            }
         }
     }
 
