@@ -166,15 +166,27 @@ impl Worker {
         self.counters.rx += 1;
         // The meta is read in place, never copied: it is 72 bytes, and each copy of it (and of
         // its `IpMeta`) cost a dozen instructions per packet.
-        let verdict = match meta {
-            Ok(meta) => match self.classify(snap, frame, meta, ingress, ct, now) {
-                Ok(v) => v,
-                Err(reason) => Verdict::Drop(reason),
-            },
-            Err(reason) => Verdict::Drop(*reason),
+        let classified = match meta {
+            Ok(meta) => self.classify(snap, frame, meta, ingress, ct, now),
+            Err(reason) => Err(*reason),
         };
-        self.counters.count(verdict);
-        verdict
+        // Counted where the verdict is still a `Result`: turning it into a `Verdict` first
+        // and then matching that again cost a jump table per packet.
+        match classified {
+            Ok(Verdict::Forward(port)) => {
+                self.counters.forwarded += 1;
+                Verdict::Forward(port)
+            }
+            Ok(verdict) => {
+                self.counters.count(verdict);
+                verdict
+            }
+            Err(reason) => {
+                let verdict = Verdict::Drop(reason);
+                self.counters.count(verdict);
+                verdict
+            }
+        }
     }
 
     fn classify(
