@@ -385,31 +385,44 @@ fn established(
     Ok((full, stages))
 }
 
-/// The pipeline's first stages on one burst, as `Worker::process_burst` runs them: parse
-/// every frame, the two conntrack prefetch passes (unless `--no-prefetch`), then the lookups.
-/// Returns the number of conntrack hits.
+/// The pipeline's first stages on one burst, written as `Worker::process_burst` runs them:
+/// parse every frame into an array of metas, the two conntrack prefetch passes (unless
+/// `--no-prefetch`), then the lookups. Returns the number of conntrack hits.
+#[inline(never)]
 fn parse_and_track(ct: &Conntrack, bufs: &[&mut [u8]], prefetch: bool) -> u64 {
-    use classifier::conntrack::{CtPrefetch, CtVerdict, FlowKey};
-    use classifier::parse::{self, IpMeta, Net};
-    let metas: [Option<IpMeta>; BURST] = std::array::from_fn(|i| {
-        let meta = std::hint::black_box(parse::parse(bufs.get(i)?)).ok()?;
-        match meta.net {
-            Net::Ip(ip) => Some(ip),
-            Net::Arp(_) => None,
+    use classifier::DropReason;
+    use classifier::conntrack::{CtVerdict, FlowKey};
+    use classifier::parse::{self, Net, PacketMeta};
+    let mut metas = [Err(DropReason::Truncated); BURST];
+    for (meta, buf) in metas.iter_mut().zip(bufs) {
+        *meta = parse::parse(buf);
+    }
+    let mut touches = [None; BURST];
+    for (touch, meta) in touches
+        .iter_mut()
+        .zip(&metas)
+        .take(if prefetch { BURST } else { 0 })
+    {
+        if let Ok(PacketMeta {
+            net: Net::Ip(ip), ..
+        }) = meta
+        {
+            *touch = Some(ct.prefetch_ip(ip));
         }
-    });
-    let touches: [Option<CtPrefetch>; BURST] = std::array::from_fn(|i| {
-        let ip = metas[i].as_ref()?;
-        prefetch.then(|| ct.prefetch_ip(ip))
-    });
+    }
     let mut touched = 0u64;
-    for t in touches.iter().flatten() {
-        touched = touched.wrapping_add(ct.prefetch_slot(t));
+    for touch in touches.iter().flatten() {
+        touched = touched.wrapping_add(ct.prefetch_slot(touch));
     }
     std::hint::black_box(touched);
     let mut hits = 0u64;
-    for (ip, touch) in metas.iter().zip(&touches) {
-        let Some(ip) = ip else { continue };
+    for (meta, touch) in metas.iter().zip(&touches) {
+        let Ok(PacketMeta {
+            net: Net::Ip(ip), ..
+        }) = meta
+        else {
+            continue;
+        };
         let verdict = match touch {
             Some(p) => ct.track_prefetched(p, &ip.l4, now()),
             None => ct.track(&FlowKey::from_ip(ip), &ip.l4, now()),
