@@ -134,7 +134,7 @@ impl Worker {
             // Iterated by reference: moving the arrays into the iterator copied them whole.
             let frames = pkts.iter_mut().zip(verdicts.iter_mut());
             for ((pkt, verdict), (meta, touch)) in frames.zip(metas.iter().zip(touches.iter())) {
-                *verdict = self.finish(snap, pkt.data, pkt.ingress, meta, touch.as_ref(), now);
+                *verdict = self.finish(snap, pkt, meta, touch.as_ref(), now);
             }
         }
     }
@@ -148,7 +148,11 @@ impl Worker {
         now: Nanos,
     ) -> Verdict {
         let meta = parse::parse(frame);
-        self.finish(snap, frame, ingress, &meta, None, now)
+        let mut pkt = Packet {
+            data: frame,
+            ingress,
+        };
+        self.finish(snap, &mut pkt, &meta, None, now)
     }
 
     /// Everything after parsing, and the counting. `ct` is the frame's conntrack prefetch,
@@ -157,8 +161,7 @@ impl Worker {
     fn finish(
         &mut self,
         snap: &Snapshot,
-        frame: &mut [u8],
-        ingress: PortId,
+        pkt: &mut Packet<'_>,
         meta: &Result<PacketMeta, DropReason>,
         ct: Option<&CtPrefetch>,
         now: Nanos,
@@ -167,7 +170,7 @@ impl Worker {
         // The meta is read in place, never copied: it is 72 bytes, and each copy of it (and of
         // its `IpMeta`) cost a dozen instructions per packet.
         let classified = match meta {
-            Ok(meta) => self.classify(snap, frame, meta, ingress, ct, now),
+            Ok(meta) => self.classify(snap, pkt.data, meta, pkt.ingress, ct, now),
             Err(reason) => Err(*reason),
         };
         // Counted where the verdict is still a `Result`: turning it into a `Verdict` first
