@@ -49,6 +49,11 @@ pub struct Args {
     /// Run without the conntrack prefetch stages (the baseline they are measured against).
     #[arg(long)]
     no_prefetch: bool,
+    /// For the established scenarios, also time the first stages alone on the same bursts:
+    /// parsing only, then parsing and the conntrack lookup (with its prefetch passes), so
+    /// that the full figure can be split into parse, conntrack and the rest.
+    #[arg(long)]
+    breakdown: bool,
     /// Packets measured per scenario.
     #[arg(long, default_value_t = 20_000_000)]
     packets: usize,
@@ -119,15 +124,26 @@ pub fn run(args: &Args) -> Result<()> {
     PREFETCH.store(!args.no_prefetch, std::sync::atomic::Ordering::Relaxed);
     let mut outcomes = Vec::new();
     for scenario in chosen {
-        let outcome = match scenario {
-            "established" => established(&w, flows, packets, "established", cap)?,
-            "established-1m" => established(&w, big_flows, packets, "established-1m", cap)?,
-            "new" => new_flows(&w, packets.min(1_000_000), cap)?,
-            "denied" => denied(&w, flows.min(10_000), packets, cap)?,
+        let (outcome, stages) = match scenario {
+            "established" => established(&w, flows, packets, "established", cap, args.breakdown)?,
+            "established-1m" => established(
+                &w,
+                big_flows,
+                packets,
+                "established-1m",
+                cap,
+                args.breakdown,
+            )?,
+            "new" => (new_flows(&w, packets.min(1_000_000), cap)?, Vec::new()),
+            "denied" => (denied(&w, flows.min(10_000), packets, cap)?, Vec::new()),
             _ => unreachable!("checked above"),
         };
         print_outcome(&outcome);
         outcomes.push(outcome);
+        for stage in stages {
+            print_outcome(&stage);
+            outcomes.push(stage);
+        }
     }
     if let Some(path) = &args.json {
         let results: Vec<_> = outcomes
@@ -269,7 +285,9 @@ fn measure(
         worker.process_burst(snap, &mut pkts, &mut verdicts, now());
         let ns = t0.elapsed().as_nanos() as u64;
         total_ns += ns;
-        hist.record(ns.max(1))?;
+        // Saturating: a burst descheduled for longer than the histogram spans (a busy
+        // machine, or a run under valgrind) must not abort the run.
+        hist.saturating_record(ns.max(1));
         matched += verdicts.iter().filter(|v| want(v)).count() as u64;
         done += BURST;
     }
@@ -304,7 +322,8 @@ fn established(
     packets: usize,
     name: &'static str,
     cap: Option<usize>,
-) -> Result<Outcome> {
+    breakdown: bool,
+) -> Result<(Outcome, Vec<Outcome>)> {
     let flows = testing::flows(w, n, true, 7);
     if flows.len() < n {
         bail!(
@@ -331,7 +350,7 @@ fn established(
         .iter()
         .map(|f| (f.frame(TcpFlags::ACK | TcpFlags::PSH), f.src.port))
         .collect();
-    measure(
+    let full = measure(
         &mut worker,
         &w.snapshot,
         &templates,
@@ -339,7 +358,131 @@ fn established(
         name,
         "forwarded",
         |v| matches!(v, Verdict::Forward(_)),
-    )
+    )?;
+    let mut stages = Vec::new();
+    if breakdown {
+        let ct = worker.conntrack().clone();
+        let prefetch = PREFETCH.load(std::sync::atomic::Ordering::Relaxed);
+        let (parse_name, ct_name) = if name == "established" {
+            ("established/parse", "established/parse+ct")
+        } else {
+            ("established-1m/parse", "established-1m/parse+ct")
+        };
+        stages.push(measure_stage(&templates, packets, parse_name, |bufs| {
+            let mut parsed = 0u64;
+            for b in bufs {
+                // Kept whole: judged only by `is_ok()`, the parse would be optimised down
+                // to its length checks.
+                let meta = std::hint::black_box(classifier::parse::parse(b));
+                parsed += u64::from(meta.is_ok());
+            }
+            parsed
+        })?);
+        stages.push(measure_stage(&templates, packets, ct_name, |bufs| {
+            parse_and_track(&ct, bufs, prefetch)
+        })?);
+    }
+    Ok((full, stages))
+}
+
+/// The pipeline's first stages on one burst, written as `Worker::process_burst` runs them:
+/// parse every frame into an array of metas, the two conntrack prefetch passes (unless
+/// `--no-prefetch`), then the lookups. Returns the number of conntrack hits.
+#[inline(never)]
+fn parse_and_track(ct: &Conntrack, bufs: &[&mut [u8]], prefetch: bool) -> u64 {
+    use classifier::DropReason;
+    use classifier::conntrack::{CtVerdict, FlowKey};
+    use classifier::parse::{self, Net, PacketMeta};
+    let mut metas = [Err(DropReason::Truncated); BURST];
+    for (meta, buf) in metas.iter_mut().zip(bufs) {
+        *meta = parse::parse(buf);
+    }
+    let mut touches = [None; BURST];
+    for (touch, meta) in touches
+        .iter_mut()
+        .zip(&metas)
+        .take(if prefetch { BURST } else { 0 })
+    {
+        if let Ok(PacketMeta {
+            net: Net::Ip(ip), ..
+        }) = meta
+        {
+            *touch = Some(ct.prefetch_ip(ip));
+        }
+    }
+    let mut touched = 0u64;
+    for touch in touches.iter().flatten() {
+        touched = touched.wrapping_add(ct.prefetch_slot(touch));
+    }
+    std::hint::black_box(touched);
+    let mut hits = 0u64;
+    for (meta, touch) in metas.iter().zip(&touches) {
+        let Ok(PacketMeta {
+            net: Net::Ip(ip), ..
+        }) = meta
+        else {
+            continue;
+        };
+        let verdict = match touch {
+            Some(p) => ct.track_prefetched(p, &ip.l4, now()),
+            None => ct.track(&FlowKey::from_ip(ip), &ip.l4, now()),
+        };
+        hits += u64::from(matches!(verdict, CtVerdict::Hit { .. }));
+    }
+    hits
+}
+
+/// Times `stage` over bursts drawn from `templates` as [`measure`] does (frames restored
+/// before each burst, untimed). `stage` returns how many frames it judged as expected; the
+/// figure is refused unless that is at least 99 % of them.
+fn measure_stage(
+    templates: &[(Vec<u8>, PortId)],
+    packets: usize,
+    scenario: &'static str,
+    mut stage: impl FnMut(&[&mut [u8]]) -> u64,
+) -> Result<Outcome> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 1_000_000_000, 3)?;
+    let mut bufs: Vec<Vec<u8>> = (0..BURST).map(|_| vec![0u8; 2048]).collect();
+    let mut total_ns = 0u64;
+    let mut matched = 0u64;
+    let mut next = 0usize;
+    let bursts = packets.div_ceil(BURST);
+    for _ in 0..bursts {
+        let mut lens = [0usize; BURST];
+        for (buf, len) in bufs.iter_mut().zip(lens.iter_mut()) {
+            let (t, _) = &templates[next % templates.len()];
+            next += 1;
+            buf[..t.len()].copy_from_slice(t);
+            *len = t.len();
+        }
+        let frames: [&mut [u8]; BURST] = {
+            let mut it = bufs.iter_mut().zip(lens);
+            std::array::from_fn(|_| {
+                let (b, len) = it.next().expect("BURST buffers");
+                &mut b[..len]
+            })
+        };
+        let t0 = Instant::now();
+        let n = stage(&frames);
+        let ns = t0.elapsed().as_nanos() as u64;
+        total_ns += ns;
+        // Saturating: a burst descheduled for longer than the histogram spans (a busy
+        // machine, or a run under valgrind) must not abort the run.
+        hist.saturating_record(ns.max(1));
+        matched += n;
+    }
+    let done = (bursts * BURST) as u64;
+    if matched < done * 99 / 100 {
+        bail!("{scenario}: only {matched} of {done} frames passed the stage; refusing to report");
+    }
+    Ok(Outcome {
+        scenario,
+        packets: done,
+        total_ns,
+        hist,
+        expected: "passed the stage",
+        matched,
+    })
 }
 
 fn new_flows(w: &Workload, packets: usize, cap: Option<usize>) -> Result<Outcome> {

@@ -399,12 +399,20 @@ impl<const K: usize> Table<K> {
     /// Second half of a burst prefetch: loads the first slot whose tag matches. With no
     /// match the key is most likely new, and an insert will read every slot of both groups,
     /// so those are loaded instead (independent loads, overlapping across the burst).
+    #[inline]
     pub(super) fn touch_slot(&self, probe: &Probe, word: u64) -> u64 {
         let hits = tag_hits(word, probe.tag);
         if hits != 0 {
             let i = (hits.trailing_zeros() / 8) as usize;
             return self.slots.get(probe.groups[0] + i).map_or(0, Slot::peek);
         }
+        self.touch_window(probe)
+    }
+
+    /// The likely-new-flow case of [`Table::touch_slot`], out of line so that the common
+    /// case (a tag hit) inlines into the burst loop.
+    #[inline(never)]
+    fn touch_window(&self, probe: &Probe) -> u64 {
         // Two 32-byte slots share a cache line (more for IPv4 than IPv6, but every line of
         // the groups is touched either way by stepping one slot at a time).
         let mut sum = 0u64;
