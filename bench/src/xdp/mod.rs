@@ -1,0 +1,548 @@
+//! `ocelot-bench xdp`: pps, loss, CPU and one-way latency of three devices under test on a
+//! real veth testbed — the ocelot agent, the kernel's forwarding with nftables (a Calico
+//! iptables-style node) and the bare AF_XDP forwarder (`raw-xsk`) — with the same generator
+//! and sink, in rounds that alternate the devices (A B C A B C …) so the machine's drift
+//! cancels in the medians.
+//!
+//! Per device and round: a sanity trial at a low rate (a device whose testbed delivers less
+//! than half of it is refused, with the reason, rather than reported), an unpaced trial, a
+//! short bisection over offered rates for the highest rate with at most 0.1 % loss, and a
+//! trial at the fixed `--rate` for loss, CPU per packet (`/proc/stat`: user + system +
+//! softirq of the whole machine, so of the whole testbed and of anything else running) and
+//! latency. Outputs: a table, a conditions line, `--json`, one `.hgrm` per device and an SVG
+//! percentile plot in `--out-dir`.
+//!
+//! Safety: everything runs in namespaces this process creates ([`testbed`]), removed by RAII;
+//! SIGINT and SIGTERM only set a stop flag, so the destructors run.
+
+mod frame;
+mod report;
+mod testbed;
+mod traffic;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use dataplane::sys::{SocketOpts, XdpMode};
+use serde_json::json;
+
+use report::{DeviceResult, RoundFigures};
+use testbed::{Device, DeviceOpts, PolicySet, Testbed};
+use traffic::{Placement, Traffic, XskSetup};
+
+/// XDP attach mode on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Generic (skb) mode.
+    Generic,
+    /// Native (driver) mode.
+    Native,
+}
+
+/// Options of `ocelot-bench xdp`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Devices under test, in the order each round runs them.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Device::Ocelot, Device::Kernel, Device::RawXsk])]
+    devices: Vec<Device>,
+    /// Frame size on the wire in bytes, FCS included (64 = the minimum Ethernet frame).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(64..=1518))]
+    size: u16,
+    /// Distinct UDP flows (source/destination port pairs), sent round robin.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    flows: u32,
+    /// The fixed offered rate (pps) for loss, CPU and latency; keep it below every device's
+    /// saturation.
+    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1000..=100_000_000))]
+    rate: u64,
+    /// The low rate (pps) of the sanity trial and the bottom of the search.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=100_000_000))]
+    low_rate: u64,
+    /// Bisection steps of the search for the highest rate with ≤ 0.1 % loss.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=20))]
+    search_steps: u32,
+    /// Measured seconds per trial.
+    #[arg(long, default_value_t = 2.0, value_parser = positive_secs)]
+    duration: f64,
+    /// Warm-up seconds per trial (sent, not counted).
+    #[arg(long, default_value_t = 0.5, value_parser = non_negative_secs)]
+    warmup: f64,
+    /// Rounds (each runs every device once).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
+    /// Policy set the device enforces.
+    #[arg(long, value_enum, default_value_t = PolicySet::Demo)]
+    policy: PolicySet,
+    /// Policies of `--policy generated`.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    rules: u32,
+    /// Core of the generator thread (default 0).
+    #[arg(long)]
+    gen_core: Option<usize>,
+    /// Core of the sink thread (default 0).
+    #[arg(long)]
+    sink_core: Option<usize>,
+    /// Core of the device's worker (default: the last core).
+    #[arg(long)]
+    device_core: Option<usize>,
+    /// XDP attach mode for every AF_XDP socket (generator, sink, devices).
+    #[arg(long, value_enum, default_value_t = Mode::Generic)]
+    xdp_mode: Mode,
+    /// A smoke run of a few seconds per device: 1 round, short trials, 2 search steps.
+    #[arg(long)]
+    quick: bool,
+    /// Directory for the `.hgrm` files, the SVG plot and the devices' config files.
+    #[arg(long, default_value = "xbench-out")]
+    out_dir: PathBuf,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in (0, 3600]")),
+    }
+}
+
+fn non_negative_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in [0, 3600]")),
+    }
+}
+
+/// Trial timing after `--quick` is applied.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    warmup: Duration,
+    duration: Duration,
+    sanity: Duration,
+    drain: Duration,
+    steps: u32,
+    rounds: u32,
+}
+
+impl Args {
+    fn timing(&self) -> Timing {
+        if self.quick {
+            Timing {
+                warmup: Duration::from_millis(200),
+                duration: Duration::from_millis(500),
+                sanity: Duration::from_millis(300),
+                drain: Duration::from_millis(100),
+                steps: self.search_steps.min(2),
+                rounds: 1,
+            }
+        } else {
+            Timing {
+                warmup: Duration::from_secs_f64(self.warmup),
+                duration: Duration::from_secs_f64(self.duration),
+                sanity: Duration::from_secs_f64(self.duration.min(1.0)),
+                drain: Duration::from_millis(200),
+                steps: self.search_steps,
+                rounds: self.rounds,
+            }
+        }
+    }
+}
+
+/// Clock ticks to ns: USER_HZ is 100 on every Linux architecture this runs on.
+const TICK_NS: u64 = 10_000_000;
+
+/// CPU time in ns, sampled before and after the fixed-rate trial.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuSample {
+    /// The testbed: this process (generator, sink, raw-xsk threads), the agent's process if
+    /// any, and the whole machine's softirq time (where the kernel forwards and where veth
+    /// and generic XDP do their work).
+    testbed: u64,
+    /// The whole machine's user + nice + system + softirq (includes other users' work).
+    machine: u64,
+}
+
+/// utime + stime of a process, in ticks, from `/proc/<pid>/stat`.
+fn process_ticks(pid: &str) -> Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name may contain spaces and parentheses; the fields follow the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .with_context(|| format!("{path}: no command name"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state(3) … utime(14) stime(15), i.e. indexes 11 and 12 here.
+    let get = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    Ok(get(11) + get(12))
+}
+
+fn cpu_sample(agent: Option<u32>) -> Result<CpuSample> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no aggregate cpu line in /proc/stat")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let get = |i: usize| f.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq …
+    let softirq = get(6);
+    let machine = get(0) + get(1) + get(2) + softirq;
+    let mut testbed = process_ticks("self")? + softirq;
+    if let Some(pid) = agent {
+        testbed += process_ticks(&pid.to_string()).unwrap_or(0);
+    }
+    Ok(CpuSample {
+        testbed: testbed * TICK_NS,
+        machine: machine * TICK_NS,
+    })
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// What one trial showed.
+#[derive(Debug, Clone, Copy)]
+struct TrialFigures {
+    sent: u64,
+    received: u64,
+    offered_pps: f64,
+    delivered_pps: f64,
+    loss: f64,
+}
+
+/// Runs the devices and reports.
+pub fn run(args: &Args) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing a signal handler")?;
+    }
+    if args.devices.is_empty() {
+        bail!("--devices names no device");
+    }
+    if args.devices.contains(&Device::Ocelot) {
+        testbed::ocelot_binary()?;
+    }
+    let t = args.timing();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let gen_core = args.gen_core.unwrap_or(0);
+    let sink_core = args.sink_core.unwrap_or(0);
+    let device_core = args.device_core.unwrap_or(cores - 1);
+    for (what, c) in [
+        ("--gen-core", gen_core),
+        ("--sink-core", sink_core),
+        ("--device-core", device_core),
+    ] {
+        if c >= cores {
+            bail!("{what} {c}: this machine has cores 0..{}", cores - 1);
+        }
+    }
+    testbed::ensure_dir(&args.out_dir)?;
+    let work_dir = args.out_dir.join("work");
+    testbed::ensure_dir(&work_dir)?;
+    let xdp_mode = match args.xdp_mode {
+        Mode::Generic => XdpMode::Generic,
+        Mode::Native => XdpMode::Native,
+    };
+    let socket = SocketOpts {
+        xdp_mode,
+        ..SocketOpts::default()
+    };
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "?".into());
+    let load_start = loadavg();
+    let policy_desc = match args.policy {
+        PolicySet::None => "none".to_owned(),
+        PolicySet::Demo => "demo".to_owned(),
+        PolicySet::Generated => format!("generated ({} policies)", args.rules),
+    };
+    let conditions = format!(
+        "{} B frames, {} flow(s), fixed rate {} pps, policy {policy_desc}, {:?} XDP, copy mode; \
+         cores: generator {gen_core}, device {device_core}, sink {sink_core} (of {cores}); \
+         {} rounds × {:?} + {:?} warm-up per trial; kernel {kernel}; {}; load average {load_start} at start",
+        args.size,
+        args.flows,
+        args.rate,
+        args.xdp_mode,
+        t.rounds,
+        t.duration,
+        t.warmup,
+        cpu_model(),
+    );
+    eprintln!("xdp: {conditions}");
+
+    let tb = Testbed::new().context("building the testbed")?;
+    let names = tb.namespace_names();
+    let ep = tb.endpoints()?;
+    let epoch = Instant::now();
+    let mut traffic = Traffic::start(
+        &Placement {
+            gen_ns: tb.gens[0].pod.ns.name().to_owned(),
+            sink_ns: tb.sinks[0].pod.ns.name().to_owned(),
+            gen_core: Some(gen_core),
+            sink_core: Some(sink_core),
+        },
+        ep,
+        usize::from(args.size) - 4,
+        args.flows,
+        XskSetup {
+            socket,
+            frames: 4096,
+        },
+        epoch,
+    )
+    .context("starting the generator and the sink")?;
+
+    let dopts = DeviceOpts {
+        policy: args.policy,
+        rules: args.rules as usize,
+        core: Some(device_core),
+        xdp_mode,
+        socket,
+        work_dir,
+    };
+    let mut results: Vec<DeviceResult> = Vec::new();
+    for d in &args.devices {
+        if !results.iter().any(|r| r.name == d.name()) {
+            results.push(DeviceResult {
+                name: d.name(),
+                rounds: Vec::new(),
+                latency: traffic::new_histogram()?,
+            });
+        }
+    }
+    let mut refused: Vec<(&'static str, String)> = Vec::new();
+    for round in 1..=t.rounds {
+        for &device in &args.devices {
+            if refused.iter().any(|(n, _)| *n == device.name()) {
+                continue;
+            }
+            let progress = |what: &str| {
+                eprintln!("round {round}/{} {:<7} {what}", t.rounds, device.name());
+            };
+            match measure(device, &tb, &dopts, &mut traffic, args, t, &stop, &progress)? {
+                Outcome::Refused(reason) => {
+                    eprintln!("REFUSED {}: {reason}", device.name());
+                    refused.push((device.name(), reason));
+                }
+                Outcome::Measured(fig, hist) => {
+                    if let Some(r) = results.iter_mut().find(|r| r.name == device.name()) {
+                        r.rounds.push(fig);
+                        r.latency.add(&hist).context("merging histograms")?;
+                    }
+                }
+            }
+        }
+    }
+    traffic.stop()?;
+    drop(tb);
+    let left = dataplane::netns::list()?;
+    if let Some(n) = names.iter().find(|n| left.contains(n)) {
+        bail!("namespace {n} was not removed");
+    }
+
+    results.retain(|r| !r.rounds.is_empty());
+    let load_end = loadavg();
+    println!("{conditions}; load average {load_end} at end");
+    print!("{}", report::table(&results, args.rate));
+    let vs_kernel = report::ratio(&results, "ocelot", "kernel");
+    let vs_raw = report::ratio(&results, "ocelot", "raw-xsk");
+    let fmt_ratio = |r: Option<f64>| r.map_or("n/a".to_owned(), |r| format!("{r:.2}"));
+    println!(
+        "max pps ratios: ocelot/kernel {}, ocelot/raw-xsk {}",
+        fmt_ratio(vs_kernel),
+        fmt_ratio(vs_raw)
+    );
+    for (name, reason) in &refused {
+        println!("{name}: not reported: {reason}");
+    }
+    for r in &results {
+        let path = args.out_dir.join(format!("{}.hgrm", r.name));
+        std::fs::write(&path, report::hgrm(&r.latency))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let svg = args.out_dir.join("latency.svg");
+    report::svg(
+        &svg,
+        &results,
+        &format!(
+            "one-way latency at {} pps, {} B, {} flow(s), policy {policy_desc}",
+            args.rate, args.size, args.flows
+        ),
+    )?;
+    eprintln!(
+        "wrote {} and {}/<device>.hgrm",
+        svg.display(),
+        args.out_dir.display()
+    );
+    if let Some(path) = &args.json {
+        let value = json!({
+            "devices": results.iter().map(DeviceResult::json).collect::<Vec<_>>(),
+            "ratios": { "ocelot_vs_kernel": vs_kernel, "ocelot_vs_raw": vs_raw },
+            "refused": refused.iter().map(|(n, r)| json!({"name": n, "reason": r})).collect::<Vec<_>>(),
+            "conditions": {
+                "size": args.size, "flows": args.flows, "rate_pps": args.rate,
+                "policy": policy_desc, "xdp_mode": format!("{:?}", args.xdp_mode),
+                "gen_core": gen_core, "device_core": device_core, "sink_core": sink_core,
+                "cores": cores, "kernel": kernel, "cpu": cpu_model(),
+                "rounds": t.rounds, "duration_s": t.duration.as_secs_f64(),
+                "load_start": load_start, "load_end": load_end,
+            },
+        });
+        crate::write_json(path, &value)?;
+    }
+    if !refused.is_empty() {
+        bail!("{} device(s) refused: see above", refused.len());
+    }
+    Ok(())
+}
+
+enum Outcome {
+    Refused(String),
+    Measured(RoundFigures, hdrhistogram::Histogram<u64>),
+}
+
+#[allow(clippy::too_many_arguments)] // One round of one device: the run's whole context.
+fn measure(
+    device: Device,
+    tb: &Testbed,
+    dopts: &DeviceOpts,
+    traffic: &mut Traffic,
+    args: &Args,
+    t: Timing,
+    stop: &AtomicBool,
+    progress: &dyn Fn(&str),
+) -> Result<Outcome> {
+    let running = testbed::start(device, tb, dopts)
+        .with_context(|| format!("starting device {}", device.name()))?;
+    // Let libxdp's programs and the first fills settle.
+    std::thread::sleep(Duration::from_millis(100));
+    let agent = running.pid();
+    let mut trial = |rate: Option<u64>,
+                     dur: Duration,
+                     cpu: Option<&mut CpuSample>|
+     -> Result<(TrialFigures, traffic::SinkCounts)> {
+        if stop.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        let mut cpu_start = CpuSample::default();
+        let (g, c) = traffic.trial(rate, t.warmup, dur, t.drain, || {
+            cpu_start = cpu_sample(agent).unwrap_or_default();
+        })?;
+        if let Some(cpu) = cpu {
+            let end = cpu_sample(agent)?;
+            *cpu = CpuSample {
+                testbed: end.testbed.saturating_sub(cpu_start.testbed),
+                machine: end.machine.saturating_sub(cpu_start.machine),
+            };
+        }
+        let secs = g.secs.max(1e-9);
+        let fig = TrialFigures {
+            sent: g.sent,
+            received: c.received,
+            offered_pps: g.sent as f64 / secs,
+            delivered_pps: c.received as f64 / secs,
+            loss: if g.sent == 0 {
+                1.0
+            } else {
+                1.0 - c.received as f64 / g.sent as f64
+            },
+        };
+        progress(&format!(
+            "offered {:>9} → sent {:>9.0} pps, delivered {:>9.0} pps, loss {:>7.3}%{}",
+            rate.map_or("max".to_owned(), |r| r.to_string()),
+            fig.offered_pps,
+            fig.delivered_pps,
+            100.0 * fig.loss,
+            if c.duplicated + c.reordered + c.stale > 0 {
+                format!(
+                    " (dup {} reord {} stale {})",
+                    c.duplicated, c.reordered, c.stale
+                )
+            } else {
+                String::new()
+            }
+        ));
+        Ok((fig, c))
+    };
+    let (sanity, _) = trial(Some(args.low_rate), t.sanity, None)?;
+    if sanity.received * 2 < sanity.sent {
+        drop(running);
+        return Ok(Outcome::Refused(format!(
+            "its testbed delivered {} of {} frames ({:.1} %) at {} pps, the lowest rate: \
+             a misconfiguration, not a speed",
+            sanity.received,
+            sanity.sent,
+            100.0 * sanity.received as f64 / sanity.sent.max(1) as f64,
+            args.low_rate
+        )));
+    }
+    const MAX_LOSS: f64 = 0.001;
+    let mut fig = RoundFigures::default();
+    let note = |f: &TrialFigures, fig: &mut RoundFigures| {
+        if f.loss <= MAX_LOSS {
+            fig.max_pps = fig.max_pps.max(f.delivered_pps);
+        }
+        if f.received == f.sent {
+            fig.max_pps_zero_loss = fig.max_pps_zero_loss.max(f.delivered_pps);
+        }
+    };
+    note(&sanity, &mut fig);
+    let (unpaced, _) = trial(None, t.duration, None)?;
+    fig.max_delivered_pps = unpaced.delivered_pps;
+    note(&unpaced, &mut fig);
+    let (mut lo, mut hi) = (args.low_rate as f64, unpaced.offered_pps);
+    for _ in 0..t.steps {
+        if unpaced.loss <= MAX_LOSS || hi <= lo {
+            break;
+        }
+        let mid = (lo + hi) / 2.0;
+        let (f, _) = trial(Some(mid as u64), t.duration, None)?;
+        note(&f, &mut fig);
+        if f.loss <= MAX_LOSS {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let mut cpu = CpuSample::default();
+    let (fixed, counts) = trial(Some(args.rate), t.duration, Some(&mut cpu))?;
+    note(&fixed, &mut fig);
+    fig.loss_at_rate = fixed.loss;
+    fig.cpu_ns_per_packet = cpu.testbed as f64 / fixed.received.max(1) as f64;
+    fig.machine_cpu_ns_per_packet = cpu.machine as f64 / fixed.received.max(1) as f64;
+    fig.reordered = counts.reordered;
+    fig.duplicated = counts.duplicated;
+    let summary = running
+        .stop()
+        .with_context(|| format!("stopping device {}", device.name()))?;
+    if !summary.is_empty() {
+        progress(&summary);
+    }
+    Ok(Outcome::Measured(fig, counts.latency))
+}
