@@ -42,6 +42,15 @@ pub enum Mode {
     Native,
 }
 
+/// How the raw-xsk forwarder idles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IdleMode {
+    /// Sleep in poll(2) after 1,000 empty polls (10 ms at most).
+    Poll,
+    /// Busy-poll.
+    Spin,
+}
+
 /// Options of `ocelot-bench xdp`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -82,7 +91,7 @@ pub struct Args {
     /// Core of the generator thread (default 0).
     #[arg(long)]
     gen_core: Option<usize>,
-    /// Core of the sink thread (default 0).
+    /// Core of the sink thread (default: not pinned, the scheduler places it).
     #[arg(long)]
     sink_core: Option<usize>,
     /// Core of the device's worker (default: the last core).
@@ -91,6 +100,10 @@ pub struct Args {
     /// XDP attach mode for every AF_XDP socket (generator, sink, devices).
     #[arg(long, value_enum, default_value_t = Mode::Generic)]
     xdp_mode: Mode,
+    /// How the raw-xsk forwarder idles: `poll` sleeps in poll(2) after 1,000 empty polls,
+    /// `spin` never sleeps (its core is then always busy).
+    #[arg(long, value_enum, default_value_t = IdleMode::Poll)]
+    idle: IdleMode,
     /// A smoke run of a few seconds per device: 1 round, short trials, 2 search steps.
     #[arg(long)]
     quick: bool,
@@ -250,14 +263,16 @@ pub fn run(args: &Args) -> Result<()> {
     let t = args.timing();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let gen_core = args.gen_core.unwrap_or(0);
-    let sink_core = args.sink_core.unwrap_or(0);
+    let sink_core = args.sink_core;
     let device_core = args.device_core.unwrap_or(cores - 1);
     for (what, c) in [
-        ("--gen-core", gen_core),
+        ("--gen-core", Some(gen_core)),
         ("--sink-core", sink_core),
-        ("--device-core", device_core),
+        ("--device-core", Some(device_core)),
     ] {
-        if c >= cores {
+        if let Some(c) = c
+            && c >= cores
+        {
             bail!("{what} {c}: this machine has cores 0..{}", cores - 1);
         }
     }
@@ -281,9 +296,10 @@ pub fn run(args: &Args) -> Result<()> {
         PolicySet::Demo => "demo".to_owned(),
         PolicySet::Generated => format!("generated ({} policies)", args.rules),
     };
+    let sink = sink_core.map_or("unpinned".to_owned(), |c| c.to_string());
     let conditions = format!(
         "{} B frames, {} flow(s), fixed rate {} pps, policy {policy_desc}, {:?} XDP, copy mode; \
-         cores: generator {gen_core}, device {device_core}, sink {sink_core} (of {cores}); \
+         cores: generator {gen_core}, device {device_core}, sink {sink} (of {cores}); \
          {} rounds × {:?} + {:?} warm-up per trial; kernel {kernel}; {}; load average {load_start} at start",
         args.size,
         args.flows,
@@ -305,7 +321,7 @@ pub fn run(args: &Args) -> Result<()> {
             gen_ns: tb.gens[0].pod.ns.name().to_owned(),
             sink_ns: tb.sinks[0].pod.ns.name().to_owned(),
             gen_core: Some(gen_core),
-            sink_core: Some(sink_core),
+            sink_core,
         },
         ep,
         usize::from(args.size) - 4,
@@ -324,6 +340,10 @@ pub fn run(args: &Args) -> Result<()> {
         core: Some(device_core),
         xdp_mode,
         socket,
+        idle: match args.idle {
+            IdleMode::Spin => dataplane::rawfwd::Idle::Spin,
+            IdleMode::Poll => dataplane::rawfwd::FwdConfig::default().idle,
+        },
         work_dir,
     };
     let mut results: Vec<DeviceResult> = Vec::new();

@@ -158,6 +158,8 @@ pub struct DeviceOpts {
     pub xdp_mode: XdpMode,
     /// Socket options of raw-xsk.
     pub socket: SocketOpts,
+    /// How raw-xsk idles.
+    pub idle: rawfwd::Idle,
     /// Where the ocelot config, manifests and log go.
     pub work_dir: PathBuf,
 }
@@ -220,6 +222,7 @@ pub fn start<'a>(device: Device, tb: &'a Testbed, opts: &DeviceOpts) -> Result<R
                     ..opts.socket
                 },
                 core: opts.core,
+                idle: opts.idle,
                 ..FwdConfig::default()
             };
             let fwd = rawfwd::spawn_pair(
