@@ -12,6 +12,7 @@
 pub mod error;
 pub mod manifests;
 pub mod naming;
+pub mod node;
 pub mod verdicts;
 
 pub use error::{Error, ManifestError, ObjectRef};

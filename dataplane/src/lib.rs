@@ -32,6 +32,7 @@
 
 mod error;
 pub mod handoff;
+pub mod live;
 pub mod mem;
 pub mod netns;
 pub mod port;

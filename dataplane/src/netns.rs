@@ -280,6 +280,14 @@ impl Pod {
     /// [`GATEWAY`], the default route via it, and a permanent neighbour entry resolving the
     /// gateway to the host-side MAC (what proxy-ARP would answer).
     pub fn configure(ns: Netns, ip: &str, host_dev: &str, node: &Netns) -> Result<Pod, Error> {
+        let pod = Pod::configure_proxy_arp(ns, ip, host_dev)?;
+        pod.ns.neigh_add("eth0", GATEWAY, node.mac(host_dev)?)?;
+        Ok(pod)
+    }
+
+    /// As [`Pod::configure`], without the static neighbour entry: the pod resolves the
+    /// gateway with ARP, so whatever runs on the node must answer it (Calico's proxy-ARP).
+    pub fn configure_proxy_arp(ns: Netns, ip: &str, host_dev: &str) -> Result<Pod, Error> {
         let addr: std::net::Ipv4Addr = ip.parse().map_err(|e| Error::Command {
             command: format!("configure pod {ip}"),
             detail: format!("not an IPv4 address: {e}"),
@@ -288,7 +296,6 @@ impl Pod {
         ns.tx_checksum_off("eth0")?;
         ns.route_add(&[GATEWAY, "dev", "eth0", "scope", "link"])?;
         ns.route_add(&["default", "via", GATEWAY, "dev", "eth0"])?;
-        ns.neigh_add("eth0", GATEWAY, node.mac(host_dev)?)?;
         let mac = ns.mac("eth0")?;
         Ok(Pod {
             ns,

@@ -47,7 +47,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::marker::PhantomData;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -1114,6 +1114,50 @@ unsafe impl std::alloc::GlobalAlloc for HugePageAlloc {
             new
         }
     }
+}
+
+/// Sends one IPv4 datagram of IP protocol `proto` carrying `payload` to `dst`, through a raw
+/// socket in the calling thread's network namespace; the kernel writes the IP header (with
+/// the source address its routing picks). `ocelot lab` uses it to craft SCTP INIT chunks on
+/// a kernel without SCTP sockets. Needs `CAP_NET_RAW`.
+pub fn send_raw_ipv4(proto: u8, dst: std::net::Ipv4Addr, payload: &[u8]) -> Result<(), Error> {
+    let err = |what: &'static str| Error::Interface {
+        interface: format!("raw IPv4 socket, protocol {proto}"),
+        what,
+        source: io::Error::last_os_error(),
+    };
+    // SAFETY: socket(2) takes no pointers; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, i32::from(proto)) };
+    if fd < 0 {
+        return Err(err("socket"));
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nothing else; `OwnedFd`
+    // closes it exactly once.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(dst).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `payload` is valid for `payload.len()` bytes and `addr` is a fully initialised
+    // sockaddr_in whose size is passed alongside; both outlive the call.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            payload.as_ptr().cast(),
+            payload.len(),
+            0,
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(err("sendto"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -23,13 +23,16 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use arc_swap::ArcSwap;
 use classifier::Nanos;
+use classifier::conntrack::Conntrack;
 use classifier::pipeline::Packet;
 use classifier::snapshot::Snapshot;
-use classifier::verdict::{DropReason, PortId, Verdict};
+use classifier::verdict::{Counters, DropReason, PortId, Verdict};
 
 use crate::Error;
 use crate::handoff::{HandoffRx, HandoffTx};
+use crate::live::LiveCounters;
 use crate::port::{BURST, FrameMem, Rx, Tx};
 use crate::rawfwd::Idle;
 use crate::sys;
@@ -44,19 +47,35 @@ pub trait Classify {
         ingress: PortId,
         verdicts: &mut [Verdict],
     );
+
+    /// The classifier's own counters, if it keeps any (published with the worker's).
+    fn counters(&self) -> Option<&Counters> {
+        None
+    }
 }
 
-/// The real classifier: `classifier::pipeline::Worker` over a table snapshot, with time from
-/// a clock function (the classifier itself never reads a clock).
+/// The real classifier: `classifier::pipeline::Worker` over the snapshot currently
+/// published, with time from a clock function (the classifier itself never reads a clock).
 #[derive(Debug)]
 pub struct Pipeline {
     /// The classifier's per-worker state and counters.
     pub worker: classifier::pipeline::Worker,
-    /// The tables in force. The control thread's publication mechanism (an atomic swap
-    /// loaded once per burst) replaces this field's source when it exists.
-    pub snapshot: Arc<Snapshot>,
+    /// Where the control thread publishes table snapshots: loaded once per burst, so a
+    /// new snapshot is in force from the next burst on and a burst never mixes two.
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
     /// Monotonic nanoseconds.
     pub clock: fn() -> Nanos,
+}
+
+impl Pipeline {
+    /// A pipeline over a snapshot that never changes (tests, benchmarks).
+    pub fn fixed(ct: Arc<Conntrack>, snapshot: Snapshot, clock: fn() -> Nanos) -> Pipeline {
+        Pipeline {
+            worker: classifier::pipeline::Worker::new(ct),
+            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
+            clock,
+        }
+    }
 }
 
 impl Classify for Pipeline {
@@ -77,10 +96,19 @@ impl Classify for Pipeline {
         }
         let now = (self.clock)();
         let pkts = pkts.get_mut(..n).unwrap_or_default();
-        self.worker
-            .process_burst(&self.snapshot, pkts, verdicts, now);
+        // One snapshot load per burst: a `Guard` borrows the current snapshot without
+        // touching its reference count in the common case.
+        let snapshot = self.snapshot.load();
+        self.worker.process_burst(&snapshot, pkts, verdicts, now);
+    }
+
+    fn counters(&self) -> Option<&Counters> {
+        Some(self.worker.counters())
     }
 }
+
+/// How often (in polls) a running worker copies its counters to its [`LiveCounters`].
+pub const PUBLISH_EVERY_POLLS: u32 = 1024;
 
 /// Counters of one worker's I/O: what it did with the verdicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +196,7 @@ pub struct Worker<M: FrameMem, R, T, C> {
     verdicts: [Verdict; BURST],
     counters: WorkerCounters,
     frames: usize,
+    live: Option<Arc<LiveCounters>>,
 }
 
 impl<M, R, T, C> Worker<M, R, T, C>
@@ -223,6 +252,7 @@ where
             verdicts: [Verdict::Drop(DropReason::Truncated); BURST],
             counters: WorkerCounters::default(),
             frames: count,
+            live: None,
         })
     }
 
@@ -253,6 +283,18 @@ where
         }
         self.handoff_out.push(tx);
         Ok(())
+    }
+
+    /// Publishes this worker's counters (and its classifier's) to `live` from [`Worker::run`]:
+    /// every [`PUBLISH_EVERY_POLLS`] polls, whenever it goes idle, and when it stops.
+    pub fn publish_to(&mut self, live: Arc<LiveCounters>) {
+        self.live = Some(live);
+    }
+
+    fn publish(&self) {
+        if let Some(live) = &self.live {
+            live.store(&self.counters, self.classify.counters());
+        }
     }
 
     /// Takes frames other workers hand over through `rx` and sends them on local ports.
@@ -396,8 +438,19 @@ where
 
     /// Polls until `stop` is set, idling as `idle` says. Returns the first I/O error.
     pub fn run(&mut self, stop: &AtomicBool, idle: Idle) -> Result<(), Error> {
+        let result = self.run_loop(stop, idle);
+        self.publish();
+        result
+    }
+
+    fn run_loop(&mut self, stop: &AtomicBool, idle: Idle) -> Result<(), Error> {
         let mut empty = 0u32;
+        let mut polls = 0u32;
         while !stop.load(Ordering::Relaxed) {
+            polls = polls.wrapping_add(1);
+            if polls.is_multiple_of(PUBLISH_EVERY_POLLS) {
+                self.publish();
+            }
             if self.poll_once()? > 0 {
                 empty = 0;
                 continue;
@@ -410,6 +463,9 @@ where
                 empty = empty.saturating_add(1);
                 let in_flight = self.ports.iter().any(|p| p.tx.in_flight() > 0);
                 if empty >= after_empty_polls && !in_flight {
+                    if empty == after_empty_polls {
+                        self.publish();
+                    }
                     let fds = self.ports.iter().filter_map(|p| p.rx.fd());
                     sys::poll_readable(fds, timeout_ms)?;
                 }
@@ -694,7 +750,7 @@ mod tests {
             worker: classifier::pipeline::Worker::new(Arc::new(
                 classifier::conntrack::Conntrack::new(Default::default()),
             )),
-            snapshot: Arc::new(snapshot),
+            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             clock: || 0,
         };
         let (mut w, w0, w1) = worker(pipeline, 256);

@@ -1,0 +1,554 @@
+//! `ocelot run`: the node agent — a control thread and pinned polling workers.
+//!
+//! Start-up, in an order that attaches nothing until everything has been checked:
+//! 1. read and validate the config ([`config`]), load the manifests, find the host-side veths
+//!    of the pods (Calico's names, [`control::naming`]) and the worker layout; any error
+//!    stops here, naming the entry;
+//! 2. remove AF_XDP programs a crashed run left on those interfaces (another owner's program
+//!    is an error, never replaced), build the first snapshot ([`control::node`]);
+//! 3. start one thread per worker: pinned to its core, it creates its UMEM, opens its
+//!    sockets, wires the hand-offs to the other workers and polls;
+//! 4. print `ocelot: ready` on stderr when every worker polls.
+//!
+//! Then the control thread (the caller's thread) watches the manifests directory: a change
+//! is loaded, compiled into a new snapshot with the next epoch and published with one atomic
+//! swap; workers use it from their next burst. A directory that fails to load keeps the
+//! previous snapshot in force (logged and counted). The control thread also sweeps
+//! conntrack and writes the status file. SIGINT/SIGTERM (or a worker's I/O error) stop the
+//! workers, whose sockets detach the XDP programs as they are dropped.
+
+pub mod config;
+pub mod ports;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use arc_swap::ArcSwap;
+use classifier::Nanos;
+use classifier::conntrack::{Conntrack, CtConfig};
+use classifier::snapshot::{PathConfig, Snapshot};
+use classifier::verdict::PortId;
+use control::manifests::{Manifests, load_dir};
+use control::naming::veth_name;
+use control::node::{BuildReport, NodeOptions, PortRole, PortSpec, build_snapshot};
+use dataplane::handoff::{self, HandoffRx, HandoffTx};
+use dataplane::live::LiveCounters;
+use dataplane::rawfwd::Idle;
+use dataplane::sys::{self, UmemOpts};
+use dataplane::worker::{Pipeline, Worker, WorkerPort};
+
+use self::config::{Config, Host, Layout};
+use self::status::Status;
+
+/// The line printed on stderr once every worker polls.
+pub const READY_LINE: &str = "ocelot: ready";
+
+/// How often the control thread looks at the manifests directory.
+const WATCH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Frames a hand-off between two workers can hold.
+const HANDOFF_CAPACITY: usize = 1024;
+
+/// Conntrack slots swept per control tick.
+const SWEEP_SLOTS: usize = 16 * 1024;
+
+/// Monotonic nanoseconds since the agent started: the clock the classifier is given.
+pub fn now() -> Nanos {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as Nanos
+}
+
+/// What `ocelot run` was asked to do.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The TOML config.
+    pub config: PathBuf,
+    /// The manifests directory (the embedded datastore).
+    pub manifests: PathBuf,
+    /// Where to write the status JSON (atomically, every second and after each change).
+    pub status: Option<PathBuf>,
+}
+
+/// One port the agent attached to.
+#[derive(Debug, Clone)]
+struct AgentPort {
+    spec: PortSpec,
+    worker: usize,
+    queue: u32,
+}
+
+/// A running worker thread.
+#[derive(Debug)]
+struct WorkerHandle {
+    core: usize,
+    live: Arc<LiveCounters>,
+    thread: JoinHandle<Result<()>>,
+}
+
+/// Runs the agent until `stop` is set. Returns an error for anything that prevented a clean
+/// start or stopped a worker.
+pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
+    now();
+    let config = Config::load(&opts.config)?;
+    let node_name = config
+        .node
+        .name
+        .clone()
+        .or_else(|| std::env::var("NODE_NAME").ok())
+        .unwrap_or_else(hostname);
+    let manifests = load_manifests(&opts.manifests)?;
+    let mut digest = status::dir_digest(&opts.manifests).unwrap_or(0);
+
+    // Which pods have a veth here: the names CNI (or `ocelot lab`) gave them.
+    let mut pod_ifaces = Vec::new();
+    let mut missing = Vec::new();
+    for pod in &manifests.cluster.pods {
+        if pod.host_network || pod.ips.is_empty() {
+            continue;
+        }
+        let name = veth_name(&pod.namespace, &pod.name);
+        if sys::ifindex(&name).is_ok() {
+            pod_ifaces.push((name, pod.namespace.clone(), pod.name.clone()));
+        } else {
+            missing.push(format!("{}/{} ({name})", pod.namespace, pod.name));
+        }
+    }
+    if !missing.is_empty() {
+        tracing::warn!(
+            "pods without an interface on this node (not attached): {}",
+            missing.join(", ")
+        );
+    }
+    let names: Vec<String> = pod_ifaces.iter().map(|(n, _, _)| n.clone()).collect();
+    let layout = config
+        .layout(&Host, &names)
+        .map_err(|e| anyhow!("config {}: {e}", opts.config.display()))?;
+    if layout.workers.iter().all(|(_, q)| q.is_empty()) {
+        bail!(
+            "nothing to attach: no pod of {} has an interface in this network namespace",
+            opts.manifests.display()
+        );
+    }
+
+    let gateway = match &config.uplink {
+        Some(up) => up
+            .gateway()
+            .map_err(|e| anyhow!("config {}: {e}", opts.config.display()))?,
+        None => None,
+    };
+    let ports = assign_ports(&layout, &pod_ifaces, gateway)?;
+    for p in &ports {
+        if let Some(prog) = sys::detach_stale_xsk_prog(&p.spec.name)
+            .with_context(|| format!("interface {}", p.spec.name))?
+        {
+            tracing::warn!(
+                "removed XDP program {prog} a previous run left on {}",
+                p.spec.name
+            );
+        }
+    }
+    let mut specs: Vec<Option<PortSpec>> = ports.iter().map(|p| Some(p.spec.clone())).collect();
+    let node_opts = NodeOptions {
+        local_node: None,
+        path: PathConfig {
+            pod_to_host: config.node.pod_to_host.into(),
+        },
+    };
+    let mut epoch = 1;
+    let (snapshot, report) = build_snapshot(&manifests, &specs, &node_opts, epoch);
+    log_report(&report);
+    let published = Arc::new(ArcSwap::from_pointee(snapshot));
+    let seed = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0);
+    let ct = Arc::new(Conntrack::with_seed(
+        CtConfig {
+            capacity: config.node.conntrack_capacity,
+            ..CtConfig::default()
+        },
+        seed,
+    ));
+
+    let workers = start_workers(&config, &layout, &ports, &published, &ct, stop)?;
+    eprintln!(
+        "{READY_LINE} (node {node_name}, epoch {epoch}, {} ports, {} workers on cores {:?})",
+        ports.len(),
+        workers.len(),
+        workers.iter().map(|w| w.core).collect::<Vec<_>>()
+    );
+
+    let mut status = Status::new(&node_name, &ports_summary(&ports), epoch, digest, &report);
+    let mut last_status = Instant::now() - Duration::from_secs(10);
+    let mut result = Ok(());
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(WATCH_INTERVAL);
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        if let Some(dead) = workers.iter().position(|w| w.thread.is_finished()) {
+            result = Err(anyhow!("worker {dead} stopped unexpectedly"));
+            break;
+        }
+        ct.sweep(now(), SWEEP_SLOTS);
+        let mut changed = false;
+        // Pods whose MAC could not be read yet: retry (their route appears when it can).
+        for spec in specs.iter_mut().flatten() {
+            if let PortRole::Pod {
+                pod_mac: mac @ None,
+                ..
+            } = &mut spec.role
+                && let Some(found) = ports::peer_mac(&spec.name)
+            {
+                *mac = Some(found);
+                changed = true;
+            }
+        }
+        let now_digest = status::dir_digest(&opts.manifests).unwrap_or(digest);
+        let mut manifests_now = None;
+        if now_digest != digest {
+            match load_manifests(&opts.manifests) {
+                Ok(m) => {
+                    manifests_now = Some(m);
+                    changed = true;
+                }
+                Err(e) => {
+                    tracing::error!("{e:#}; keeping epoch {epoch}");
+                    status.load_errors += 1;
+                    status.last_error = Some(format!("{e:#}"));
+                }
+            }
+            digest = now_digest;
+        }
+        if changed {
+            let m = match manifests_now {
+                Some(m) => m,
+                None => match load_manifests(&opts.manifests) {
+                    Ok(m) => m,
+                    Err(_) => continue,
+                },
+            };
+            epoch += 1;
+            let (snapshot, report) = build_snapshot(&m, &specs, &node_opts, epoch);
+            log_report(&report);
+            let unattached: Vec<String> = report.pods_without_port.clone();
+            published.store(Arc::new(snapshot));
+            tracing::info!("epoch {epoch} published");
+            if !unattached.is_empty() {
+                tracing::warn!(
+                    "pods not attached (new pods need an agent restart for now): {}",
+                    unattached.join(", ")
+                );
+            }
+            status.applied(epoch, digest, &report);
+            last_status = Instant::now() - Duration::from_secs(10);
+        }
+        if last_status.elapsed() >= Duration::from_secs(1) {
+            if let Some(path) = &opts.status {
+                status.workers = workers.iter().map(|w| (w.core, w.live.load())).collect();
+                if let Err(e) = status.write(path) {
+                    tracing::warn!("writing status {}: {e}", path.display());
+                }
+            }
+            last_status = Instant::now();
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut totals = Vec::new();
+    for (i, w) in workers.into_iter().enumerate() {
+        let (io, class) = w.live.load();
+        totals.push((w.core, (io, class)));
+        match w.thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                if result.is_ok() {
+                    result = Err(e.context(format!("worker {i}")));
+                }
+            }
+            Err(_) => {
+                if result.is_ok() {
+                    result = Err(anyhow!("worker {i} panicked"));
+                }
+            }
+        }
+    }
+    if let Some(path) = &opts.status {
+        status.workers = totals.clone();
+        status.stopped = true;
+        let _ = status.write(path);
+    }
+    for (core, (io, class)) in &totals {
+        eprintln!(
+            "ocelot: worker on core {core}: rx {} tx {} forwarded {} replied {} drops {}",
+            io.rx,
+            io.tx,
+            class.forwarded,
+            class.replied,
+            status::drops_line(io, class)
+        );
+    }
+    result
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "node".to_owned())
+}
+
+fn load_manifests(dir: &Path) -> Result<Manifests> {
+    let m = load_dir(dir).with_context(|| format!("loading manifests from {}", dir.display()))?;
+    for w in &m.warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(m)
+}
+
+fn log_report(report: &BuildReport) {
+    for e in &report.compile_errors {
+        tracing::error!("policy not compiled (the pods it selects fail closed): {e}");
+    }
+    if !report.pods_without_mac.is_empty() {
+        tracing::warn!(
+            "pods whose MAC is not known yet (unreachable until it is): {}",
+            report.pods_without_mac.join(", ")
+        );
+    }
+    if !report.orphan_ports.is_empty() {
+        tracing::warn!(
+            "interfaces whose pod is gone (their traffic drops): {}",
+            report.orphan_ports.join(", ")
+        );
+    }
+}
+
+/// Gives every attached interface a port id, in layout order.
+fn assign_ports(
+    layout: &Layout,
+    pods: &[(String, String, String)],
+    gateway_mac: Option<[u8; 6]>,
+) -> Result<Vec<AgentPort>> {
+    let mut ports: Vec<AgentPort> = Vec::new();
+    for (w, (_, queues)) in layout.workers.iter().enumerate() {
+        for q in queues {
+            if ports.iter().any(|p| p.spec.name == q.interface) {
+                bail!(
+                    "interface {} is configured on more than one queue; one queue per \
+                     interface is supported so far",
+                    q.interface
+                );
+            }
+            let mac = ports::interface_mac(&q.interface)
+                .ok_or_else(|| anyhow!("interface {}: cannot read its MAC", q.interface))?;
+            let role = match pods.iter().find(|(name, _, _)| *name == q.interface) {
+                Some((name, namespace, pod)) => PortRole::Pod {
+                    namespace: namespace.clone(),
+                    name: pod.clone(),
+                    pod_mac: ports::peer_mac(name),
+                },
+                None => PortRole::Uplink { gateway_mac },
+            };
+            ports.push(AgentPort {
+                spec: PortSpec {
+                    name: q.interface.clone(),
+                    mac,
+                    role,
+                },
+                worker: w,
+                queue: q.queue,
+            });
+        }
+    }
+    if ports.len() > usize::from(u16::MAX) {
+        bail!(
+            "{} interfaces: at most {} are supported",
+            ports.len(),
+            u16::MAX
+        );
+    }
+    Ok(ports)
+}
+
+fn ports_summary(ports: &[AgentPort]) -> Vec<(String, usize)> {
+    ports
+        .iter()
+        .map(|p| (p.spec.name.clone(), p.worker))
+        .collect()
+}
+
+/// What one worker thread is given.
+struct WorkerSetup {
+    core: usize,
+    ports: Vec<(String, u32, PortId)>,
+    outs: Vec<(HandoffTx, Vec<PortId>)>,
+    ins: Vec<HandoffRx>,
+    live: Arc<LiveCounters>,
+}
+
+fn start_workers(
+    config: &Config,
+    layout: &Layout,
+    ports: &[AgentPort],
+    published: &Arc<ArcSwap<Snapshot>>,
+    ct: &Arc<Conntrack>,
+    stop: &Arc<AtomicBool>,
+) -> Result<Vec<WorkerHandle>> {
+    let n = layout.workers.len();
+    let mut setups: Vec<WorkerSetup> = layout
+        .workers
+        .iter()
+        .enumerate()
+        .map(|(w, (core, _))| WorkerSetup {
+            core: *core,
+            ports: ports
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.worker == w)
+                .map(|(i, p)| (p.spec.name.clone(), p.queue, PortId(i as u16)))
+                .collect(),
+            outs: Vec::new(),
+            ins: Vec::new(),
+            live: Arc::new(LiveCounters::default()),
+        })
+        .collect();
+    // A hand-off for every ordered pair of workers that both own ports.
+    for from in 0..n {
+        for to in 0..n {
+            if from == to {
+                continue;
+            }
+            let targets: Vec<PortId> = setups
+                .get(to)
+                .map(|s| s.ports.iter().map(|p| p.2).collect())
+                .unwrap_or_default();
+            if targets.is_empty() {
+                continue;
+            }
+            let (tx, rx) = handoff::channel(HANDOFF_CAPACITY, 2048);
+            if let Some(s) = setups.get_mut(from) {
+                s.outs.push((tx, targets));
+            }
+            if let Some(s) = setups.get_mut(to) {
+                s.ins.push(rx);
+            }
+        }
+    }
+    let socket = config.xdp.socket_opts();
+    let frames = config.xdp.frames_per_worker;
+    let netns = std::fs::read_link("/proc/thread-self/ns/net").ok();
+    let mut handles = Vec::new();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
+    for (w, setup) in setups.into_iter().enumerate() {
+        let published = Arc::clone(published);
+        let ct = Arc::clone(ct);
+        let stop = Arc::clone(stop);
+        let ready = ready_tx.clone();
+        let core = setup.core;
+        let live = Arc::clone(&setup.live);
+        let expected_netns = netns.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("ocelot-worker-{w}"))
+            .spawn(move || -> Result<()> {
+                let started = (|| -> Result<_> {
+                    // Threads inherit the process's namespace; check it, since sockets open
+                    // in whichever namespace the thread is in.
+                    if std::fs::read_link("/proc/thread-self/ns/net").ok() != expected_netns {
+                        bail!("worker thread is in another network namespace");
+                    }
+                    sys::pin_current_thread(setup.core)
+                        .with_context(|| format!("pinning to core {}", setup.core))?;
+                    let umem_opts = UmemOpts {
+                        frames,
+                        ..UmemOpts::default()
+                    };
+                    let (mut umem, free) = sys::XskUmem::new(umem_opts)?;
+                    let mut wports = Vec::new();
+                    for (name, queue, id) in &setup.ports {
+                        let (rx, tx) = umem
+                            .open(name, *queue, &socket)
+                            .with_context(|| format!("AF_XDP socket on {name} queue {queue}"))?;
+                        wports.push(WorkerPort { id: *id, rx, tx });
+                    }
+                    let pipeline = Pipeline {
+                        worker: classifier::pipeline::Worker::new(ct),
+                        snapshot: published,
+                        clock: now,
+                    };
+                    let mut worker = Worker::new(umem, free, wports, pipeline)?;
+                    for (tx, ports) in setup.outs {
+                        worker.add_handoff_out(tx, &ports)?;
+                    }
+                    for rx in setup.ins {
+                        worker.add_handoff_in(rx);
+                    }
+                    worker.publish_to(setup.live);
+                    Ok(worker)
+                })();
+                let mut worker = match started {
+                    Ok(w) => {
+                        let _ = ready.send(Ok(()));
+                        w
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(anyhow!("worker {w} on core {core}: {e:#}")));
+                        return Ok(());
+                    }
+                };
+                drop(ready);
+                worker
+                    .run(
+                        &stop,
+                        Idle::Poll {
+                            after_empty_polls: 256,
+                            timeout_ms: 10,
+                        },
+                    )
+                    .map_err(|e| anyhow!("worker {w} on core {core}: {e}"))
+            })
+            .context("spawning a worker thread")?;
+        handles.push(WorkerHandle { core, live, thread });
+    }
+    drop(ready_tx);
+    let mut failure = None;
+    for _ in 0..handles.len() {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                failure.get_or_insert(e);
+            }
+            Err(_) => {
+                failure.get_or_insert(anyhow!("a worker thread died while starting"));
+            }
+        }
+    }
+    if let Some(e) = failure {
+        stop.store(true, Ordering::Relaxed);
+        for h in handles {
+            let _ = h.thread.join();
+        }
+        return Err(e);
+    }
+    Ok(handles)
+}
+
+/// Per-reason drop totals of a set of workers, by reason name.
+pub fn drop_totals(
+    counters: &[(
+        usize,
+        (dataplane::worker::WorkerCounters, classifier::Counters),
+    )],
+) -> BTreeMap<&'static str, u64> {
+    let mut out = BTreeMap::new();
+    for (_, (io, class)) in counters {
+        for reason in classifier::DropReason::ALL {
+            let n = io.dropped(*reason) + class.drops.get(reason.index()).copied().unwrap_or(0);
+            if n > 0 {
+                *out.entry(reason.name()).or_insert(0) += n;
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,97 @@
+//! The node's interfaces as the agent finds them: which pod veths exist, their MACs, and
+//! the MAC of the pod's end of each veth.
+//!
+//! The pod's MAC is read from the other end of the veth: `ip -j link show` gives the peer's
+//! namespace id (`link_netnsid`) and interface index (`link_index`), `ip -j netns list-id`
+//! maps the id to a named namespace (CNI plugins and `ocelot lab` name them under
+//! `/var/run/netns`), and the peer's address is read there. Nothing is changed in either
+//! namespace. A pod whose peer cannot be read is reported and retried; until then the
+//! snapshot has no route to it (fail closed).
+
+use std::process::Command;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+struct Link {
+    ifindex: u32,
+    #[serde(default)]
+    address: Option<String>,
+    #[serde(default)]
+    link_index: Option<u32>,
+    #[serde(default)]
+    link_netnsid: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct NsId {
+    nsid: i64,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+fn ip_json<T: for<'de> Deserialize<'de>>(args: &[&str]) -> Option<T> {
+    let out = Command::new("ip").args(args).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: [u8; 6]) -> String {
+    let [a, b, c, d, e, f] = mac;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}
+
+/// The MAC of an interface in the agent's namespace.
+pub fn interface_mac(interface: &str) -> Option<[u8; 6]> {
+    let links: Vec<Link> = ip_json(&["-j", "link", "show", "dev", interface])?;
+    links.first()?.address.as_deref().and_then(parse_mac)
+}
+
+/// The MAC of the other end of veth `interface`, if it lives in a named namespace.
+pub fn peer_mac(interface: &str) -> Option<[u8; 6]> {
+    let links: Vec<Link> = ip_json(&["-j", "link", "show", "dev", interface])?;
+    let link = links.first()?;
+    let (peer, nsid) = (link.link_index?, link.link_netnsid?);
+    let ids: Vec<NsId> = ip_json(&["-j", "netns", "list-id"])?;
+    let name = ids.into_iter().find(|n| n.nsid == nsid)?.name?;
+    let peers: Vec<Link> = ip_json(&["-n", &name, "-j", "link", "show"])?;
+    peers
+        .into_iter()
+        .find(|l| l.ifindex == peer)?
+        .address
+        .as_deref()
+        .and_then(parse_mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_round_trip_table() {
+        fn check(s: &str, expected: Option<[u8; 6]>) {
+            assert_eq!(parse_mac(s), expected, "{s}");
+            if let Some(mac) = expected {
+                assert_eq!(format_mac(mac), s.to_lowercase());
+            }
+        }
+        check("02:fc:00:00:00:01", Some([2, 0xfc, 0, 0, 0, 1]));
+        check("EE:EE:EE:EE:EE:EE", Some([0xee; 6]));
+        check("02:fc:00:00:00", None);
+        check("02:fc:00:00:00:01:02", None);
+        check("zz:fc:00:00:00:01", None);
+    }
+}

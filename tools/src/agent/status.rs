@@ -1,0 +1,212 @@
+//! The agent's status file: what it applied and what its workers counted.
+//!
+//! Written as JSON, atomically (a temporary file renamed over the old one), every second and
+//! right after a new snapshot is published, and once more when the agent stops. `ocelot lab`
+//! reads it to know when a change to the manifests is in force; operators read it with
+//! `ocelotctl status --file FILE`. Fields:
+//!
+//! - `node`, `epoch` (the snapshot generation in force), `manifests_digest` (of the
+//!   directory contents that epoch was built from, see [`dir_digest`]), `load_errors` and
+//!   `last_error` (manifest directories that failed to load: the previous epoch stayed);
+//! - `ports`: interface → worker; `report`: what the last build could not wire;
+//! - `workers`: per worker its core, I/O counters and classifier counters, with drops by
+//!   reason name; `stopped` once the agent has stopped.
+
+use std::collections::BTreeMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::Path;
+
+use classifier::{Counters, DropReason};
+use control::node::BuildReport;
+use dataplane::worker::WorkerCounters;
+use serde_json::{Value, json};
+
+/// A digest of the manifest files a directory holds (names and contents of the `*.yaml`,
+/// `*.yml` and `*.json` files directly inside it, as `control::load_dir` reads them). Equal
+/// digests mean the agent would load the same objects. Stable within one build of ocelot.
+pub fn dir_digest(dir: &Path) -> std::io::Result<u64> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let wanted = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
+        if wanted && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    let mut h = DefaultHasher::new();
+    for f in files {
+        f.file_name().hash(&mut h);
+        std::fs::read(&f)?.hash(&mut h);
+    }
+    Ok(h.finish())
+}
+
+/// `reason=count …` for the non-zero drop counters of one worker.
+pub fn drops_line(io: &WorkerCounters, class: &Counters) -> String {
+    let parts: Vec<String> = drops_map(io, class)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if parts.is_empty() {
+        "none".to_owned()
+    } else {
+        parts.join(" ")
+    }
+}
+
+fn drops_map(io: &WorkerCounters, class: &Counters) -> BTreeMap<&'static str, u64> {
+    let mut out = BTreeMap::new();
+    for reason in DropReason::ALL {
+        let n = io.dropped(*reason) + class.drops.get(reason.index()).copied().unwrap_or(0);
+        if n > 0 {
+            out.insert(reason.name(), n);
+        }
+    }
+    if io.not_local > 0 {
+        out.insert("not_local", io.not_local);
+    }
+    if io.to_host_unsupported > 0 {
+        out.insert("to_host_unsupported", io.to_host_unsupported);
+    }
+    if io.handoff_dropped > 0 {
+        out.insert("handoff_full", io.handoff_dropped);
+    }
+    out
+}
+
+/// The status the control thread maintains.
+#[derive(Debug, Clone)]
+pub struct Status {
+    node: String,
+    ports: Vec<(String, usize)>,
+    epoch: u32,
+    digest: u64,
+    report: Value,
+    /// Manifest directories that failed to load.
+    pub load_errors: u64,
+    /// The last load error.
+    pub last_error: Option<String>,
+    /// Per worker: core and counters.
+    pub workers: Vec<(usize, (WorkerCounters, Counters))>,
+    /// Whether the agent has stopped.
+    pub stopped: bool,
+}
+
+fn report_json(r: &BuildReport) -> Value {
+    json!({
+        "orphan_ports": r.orphan_ports,
+        "pods_without_mac": r.pods_without_mac,
+        "pods_without_port": r.pods_without_port,
+        "compile_errors": r.compile_errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+    })
+}
+
+impl Status {
+    /// The status after start-up.
+    pub fn new(
+        node: &str,
+        ports: &[(String, usize)],
+        epoch: u32,
+        digest: u64,
+        report: &BuildReport,
+    ) -> Status {
+        Status {
+            node: node.to_owned(),
+            ports: ports.to_vec(),
+            epoch,
+            digest,
+            report: report_json(report),
+            load_errors: 0,
+            last_error: None,
+            workers: Vec::new(),
+            stopped: false,
+        }
+    }
+
+    /// Records a published snapshot.
+    pub fn applied(&mut self, epoch: u32, digest: u64, report: &BuildReport) {
+        self.epoch = epoch;
+        self.digest = digest;
+        self.report = report_json(report);
+    }
+
+    /// The JSON document.
+    pub fn to_json(&self) -> Value {
+        let workers: Vec<Value> = self
+            .workers
+            .iter()
+            .map(|(core, (io, class))| {
+                json!({
+                    "core": core,
+                    "rx": io.rx,
+                    "tx": io.tx,
+                    "forwarded": class.forwarded,
+                    "replied": class.replied,
+                    "to_host": class.to_host,
+                    "ct_hits": class.ct_hits,
+                    "ct_created": class.ct_created,
+                    "handoff_out": io.handoff_out,
+                    "handoff_in": io.handoff_in,
+                    "drops": drops_map(io, class),
+                })
+            })
+            .collect();
+        json!({
+            "node": self.node,
+            "epoch": self.epoch,
+            "manifests_digest": format!("{:016x}", self.digest),
+            "load_errors": self.load_errors,
+            "last_error": self.last_error,
+            "ports": self.ports.iter().map(|(n, w)| json!({"interface": n, "worker": w})).collect::<Vec<_>>(),
+            "report": self.report,
+            "workers": workers,
+            "stopped": self.stopped,
+        })
+    }
+
+    /// Writes the file atomically.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.to_json())?)?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_follows_manifest_files_only() {
+        let dir = std::env::temp_dir().join(format!("ocelot-digest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), "kind: Namespace\n").unwrap();
+        let d1 = dir_digest(&dir).unwrap();
+        std::fs::write(dir.join("notes.txt"), "ignored").unwrap();
+        assert_eq!(dir_digest(&dir).unwrap(), d1);
+        std::fs::write(dir.join("a.yaml"), "kind: Pod\n").unwrap();
+        let d2 = dir_digest(&dir).unwrap();
+        assert_ne!(d1, d2);
+        std::fs::rename(dir.join("a.yaml"), dir.join("b.yml")).unwrap();
+        assert_ne!(dir_digest(&dir).unwrap(), d2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn drops_line_names_reasons() {
+        let mut io = WorkerCounters::default();
+        let mut class = Counters::default();
+        assert_eq!(drops_line(&io, &class), "none");
+        class.drops[DropReason::PolicyIngress.index()] = 3;
+        io.drops[DropReason::TxFull.index()] = 1;
+        io.not_local = 2;
+        let line = drops_line(&io, &class);
+        assert!(line.contains("policy_ingress=3"), "{line}");
+        assert!(line.contains("tx_full=1"), "{line}");
+        assert!(line.contains("not_local=2"), "{line}");
+    }
+}
