@@ -375,6 +375,9 @@ pub struct OcelotProc {
     log: PathBuf,
 }
 
+/// What the agent prints on stderr once every worker polls (followed by details).
+const READY_LINE: &str = "ocelot: ready";
+
 /// Where `ocelot` must be: next to this binary (both are built into the same target dir).
 pub fn ocelot_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating ocelot-bench")?;
@@ -494,6 +497,8 @@ impl OcelotProc {
             .arg(&cfg)
             .arg("--manifests")
             .arg(&manifests)
+            .arg("--status")
+            .arg(opts.work_dir.join("ocelot-status.json"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
@@ -522,7 +527,7 @@ impl OcelotProc {
                 && std::io::BufReader::new(f)
                     .lines()
                     .map_while(Result::ok)
-                    .any(|l| l.trim() == "ocelot: ready")
+                    .any(|l| l.trim_start().starts_with(READY_LINE))
             {
                 return Ok(());
             }
@@ -554,7 +559,13 @@ impl OcelotProc {
         };
         terminate(&mut child, Duration::from_secs(10)).and_then(|status| {
             if status.success() {
-                Ok(String::new())
+                // The agent's last status (counters by drop reason) says where frames went.
+                let path = self.log.with_file_name("ocelot-status.json");
+                Ok(std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+                    .map(|v| format!("agent workers: {}", v["workers"]))
+                    .unwrap_or_default())
             } else {
                 Err(anyhow!(
                     "ocelot exited with {status} after SIGTERM; its stderr ({}):\n{}",
