@@ -104,6 +104,23 @@ pub struct Args {
     /// `spin` never sleeps (its core is then always busy).
     #[arg(long, value_enum, default_value_t = IdleMode::Poll)]
     idle: IdleMode,
+    /// Scaling run over the number of flows (e.g. 1,1000,100000,1000000): every device at
+    /// every value.
+    #[arg(long, value_delimiter = ',', conflicts_with = "sweep_rules", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    sweep_flows: Vec<u32>,
+    /// Scaling run over the number of generated policies (e.g. 0,10,100,1000); implies
+    /// `--policy generated`.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    sweep_rules: Vec<u32>,
+    /// ocelot workers: 1 (one worker owns both veths) or 2 (one per veth, on two cores, so
+    /// every frame crosses the hand-off between workers).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
+    workers: u32,
+    /// Replace the device's tables every this many ms during the fixed-rate trial (kernel:
+    /// `nft -f`; ocelot: a manifest change, which the agent notices within its 200 ms watch
+    /// interval).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    swap_every_ms: Option<u64>,
     /// A smoke run of a few seconds per device: 1 round, short trials, 2 search steps.
     #[arg(long)]
     quick: bool,
@@ -291,7 +308,12 @@ pub fn run(args: &Args) -> Result<()> {
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "?".into());
     let load_start = loadavg();
-    let policy_desc = match args.policy {
+    let policy = if args.sweep_rules.is_empty() {
+        args.policy
+    } else {
+        PolicySet::Generated
+    };
+    let policy_desc = match policy {
         PolicySet::None => "none".to_owned(),
         PolicySet::Demo => "demo".to_owned(),
         PolicySet::Generated => format!("generated ({} policies)", args.rules),
@@ -316,28 +338,30 @@ pub fn run(args: &Args) -> Result<()> {
     let names = tb.namespace_names();
     let ep = tb.endpoints()?;
     let epoch = Instant::now();
-    let mut traffic = Traffic::start(
-        &Placement {
-            gen_ns: tb.gens[0].pod.ns.name().to_owned(),
-            sink_ns: tb.sinks[0].pod.ns.name().to_owned(),
-            gen_core: Some(gen_core),
-            sink_core,
-        },
-        ep,
-        usize::from(args.size) - 4,
-        args.flows,
-        XskSetup {
-            socket,
-            frames: 4096,
-        },
-        epoch,
-    )
-    .context("starting the generator and the sink")?;
+    let placement = Placement {
+        gen_ns: tb.gens[0].pod.ns.name().to_owned(),
+        sink_ns: tb.sinks[0].pod.ns.name().to_owned(),
+        gen_core: Some(gen_core),
+        sink_core,
+    };
+    let setup = XskSetup {
+        socket,
+        frames: 4096,
+    };
 
-    let dopts = DeviceOpts {
-        policy: args.policy,
+    // The points of a scaling run; one point when nothing is swept.
+    let points: Vec<(u32, u32)> = if !args.sweep_flows.is_empty() {
+        args.sweep_flows.iter().map(|&f| (f, args.rules)).collect()
+    } else if !args.sweep_rules.is_empty() {
+        args.sweep_rules.iter().map(|&r| (args.flows, r)).collect()
+    } else {
+        vec![(args.flows, args.rules)]
+    };
+    let mut dopts = DeviceOpts {
+        policy,
         rules: args.rules as usize,
         core: Some(device_core),
+        workers: args.workers,
         xdp_mode,
         socket,
         idle: match args.idle {
@@ -346,49 +370,76 @@ pub fn run(args: &Args) -> Result<()> {
         },
         work_dir,
     };
-    let mut results: Vec<DeviceResult> = Vec::new();
-    for d in &args.devices {
-        if !results.iter().any(|r| r.name == d.name()) {
-            results.push(DeviceResult {
-                name: d.name(),
-                rounds: Vec::new(),
-                latency: traffic::new_histogram()?,
-            });
+    let swap = args.swap_every_ms.map(Duration::from_millis);
+    let mut traffic: Option<(u32, Traffic)> = None;
+    let mut sweep = Vec::new();
+    let mut first: Option<(Vec<DeviceResult>, Vec<(&'static str, String)>)> = None;
+    for &(flows, rules) in &points {
+        if traffic.as_ref().is_none_or(|(f, _)| *f != flows) {
+            if let Some((_, t)) = traffic.take() {
+                t.stop()?;
+            }
+            let t = Traffic::start(
+                &placement,
+                ep,
+                usize::from(args.size) - 4,
+                flows,
+                setup,
+                epoch,
+            )
+            .context("starting the generator and the sink")?;
+            traffic = Some((flows, t));
+        }
+        let Some((_, t_ref)) = traffic.as_mut() else {
+            bail!("no traffic threads");
+        };
+        dopts.rules = rules as usize;
+        if points.len() > 1 {
+            eprintln!("point: {flows} flow(s), {rules} generated policies");
+        }
+        let (results, refused) =
+            measure_point(&args.devices, &tb, &dopts, t_ref, args, t, swap, &stop)?;
+        if points.len() > 1 {
+            sweep.push(json!({
+                "flows": flows,
+                "rules": rules,
+                "devices": results.iter().map(DeviceResult::json).collect::<Vec<_>>(),
+                "refused": refused.iter().map(|(n, r)| json!({"name": n, "reason": r})).collect::<Vec<_>>(),
+            }));
+            println!("## {flows} flow(s), {rules} generated policies");
+            print!("{}", report::table(&results, args.rate));
+            for r in &results {
+                let path = args
+                    .out_dir
+                    .join(format!("{}-flows{flows}-rules{rules}.hgrm", r.name));
+                std::fs::write(&path, report::hgrm(&r.latency))
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+        if first.is_none() {
+            first = Some((results, refused));
         }
     }
-    let mut refused: Vec<(&'static str, String)> = Vec::new();
-    for round in 1..=t.rounds {
-        for &device in &args.devices {
-            if refused.iter().any(|(n, _)| *n == device.name()) {
-                continue;
-            }
-            let progress = |what: &str| {
-                eprintln!("round {round}/{} {:<7} {what}", t.rounds, device.name());
-            };
-            match measure(device, &tb, &dopts, &mut traffic, args, t, &stop, &progress)? {
-                Outcome::Refused(reason) => {
-                    eprintln!("REFUSED {}: {reason}", device.name());
-                    refused.push((device.name(), reason));
-                }
-                Outcome::Measured(fig, hist) => {
-                    if let Some(r) = results.iter_mut().find(|r| r.name == device.name()) {
-                        r.rounds.push(fig);
-                        r.latency.add(&hist).context("merging histograms")?;
-                    }
-                }
-            }
-        }
+    if let Some((_, t)) = traffic.take() {
+        t.stop()?;
     }
-    traffic.stop()?;
     drop(tb);
     let left = dataplane::netns::list()?;
     if let Some(n) = names.iter().find(|n| left.contains(n)) {
         bail!("namespace {n} was not removed");
     }
+    let Some((results, refused)) = first else {
+        bail!("nothing was measured");
+    };
 
-    results.retain(|r| !r.rounds.is_empty());
     let load_end = loadavg();
     println!("{conditions}; load average {load_end} at end");
+    if points.len() > 1 {
+        println!(
+            "## first point ({} flow(s), {} policies)",
+            points[0].0, points[0].1
+        );
+    }
     print!("{}", report::table(&results, args.rate));
     let vs_kernel = report::ratio(&results, "ocelot", "kernel");
     let vs_raw = report::ratio(&results, "ocelot", "raw-xsk");
@@ -412,7 +463,7 @@ pub fn run(args: &Args) -> Result<()> {
         &results,
         &format!(
             "one-way latency at {} pps, {} B, {} flow(s), policy {policy_desc}",
-            args.rate, args.size, args.flows
+            args.rate, args.size, points[0].0
         ),
     )?;
     eprintln!(
@@ -425,10 +476,12 @@ pub fn run(args: &Args) -> Result<()> {
             "devices": results.iter().map(DeviceResult::json).collect::<Vec<_>>(),
             "ratios": { "ocelot_vs_kernel": vs_kernel, "ocelot_vs_raw": vs_raw },
             "refused": refused.iter().map(|(n, r)| json!({"name": n, "reason": r})).collect::<Vec<_>>(),
+            "sweep": sweep,
             "conditions": {
-                "size": args.size, "flows": args.flows, "rate_pps": args.rate,
+                "size": args.size, "flows": points[0].0, "rate_pps": args.rate,
                 "policy": policy_desc, "xdp_mode": format!("{:?}", args.xdp_mode),
                 "gen_core": gen_core, "device_core": device_core, "sink_core": sink_core,
+                "ocelot_workers": args.workers, "swap_every_ms": args.swap_every_ms,
                 "cores": cores, "kernel": kernel, "cpu": cpu_model(),
                 "rounds": t.rounds, "duration_s": t.duration.as_secs_f64(),
                 "load_start": load_start, "load_end": load_end,
@@ -440,6 +493,55 @@ pub fn run(args: &Args) -> Result<()> {
         bail!("{} device(s) refused: see above", refused.len());
     }
     Ok(())
+}
+
+/// One point: `rounds` rounds of every device, alternating.
+#[allow(clippy::too_many_arguments)] // The run's whole context, passed once per point.
+fn measure_point(
+    devices: &[Device],
+    tb: &Testbed,
+    dopts: &DeviceOpts,
+    traffic: &mut Traffic,
+    args: &Args,
+    t: Timing,
+    swap: Option<Duration>,
+    stop: &AtomicBool,
+) -> Result<(Vec<DeviceResult>, Vec<(&'static str, String)>)> {
+    let mut results: Vec<DeviceResult> = Vec::new();
+    for d in devices {
+        if !results.iter().any(|r| r.name == d.name()) {
+            results.push(DeviceResult {
+                name: d.name(),
+                rounds: Vec::new(),
+                latency: traffic::new_histogram()?,
+            });
+        }
+    }
+    let mut refused: Vec<(&'static str, String)> = Vec::new();
+    for round in 1..=t.rounds {
+        for &device in devices {
+            if refused.iter().any(|(n, _)| *n == device.name()) {
+                continue;
+            }
+            let progress = |what: &str| {
+                eprintln!("round {round}/{} {:<7} {what}", t.rounds, device.name());
+            };
+            match measure(device, tb, dopts, traffic, args, t, swap, stop, &progress)? {
+                Outcome::Refused(reason) => {
+                    eprintln!("REFUSED {}: {reason}", device.name());
+                    refused.push((device.name(), reason));
+                }
+                Outcome::Measured(fig, hist) => {
+                    if let Some(r) = results.iter_mut().find(|r| r.name == device.name()) {
+                        r.rounds.push(fig);
+                        r.latency.add(&hist).context("merging histograms")?;
+                    }
+                }
+            }
+        }
+    }
+    results.retain(|r| !r.rounds.is_empty());
+    Ok((results, refused))
 }
 
 enum Outcome {
@@ -455,6 +557,7 @@ fn measure(
     traffic: &mut Traffic,
     args: &Args,
     t: Timing,
+    swap: Option<Duration>,
     stop: &AtomicBool,
     progress: &dyn Fn(&str),
 ) -> Result<Outcome> {
@@ -551,7 +654,18 @@ fn measure(
         }
     }
     let mut cpu = CpuSample::default();
+    // Table swaps run during the fixed-rate trial only, so its loss and latency tail are the
+    // swaps' (a swapper's own CPU time is the kernel's or the agent's work, and counts).
+    let swapper = match swap {
+        Some(period) => testbed::Swapper::start(device, tb, dopts, period)?,
+        None => None,
+    };
     let (fixed, counts) = trial(Some(args.rate), t.duration, Some(&mut cpu))?;
+    if let Some(s) = swapper {
+        let swaps = s.stop()?;
+        progress(&format!("{swaps} table swaps during the fixed-rate trial"));
+        fig.swaps = swaps;
+    }
     note(&fixed, &mut fig);
     fig.loss_at_rate = fixed.loss;
     fig.cpu_ns_per_packet = cpu.testbed as f64 / fixed.received.max(1) as f64;

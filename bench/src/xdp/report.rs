@@ -30,6 +30,8 @@ pub struct RoundFigures {
     pub reordered: u64,
     /// Duplicated frames at the fixed rate.
     pub duplicated: u64,
+    /// Table swaps made during the fixed-rate trial.
+    pub swaps: u64,
 }
 
 /// A device's result over all rounds.
@@ -90,6 +92,7 @@ impl DeviceResult {
             "latency_samples": self.latency.len(),
             "reordered_at_rate": self.rounds.iter().map(|r| r.reordered).sum::<u64>(),
             "duplicated_at_rate": self.rounds.iter().map(|r| r.duplicated).sum::<u64>(),
+            "swaps_at_rate": self.rounds.iter().map(|r| r.swaps).sum::<u64>(),
             "rounds": self.rounds.iter().map(|r| json!({
                 "max_pps": r.max_pps,
                 "max_pps_zero_loss": r.max_pps_zero_loss,

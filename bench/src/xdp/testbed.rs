@@ -154,6 +154,8 @@ pub struct DeviceOpts {
     pub rules: usize,
     /// Core of the device's worker (raw-xsk, ocelot).
     pub core: Option<usize>,
+    /// ocelot's workers: 1, or 2 (the generator's veth on `core`, the sink's on the next).
+    pub workers: u32,
     /// XDP attach mode for the AF_XDP devices.
     pub xdp_mode: XdpMode,
     /// Socket options of raw-xsk.
@@ -404,18 +406,39 @@ pub fn ocelot_config(tb: &Testbed, opts: &DeviceOpts) -> String {
         XdpMode::Native => "native",
         XdpMode::Generic | XdpMode::Auto => "generic",
     };
-    let ifaces = tb
+    let veths: Vec<&str> = tb
         .gens
         .iter()
         .chain(&tb.sinks)
-        .map(|p| format!("\"{}\"", p.pod.host_dev))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let mut s = format!("[node]\nname = \"bench\"\n\n[xdp]\nmode = \"{mode}\"\n\n[[workers]]\n");
-    if let Some(core) = opts.core {
-        let _ = writeln!(s, "core = {core}");
+        .map(|p| p.pod.host_dev.as_str())
+        .collect();
+    let quoted = |v: &[&str]| {
+        v.iter()
+            .map(|n| format!("\"{n}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let core = opts.core.unwrap_or(0);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut s = format!("[node]\nname = \"bench\"\n\n[xdp]\nmode = \"{mode}\"\n");
+    if opts.workers >= 2 {
+        // Generator pods' veths on one worker, sink pods' on the other: every frame
+        // crosses the hand-off.
+        let (gens, sinks) = veths.split_at(tb.gens.len());
+        for (c, v) in [(core, gens), ((core + 1) % cores, sinks)] {
+            let _ = write!(
+                s,
+                "\n[[workers]]\ncore = {c}\ninterfaces = [{}]\n",
+                quoted(v)
+            );
+        }
+    } else {
+        let _ = write!(
+            s,
+            "\n[[workers]]\ncore = {core}\ninterfaces = [{}]\n",
+            quoted(&veths)
+        );
     }
-    let _ = writeln!(s, "interfaces = [{ifaces}]");
     s
 }
 
@@ -483,6 +506,8 @@ impl OcelotProc {
             .with_context(|| format!("creating {}", manifests.display()))?;
         std::fs::write(&cfg, ocelot_config(tb, opts))
             .with_context(|| format!("writing {}", cfg.display()))?;
+        // A previous run's table-swap file must not leak into this one.
+        let _ = std::fs::remove_file(manifests.join("swap.yaml"));
         let file = manifests.join("bench.yaml");
         std::fs::write(&file, ocelot_manifests(tb, opts.policy, opts.rules))
             .with_context(|| format!("writing {}", file.display()))?;
@@ -610,4 +635,136 @@ impl Drop for OcelotProc {
 /// Whether `path` looks writable as a work directory (for an early, clear error).
 pub fn ensure_dir(path: &Path) -> Result<()> {
     std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// table swaps under load
+
+/// A thread that makes the device replace its tables every `period` while traffic flows:
+/// the kernel reloads its nftables ruleset atomically (`nft -f` of a `flush chain` + the
+/// rules), the agent sees its manifests directory change (a policy on another pod that
+/// alternates between two ports, written atomically by a rename) and swaps in a new
+/// snapshot. The policy the benchmark traffic needs is in every version, so no frame of it
+/// may be lost. raw-xsk has no tables: no swapper.
+#[derive(Debug)]
+pub struct Swapper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<u64>>>,
+}
+
+impl Swapper {
+    /// Starts swapping for `device`, if it has tables.
+    pub fn start(
+        device: Device,
+        tb: &Testbed,
+        opts: &DeviceOpts,
+        period: Duration,
+    ) -> Result<Option<Swapper>> {
+        let versions: [(PathBuf, String); 2] = match device {
+            Device::RawXsk => return Ok(None),
+            Device::Kernel => {
+                let gen_ips: Vec<Ipv4Addr> = tb.gens.iter().map(|p| p.pod.ip).collect();
+                let base = nft_ruleset(opts.policy, opts.rules, &gen_ips, tb.sinks[0].pod.ip);
+                let version = |port: u16| {
+                    // `nft -f` applies a file as one transaction: the chain is emptied and
+                    // refilled atomically, as iptables-restore does for Calico.
+                    let body = base.replacen(
+                        "ct state invalid drop\n",
+                        &format!(
+                            "ct state invalid drop\n    ip daddr 10.98.0.1 udp dport {port} accept\n"
+                        ),
+                        1,
+                    );
+                    format!("flush chain inet {NFT_TABLE} forward\n{body}")
+                };
+                [
+                    (opts.work_dir.join("swap-a.nft"), version(7001)),
+                    (opts.work_dir.join("swap-b.nft"), version(7002)),
+                ]
+            }
+            Device::Ocelot => {
+                let version = |port: u16| {
+                    format!(
+                        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: swap\n  namespace: {GEN_K8S_NS}\n\
+                         spec:\n  podSelector:\n    matchLabels:\n      app: nobody\n  ingress:\n    - ports:\n        - protocol: TCP\n          port: {port}\n"
+                    )
+                };
+                let dir = opts.work_dir.join("manifests");
+                [
+                    (dir.join("swap.yaml"), version(7001)),
+                    (dir.join("swap.yaml"), version(7002)),
+                ]
+            }
+        };
+        if device == Device::Kernel {
+            for (path, text) in &versions {
+                std::fs::write(path, text)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread_stop = std::sync::Arc::clone(&stop);
+        let node = tb.node.name().to_owned();
+        let thread = std::thread::Builder::new()
+            .name("xbench-swap".into())
+            .spawn(move || -> Result<u64> {
+                let mut swaps = 0u64;
+                let mut next = Instant::now();
+                while !thread_stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (path, text) = &versions[(swaps % 2) as usize];
+                    match device {
+                        Device::Kernel => {
+                            let out = Command::new("ip")
+                                .args(["netns", "exec", &node, "nft", "-f"])
+                                .arg(path)
+                                .stdin(Stdio::null())
+                                .output()
+                                .context("running nft")?;
+                            if !out.status.success() {
+                                bail!(
+                                    "nft -f {}: {}",
+                                    path.display(),
+                                    String::from_utf8_lossy(&out.stderr).trim()
+                                );
+                            }
+                        }
+                        _ => {
+                            let tmp = path.with_extension("tmp");
+                            std::fs::write(&tmp, text)
+                                .with_context(|| format!("writing {}", tmp.display()))?;
+                            std::fs::rename(&tmp, path)
+                                .with_context(|| format!("renaming to {}", path.display()))?;
+                        }
+                    }
+                    swaps += 1;
+                    next += period;
+                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                }
+                Ok(swaps)
+            })
+            .context("spawning the swap thread")?;
+        Ok(Some(Swapper {
+            stop,
+            thread: Some(thread),
+        }))
+    }
+
+    /// Stops swapping; returns how many swaps were made.
+    pub fn stop(mut self) -> Result<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => bail!("the swap thread panicked"),
+            None => Ok(0),
+        }
+    }
+}
+
+impl Drop for Swapper {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
