@@ -373,7 +373,7 @@ pub fn run(args: &Args) -> Result<()> {
     let swap = args.swap_every_ms.map(Duration::from_millis);
     let mut traffic: Option<(u32, Traffic)> = None;
     let mut sweep = Vec::new();
-    let mut first: Option<(Vec<DeviceResult>, Vec<(&'static str, String)>)> = None;
+    let mut first: Option<PointResult> = None;
     for &(flows, rules) in &points {
         if traffic.as_ref().is_none_or(|(f, _)| *f != flows) {
             if let Some((_, t)) = traffic.take() {
@@ -495,6 +495,12 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Devices that refused, with the reason.
+type Refused = Vec<(&'static str, String)>;
+
+/// What one point of a run measured: the devices reported and those refused.
+type PointResult = (Vec<DeviceResult>, Refused);
+
 /// One point: `rounds` rounds of every device, alternating.
 #[allow(clippy::too_many_arguments)] // The run's whole context, passed once per point.
 fn measure_point(
@@ -506,7 +512,7 @@ fn measure_point(
     t: Timing,
     swap: Option<Duration>,
     stop: &AtomicBool,
-) -> Result<(Vec<DeviceResult>, Vec<(&'static str, String)>)> {
+) -> Result<PointResult> {
     let mut results: Vec<DeviceResult> = Vec::new();
     for d in devices {
         if !results.iter().any(|r| r.name == d.name()) {
@@ -517,7 +523,7 @@ fn measure_point(
             });
         }
     }
-    let mut refused: Vec<(&'static str, String)> = Vec::new();
+    let mut refused: Refused = Vec::new();
     for round in 1..=t.rounds {
         for &device in devices {
             if refused.iter().any(|(n, _)| *n == device.name()) {
