@@ -361,6 +361,7 @@ pub fn run(args: &Args) -> Result<()> {
         policy,
         rules: args.rules as usize,
         core: Some(device_core),
+        flows: args.flows,
         workers: args.workers,
         xdp_mode,
         socket,
@@ -371,34 +372,32 @@ pub fn run(args: &Args) -> Result<()> {
         work_dir,
     };
     let swap = args.swap_every_ms.map(Duration::from_millis);
-    let mut traffic: Option<(u32, Traffic)> = None;
+    let mut traffic = Traffic::start(&placement, ep, usize::from(args.size) - 4, setup, epoch)
+        .context("starting the generator and the sink")?;
     let mut sweep = Vec::new();
     let mut first: Option<PointResult> = None;
+    let mut first_label = String::new();
     for &(flows, rules) in &points {
-        if traffic.as_ref().is_none_or(|(f, _)| *f != flows) {
-            if let Some((_, t)) = traffic.take() {
-                t.stop()?;
-            }
-            let t = Traffic::start(
-                &placement,
-                ep,
-                usize::from(args.size) - 4,
-                flows,
-                setup,
-                epoch,
-            )
-            .context("starting the generator and the sink")?;
-            traffic = Some((flows, t));
-        }
-        let Some((_, t_ref)) = traffic.as_mut() else {
-            bail!("no traffic threads");
-        };
         dopts.rules = rules as usize;
+        dopts.flows = flows;
+        let label = if args.sweep_rules.is_empty() {
+            format!("{flows} flow(s), policy {policy_desc}")
+        } else {
+            format!("{flows} flow(s), {rules} generated policies")
+        };
         if points.len() > 1 {
-            eprintln!("point: {flows} flow(s), {rules} generated policies");
+            eprintln!("point: {label}");
         }
-        let (results, refused) =
-            measure_point(&args.devices, &tb, &dopts, t_ref, args, t, swap, &stop)?;
+        let (results, refused) = measure_point(
+            &args.devices,
+            &tb,
+            &dopts,
+            &mut traffic,
+            args,
+            t,
+            swap,
+            &stop,
+        )?;
         if points.len() > 1 {
             sweep.push(json!({
                 "flows": flows,
@@ -406,7 +405,7 @@ pub fn run(args: &Args) -> Result<()> {
                 "devices": results.iter().map(DeviceResult::json).collect::<Vec<_>>(),
                 "refused": refused.iter().map(|(n, r)| json!({"name": n, "reason": r})).collect::<Vec<_>>(),
             }));
-            println!("## {flows} flow(s), {rules} generated policies");
+            println!("## {label}");
             print!("{}", report::table(&results, args.rate));
             for r in &results {
                 let path = args
@@ -418,11 +417,10 @@ pub fn run(args: &Args) -> Result<()> {
         }
         if first.is_none() {
             first = Some((results, refused));
+            first_label = label;
         }
     }
-    if let Some((_, t)) = traffic.take() {
-        t.stop()?;
-    }
+    traffic.stop()?;
     drop(tb);
     let left = dataplane::netns::list()?;
     if let Some(n) = names.iter().find(|n| left.contains(n)) {
@@ -435,10 +433,7 @@ pub fn run(args: &Args) -> Result<()> {
     let load_end = loadavg();
     println!("{conditions}; load average {load_end} at end");
     if points.len() > 1 {
-        println!(
-            "## first point ({} flow(s), {} policies)",
-            points[0].0, points[0].1
-        );
+        println!("## the first point again ({first_label}): its table, plot and JSON");
     }
     print!("{}", report::table(&results, args.rate));
     let vs_kernel = report::ratio(&results, "ocelot", "kernel");
@@ -580,7 +575,7 @@ fn measure(
             bail!("interrupted");
         }
         let mut cpu_start = CpuSample::default();
-        let (g, c) = traffic.trial(rate, t.warmup, dur, t.drain, || {
+        let (g, c) = traffic.trial(dopts.flows, rate, t.warmup, dur, t.drain, || {
             cpu_start = cpu_sample(agent).unwrap_or_default();
         })?;
         if let Some(cpu) = cpu {

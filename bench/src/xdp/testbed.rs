@@ -154,6 +154,8 @@ pub struct DeviceOpts {
     pub rules: usize,
     /// Core of the device's worker (raw-xsk, ocelot).
     pub core: Option<usize>,
+    /// Flows the generator sends (the agent's conntrack is sized for them).
+    pub flows: u32,
     /// ocelot's workers: 1, or 2 (the generator's veth on `core`, the sink's on the next).
     pub workers: u32,
     /// XDP attach mode for the AF_XDP devices.
@@ -420,7 +422,12 @@ pub fn ocelot_config(tb: &Testbed, opts: &DeviceOpts) -> String {
     };
     let core = opts.core.unwrap_or(0);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut s = format!("[node]\nname = \"bench\"\n\n[xdp]\nmode = \"{mode}\"\n");
+    // Room for every flow at a load factor of at most 0.5, as a node expecting this many
+    // connections would be configured; never below the agent's default.
+    let ct = (u64::from(opts.flows) * 2).next_power_of_two().max(1 << 18);
+    let mut s = format!(
+        "[node]\nname = \"bench\"\nconntrack_capacity = {ct}\n\n[xdp]\nmode = \"{mode}\"\n"
+    );
     if opts.workers >= 2 {
         // Generator pods' veths on one worker, sink pods' on the other: every frame
         // crosses the hand-off.
@@ -589,7 +596,7 @@ impl OcelotProc {
                 Ok(std::fs::read_to_string(&path)
                     .ok()
                     .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-                    .map(|v| format!("agent workers: {}", v["workers"]))
+                    .map(|v| format!("agent epoch {}, workers: {}", v["epoch"], v["workers"]))
                     .unwrap_or_default())
             } else {
                 Err(anyhow!(

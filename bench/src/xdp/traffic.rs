@@ -35,6 +35,8 @@ pub struct GenCmd {
     pub warmup: Duration,
     /// Measured time.
     pub duration: Duration,
+    /// Distinct flows, sent round robin.
+    pub flows: u32,
 }
 
 /// What the generator did in a trial.
@@ -186,7 +188,6 @@ impl Traffic {
         place: &Placement,
         ep: Endpoints,
         frame_len: usize,
-        flows: u32,
         setup: XskSetup,
         epoch: Instant,
     ) -> Result<Traffic> {
@@ -222,8 +223,7 @@ impl Traffic {
                 .name("xbench-gen".into())
                 .spawn(move || {
                     gen_thread(
-                        &ns, core, setup, ep, frame_len, flows, epoch, &s, gen_cmds, gen_res_tx,
-                        ready_tx,
+                        &ns, core, setup, ep, frame_len, epoch, &s, gen_cmds, gen_res_tx, ready_tx,
                     )
                 })
                 .context("spawning the generator thread")?,
@@ -242,8 +242,10 @@ impl Traffic {
 
     /// Runs one trial: the sink counts trial `n`, the generator sends it, then after `drain`
     /// the sink moves on and its counts are returned with the generator's.
+    #[allow(clippy::too_many_arguments)] // One trial's parameters.
     pub fn trial(
         &mut self,
+        flows: u32,
         rate: Option<u64>,
         warmup: Duration,
         duration: Duration,
@@ -263,6 +265,7 @@ impl Traffic {
                 rate,
                 warmup,
                 duration,
+                flows,
             })
             .map_err(|_| anyhow!("the generator thread has exited"))?;
         std::thread::sleep(warmup);
@@ -445,7 +448,6 @@ fn gen_thread(
     setup: XskSetup,
     ep: Endpoints,
     frame_len: usize,
-    flows: u32,
     epoch: Instant,
     stop: &AtomicBool,
     cmds: mpsc::Receiver<GenCmd>,
@@ -467,10 +469,9 @@ fn gen_thread(
         umem.set_len(f, template.len());
         umem.with_bytes_mut(f, |b| b.copy_from_slice(&template));
     }
-    let flows = flows.max(1);
     let mut pending: Vec<sys::XskFrame> = Vec::with_capacity(BURST);
-    let mut flow = 0u32;
     while let Ok(cmd) = cmds.recv() {
+        let mut flow = 0u32;
         let result = send_trial(
             &cmd,
             &umem,
@@ -478,7 +479,7 @@ fn gen_thread(
             &mut free,
             &mut pending,
             &mut flow,
-            flows,
+            cmd.flows.max(1),
             epoch,
             stop,
             template.len(),
