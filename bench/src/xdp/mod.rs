@@ -319,8 +319,21 @@ pub fn run(args: &Args) -> Result<()> {
         PolicySet::Generated => format!("generated ({} policies)", args.rules),
     };
     let sink = sink_core.map_or("unpinned".to_owned(), |c| c.to_string());
+    let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let sweep_desc = if !args.sweep_flows.is_empty() {
+        format!(" (sweeping flows {})", list(&args.sweep_flows))
+    } else if !args.sweep_rules.is_empty() {
+        format!(" (sweeping policies {})", list(&args.sweep_rules))
+    } else {
+        String::new()
+    };
+    let sweep_desc = if args.workers > 1 {
+        format!("{sweep_desc}, ocelot with {} workers", args.workers)
+    } else {
+        sweep_desc
+    };
     let conditions = format!(
-        "{} B frames, {} flow(s), fixed rate {} pps, policy {policy_desc}, {:?} XDP, copy mode; \
+        "{} B frames, {} flow(s), fixed rate {} pps, policy {policy_desc}{sweep_desc}, {:?} XDP, copy mode; \
          cores: generator {gen_core}, device {device_core}, sink {sink} (of {cores}); \
          {} rounds × {:?} + {:?} warm-up per trial; kernel {kernel}; {}; load average {load_start} at start",
         args.size,

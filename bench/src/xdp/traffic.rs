@@ -470,8 +470,16 @@ fn gen_thread(
         umem.with_bytes_mut(f, |b| b.copy_from_slice(&template));
     }
     let mut pending: Vec<sys::XskFrame> = Vec::with_capacity(BURST);
+    // The round robin over flows continues from trial to trial (restarting only when the
+    // number of flows changes), so a device's trials together reach every flow even when
+    // one trial sends fewer frames than there are flows.
+    let mut flow = 0u32;
+    let mut flows = 0u32;
     while let Ok(cmd) = cmds.recv() {
-        let mut flow = 0u32;
+        if cmd.flows != flows {
+            flows = cmd.flows;
+            flow = 0;
+        }
         let result = send_trial(
             &cmd,
             &umem,
