@@ -316,6 +316,7 @@ pub fn run(args: &Args) -> Result<()> {
     let policy_desc = match policy {
         PolicySet::None => "none".to_owned(),
         PolicySet::Demo => "demo".to_owned(),
+        PolicySet::Generated if !args.sweep_rules.is_empty() => "generated".to_owned(),
         PolicySet::Generated => format!("generated ({} policies)", args.rules),
     };
     let sink = sink_core.map_or("unpinned".to_owned(), |c| c.to_string());
