@@ -23,6 +23,8 @@ pub struct RoundFigures {
     /// Testbed CPU per delivered packet at the fixed rate, ns: this process's and the
     /// agent's user + system time plus the machine's softirq time.
     pub cpu_ns_per_packet: f64,
+    /// Testbed CPU per delivered packet in the trial that set `max_pps`, ns.
+    pub cpu_ns_per_packet_at_max: f64,
     /// The whole machine's user + system + softirq per delivered packet (includes whatever
     /// else runs on it).
     pub machine_cpu_ns_per_packet: f64,
@@ -84,6 +86,7 @@ impl DeviceResult {
             "loss_at_rate": self.med(|r| r.loss_at_rate),
             "cpu_ns_per_packet": self.med(|r| r.cpu_ns_per_packet),
             "machine_cpu_ns_per_packet": self.med(|r| r.machine_cpu_ns_per_packet),
+            "cpu_ns_per_packet_at_max": self.med(|r| r.cpu_ns_per_packet_at_max),
             "p50_us": self.us(0.5),
             "p90_us": self.us(0.9),
             "p99_us": self.us(0.99),
@@ -123,9 +126,10 @@ pub fn table(results: &[DeviceResult], rate: u64) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<8} {:>12} {:>12} {:>12} {:>10} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "{:<8} {:>12} {:>9} {:>12} {:>12} {:>10} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9}",
         "device",
         "max pps",
+        "ns/p@max",
         "0-loss pps",
         "unpaced pps",
         format!("loss@{}k", rate / 1000),
@@ -139,9 +143,10 @@ pub fn table(results: &[DeviceResult], rate: u64) -> String {
     for r in results {
         let _ = writeln!(
             s,
-            "{:<8} {:>12.0} {:>12.0} {:>12.0} {:>9.3}% {:>9.0} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1}",
+            "{:<8} {:>12.0} {:>9.0} {:>12.0} {:>12.0} {:>9.3}% {:>9.0} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1}",
             r.name,
             r.max_pps(),
+            r.med(|x| x.cpu_ns_per_packet_at_max),
             r.med(|x| x.max_pps_zero_loss),
             r.med(|x| x.max_delivered_pps),
             100.0 * r.med(|x| x.loss_at_rate),

@@ -451,24 +451,32 @@ pub fn ocelot_config(tb: &Testbed, opts: &DeviceOpts) -> String {
 
 /// The manifests: namespaces, the pods (with their IPs in `status.podIPs`) and the policies.
 pub fn ocelot_manifests(tb: &Testbed, policy: PolicySet, rules: usize) -> String {
+    let pods = |v: &[BenchPod]| -> Vec<(String, Ipv4Addr)> {
+        v.iter().map(|p| (p.name.clone(), p.pod.ip)).collect()
+    };
+    manifests_text(&pods(&tb.gens), &pods(&tb.sinks), policy, rules)
+}
+
+/// [`ocelot_manifests`] for generator and sink pods given by (name, IP).
+pub fn manifests_text(
+    gens: &[(String, Ipv4Addr)],
+    sinks: &[(String, Ipv4Addr)],
+    policy: PolicySet,
+    rules: usize,
+) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {GEN_K8S_NS}\n  labels:\n    role: client\n---\n\
          apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {SINK_K8S_NS}\n"
     );
-    for (ns, role, pods) in [
-        (GEN_K8S_NS, "gen", &tb.gens),
-        (SINK_K8S_NS, "sink", &tb.sinks),
-    ] {
-        for p in pods {
+    for (ns, role, pods) in [(GEN_K8S_NS, "gen", gens), (SINK_K8S_NS, "sink", sinks)] {
+        for (name, ip) in pods {
             let _ = write!(
                 s,
                 "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n    app: {role}\n\
                  spec:\n  nodeName: bench\n  containers:\n    - name: {role}\n      image: ocelot/bench\n\
                  status:\n  podIP: {ip}\n  podIPs:\n    - ip: {ip}\n",
-                name = p.name,
-                ip = p.pod.ip,
             );
         }
     }
@@ -773,5 +781,90 @@ impl Drop for Swapper {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use classifier::policy::compile::PolicyDecision;
+    use classifier::policy::model::Protocol;
+    use control::verdicts::Evaluator;
+
+    /// The manifests load with the control plane's own loader, and its policy evaluator
+    /// allows the benchmark's traffic (every destination port a flow can use) under every
+    /// policy set, while the demo and generated sets still deny other traffic to the sink.
+    #[test]
+    fn manifests_load_and_allow_exactly_the_benchmark_traffic() {
+        fn check(policy: PolicySet, rules: usize, policies: usize, other_denied: bool) {
+            let gen_ip = Ipv4Addr::new(10, 71, 0, 1);
+            let sink = Ipv4Addr::new(10, 71, 1, 1);
+            let text = manifests_text(
+                &[("gen-0".into(), gen_ip)],
+                &[("sink-0".into(), sink)],
+                policy,
+                rules,
+            );
+            let dir = std::env::temp_dir().join(format!(
+                "xbench-manifests-{}-{policy:?}-{rules}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("bench.yaml"), &text).unwrap();
+            let m = control::manifests::load_dir(&dir).unwrap();
+            let _ = std::fs::remove_dir_all(&dir);
+            assert_eq!(m.cluster.namespaces.len(), 2, "{policy:?}");
+            assert_eq!(m.cluster.pods.len(), 2, "{policy:?}");
+            assert_eq!(m.cluster.policies.len(), policies, "{policy:?}");
+            let eval = Evaluator::new(&m);
+            for port in [DST_PORT_BASE, DST_PORT_BASE + 15, DST_PORT_LAST] {
+                assert_eq!(
+                    eval.check(gen_ip.into(), sink.into(), port, Protocol::Udp),
+                    PolicyDecision::Allow,
+                    "{policy:?} port {port}"
+                );
+            }
+            let other = eval.check(gen_ip.into(), sink.into(), 80, Protocol::Tcp);
+            assert_eq!(other != PolicyDecision::Allow, other_denied, "{policy:?}");
+        }
+        check(PolicySet::None, 0, 0, false);
+        check(PolicySet::Demo, 0, 2, true);
+        check(PolicySet::Generated, 3, 4, true);
+        check(PolicySet::Generated, 0, 1, true);
+    }
+
+    #[test]
+    fn nft_ruleset_puts_conntrack_first_and_the_allow_last() {
+        fn check(policy: PolicySet, rules: usize, default: &str, lines: usize) {
+            let text = nft_ruleset(
+                policy,
+                rules,
+                &[Ipv4Addr::new(10, 71, 0, 1)],
+                Ipv4Addr::new(10, 71, 1, 1),
+            );
+            let body: Vec<&str> = text.lines().map(str::trim).collect();
+            assert!(
+                body.iter()
+                    .any(|l| l.ends_with(&format!("policy {default};"))),
+                "{text}"
+            );
+            let ct = body
+                .iter()
+                .position(|l| *l == "ct state established,related accept")
+                .unwrap();
+            let rule_lines: Vec<_> = body.iter().filter(|l| l.starts_with("ip daddr")).collect();
+            assert_eq!(rule_lines.len(), lines, "{text}");
+            if let Some(last) = rule_lines.last() {
+                assert!(
+                    last.contains("10.71.0.1") && last.contains("5001-5100"),
+                    "{text}"
+                );
+                let at = body.iter().position(|l| l == *last).unwrap();
+                assert!(ct < at);
+            }
+        }
+        check(PolicySet::None, 5, "accept", 0);
+        check(PolicySet::Demo, 5, "drop", 1);
+        check(PolicySet::Generated, 5, "drop", 6);
     }
 }
