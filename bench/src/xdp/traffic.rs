@@ -128,6 +128,7 @@ impl SinkTrial {
 }
 
 /// State the sink shares with the main thread.
+#[derive(Debug)]
 struct SinkShared {
     /// The trial the main thread wants counted.
     want: AtomicU16,
@@ -152,21 +153,9 @@ pub struct Traffic {
     stop: Arc<AtomicBool>,
     gen_tx: Option<mpsc::Sender<GenCmd>>,
     gen_rx: mpsc::Receiver<Result<GenResult>>,
-    sink: Arc<SinkSharedDebug>,
+    sink: Arc<SinkShared>,
     threads: Vec<JoinHandle<Result<()>>>,
     next_trial: u16,
-}
-
-/// `SinkShared` behind a `Debug` the workspace lints want.
-struct SinkSharedDebug(SinkShared);
-
-impl std::fmt::Debug for SinkSharedDebug {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SinkShared")
-            .field("want", &self.0.want)
-            .field("current", &self.0.current)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Where the two threads run.
@@ -192,11 +181,11 @@ impl Traffic {
         epoch: Instant,
     ) -> Result<Traffic> {
         let stop = Arc::new(AtomicBool::new(false));
-        let sink = Arc::new(SinkSharedDebug(SinkShared {
+        let sink = Arc::new(SinkShared {
             want: AtomicU16::new(0),
             current: AtomicU16::new(0),
             finished: Mutex::new(None),
-        }));
+        });
         let mut threads = Vec::new();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
 
@@ -287,7 +276,6 @@ impl Traffic {
         self.switch_sink(next)?;
         let finished = self
             .sink
-            .0
             .finished
             .lock()
             .map_err(|_| anyhow!("sink state poisoned"))?
@@ -300,9 +288,9 @@ impl Traffic {
 
     /// Makes the sink count trial `n` and waits until it does.
     fn switch_sink(&self, n: u16) -> Result<()> {
-        self.sink.0.want.store(n, Ordering::Release);
+        self.sink.want.store(n, Ordering::Release);
         let start = Instant::now();
-        while self.sink.0.current.load(Ordering::Acquire) != n {
+        while self.sink.current.load(Ordering::Acquire) != n {
             if start.elapsed() > Duration::from_secs(5) {
                 bail!("the sink thread does not answer");
             }
@@ -377,10 +365,9 @@ fn sink_thread(
     dst_ip: Ipv4Addr,
     epoch: Instant,
     stop: &AtomicBool,
-    shared: &SinkSharedDebug,
+    shared: &SinkShared,
     ready: mpsc::Sender<Result<()>>,
 ) -> Result<()> {
-    let shared = &shared.0;
     let (umem, mut free, mut rx, _tx) = match open_eth0(ns, core, setup) {
         Ok(v) => {
             let _ = ready.send(Ok(()));
