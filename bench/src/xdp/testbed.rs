@@ -655,10 +655,15 @@ pub fn ensure_dir(path: &Path) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // table swaps under load
 
+/// The port of the `n`th swap's extra rule: different from the previous swap's.
+fn swap_port(n: u64) -> u64 {
+    7000 + n % 1000
+}
+
 /// A thread that makes the device replace its tables every `period` while traffic flows:
 /// the kernel reloads its nftables ruleset atomically (`nft -f` of a `flush chain` + the
 /// rules), the agent sees its manifests directory change (a policy on another pod that
-/// alternates between two ports, written atomically by a rename) and swaps in a new
+/// names a new port each time, written atomically by a rename) and swaps in a new
 /// snapshot. The policy the benchmark traffic needs is in every version, so no frame of it
 /// may be lost. raw-xsk has no tables: no swapper.
 #[derive(Debug)]
@@ -675,48 +680,42 @@ impl Swapper {
         opts: &DeviceOpts,
         period: Duration,
     ) -> Result<Option<Swapper>> {
-        let versions: [(PathBuf, String); 2] = match device {
+        // Every swap writes a version that differs from the one before (a port that counts
+        // up): two alternating versions would alias with the agent's 200 ms directory poll
+        // and look unchanged to it.
+        let (path, version): (PathBuf, Box<dyn Fn(u64) -> String + Send>) = match device {
             Device::RawXsk => return Ok(None),
             Device::Kernel => {
                 let gen_ips: Vec<Ipv4Addr> = tb.gens.iter().map(|p| p.pod.ip).collect();
                 let base = nft_ruleset(opts.policy, opts.rules, &gen_ips, tb.sinks[0].pod.ip);
-                let version = |port: u16| {
-                    // `nft -f` applies a file as one transaction: the chain is emptied and
-                    // refilled atomically, as iptables-restore does for Calico.
-                    let body = base.replacen(
-                        "ct state invalid drop\n",
-                        &format!(
-                            "ct state invalid drop\n    ip daddr 10.98.0.1 udp dport {port} accept\n"
-                        ),
-                        1,
-                    );
-                    format!("flush chain inet {NFT_TABLE} forward\n{body}")
-                };
-                [
-                    (opts.work_dir.join("swap-a.nft"), version(7001)),
-                    (opts.work_dir.join("swap-b.nft"), version(7002)),
-                ]
+                (
+                    opts.work_dir.join("swap.nft"),
+                    Box::new(move |n| {
+                        // `nft -f` applies a file as one transaction: the chain is emptied
+                        // and refilled atomically, as iptables-restore does for Calico.
+                        let body = base.replacen(
+                            "ct state invalid drop\n",
+                            &format!(
+                                "ct state invalid drop\n    ip daddr 10.98.0.1 udp dport {} accept\n",
+                                swap_port(n)
+                            ),
+                            1,
+                        );
+                        format!("flush chain inet {NFT_TABLE} forward\n{body}")
+                    }),
+                )
             }
-            Device::Ocelot => {
-                let version = |port: u16| {
+            Device::Ocelot => (
+                opts.work_dir.join("manifests").join("swap.yaml"),
+                Box::new(|n| {
                     format!(
                         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: swap\n  namespace: {GEN_K8S_NS}\n\
-                         spec:\n  podSelector:\n    matchLabels:\n      app: nobody\n  ingress:\n    - ports:\n        - protocol: TCP\n          port: {port}\n"
+                         spec:\n  podSelector:\n    matchLabels:\n      app: nobody\n  ingress:\n    - ports:\n        - protocol: TCP\n          port: {}\n",
+                        swap_port(n)
                     )
-                };
-                let dir = opts.work_dir.join("manifests");
-                [
-                    (dir.join("swap.yaml"), version(7001)),
-                    (dir.join("swap.yaml"), version(7002)),
-                ]
-            }
+                }),
+            ),
         };
-        if device == Device::Kernel {
-            for (path, text) in &versions {
-                std::fs::write(path, text)
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
-        }
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let thread_stop = std::sync::Arc::clone(&stop);
         let node = tb.node.name().to_owned();
@@ -726,29 +725,27 @@ impl Swapper {
                 let mut swaps = 0u64;
                 let mut next = Instant::now();
                 while !thread_stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let (path, text) = &versions[(swaps % 2) as usize];
-                    match device {
-                        Device::Kernel => {
-                            let out = Command::new("ip")
-                                .args(["netns", "exec", &node, "nft", "-f"])
-                                .arg(path)
-                                .stdin(Stdio::null())
-                                .output()
-                                .context("running nft")?;
-                            if !out.status.success() {
-                                bail!(
-                                    "nft -f {}: {}",
-                                    path.display(),
-                                    String::from_utf8_lossy(&out.stderr).trim()
-                                );
-                            }
-                        }
-                        _ => {
-                            let tmp = path.with_extension("tmp");
-                            std::fs::write(&tmp, text)
-                                .with_context(|| format!("writing {}", tmp.display()))?;
-                            std::fs::rename(&tmp, path)
-                                .with_context(|| format!("renaming to {}", path.display()))?;
+                    let text = version(swaps);
+                    // Written aside and renamed into place, so the agent never reads half a
+                    // file (the `.tmp` extension is not one it loads).
+                    let tmp = path.with_extension("tmp");
+                    std::fs::write(&tmp, &text)
+                        .with_context(|| format!("writing {}", tmp.display()))?;
+                    std::fs::rename(&tmp, &path)
+                        .with_context(|| format!("renaming to {}", path.display()))?;
+                    if device == Device::Kernel {
+                        let out = Command::new("ip")
+                            .args(["netns", "exec", &node, "nft", "-f"])
+                            .arg(&path)
+                            .stdin(Stdio::null())
+                            .output()
+                            .context("running nft")?;
+                        if !out.status.success() {
+                            bail!(
+                                "nft -f {}: {}",
+                                path.display(),
+                                String::from_utf8_lossy(&out.stderr).trim()
+                            );
                         }
                     }
                     swaps += 1;
