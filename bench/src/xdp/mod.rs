@@ -7,10 +7,14 @@
 //! Per device and round: a sanity trial at a low rate (a device whose testbed delivers less
 //! than half of it is refused, with the reason, rather than reported), an unpaced trial, a
 //! short bisection over offered rates for the highest rate with at most 0.1 % loss, and a
-//! trial at the fixed `--rate` for loss, CPU per packet (`/proc/stat`: user + system +
-//! softirq of the whole machine, so of the whole testbed and of anything else running) and
-//! latency. Outputs: a table, a conditions line, `--json`, one `.hgrm` per device and an SVG
-//! percentile plot in `--out-dir`.
+//! trial at the fixed `--rate` for loss, CPU per packet and latency. CPU is the testbed's:
+//! this process's and the agent's user + system time (`/proc/<pid>/stat`) plus the machine's
+//! softirq time (`/proc/stat`), where the kernel path and veth do their work; it is taken
+//! for every trial and reported at the fixed rate and at the trial that set the max rate.
+//! Outputs: a table, a conditions line, `--json`, one `.hgrm` per device and an SVG
+//! percentile plot in `--out-dir`. `--sweep-flows` / `--sweep-rules` repeat all of it per
+//! value (scaling runs); `--workers 2` splits ocelot's veths over two workers;
+//! `--swap-every-ms` replaces the device's tables under load.
 //!
 //! Safety: everything runs in namespaces this process creates ([`testbed`]), removed by RAII;
 //! SIGINT and SIGTERM only set a stop flag, so the destructors run.
