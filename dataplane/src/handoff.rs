@@ -12,7 +12,13 @@
 //! (the receiver is behind), the frame is dropped and counted by the sender
 //! ([`HandoffDrop::Full`]); a worker never waits for another.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use crate::Error;
+use crate::sys::EventFd;
 
 use classifier::verdict::PortId;
 
@@ -45,12 +51,63 @@ pub enum HandoffDrop {
     TooBig,
 }
 
+/// A worker's doorbell: senders ring it when they hand frames to a worker that sleeps, so an
+/// idle worker forwards a handed-over frame at once instead of at the end of its sleep.
+///
+/// Lost wakeups cannot happen: the sleeper sets `sleeping` and then checks its queues; a
+/// sender enqueues and then reads `sleeping` (both sequentially consistent), so either the
+/// sleeper sees the frame or the sender sees it asleep and rings.
+#[derive(Debug)]
+pub struct Doorbell {
+    efd: EventFd,
+    sleeping: AtomicBool,
+}
+
+impl Doorbell {
+    /// A new doorbell.
+    pub fn new() -> Result<Arc<Doorbell>, Error> {
+        Ok(Arc::new(Doorbell {
+            efd: EventFd::new()?,
+            sleeping: AtomicBool::new(false),
+        }))
+    }
+
+    /// Rings if the owner sleeps (or is about to).
+    pub fn ring_if_asleep(&self) {
+        if self.sleeping.load(Ordering::SeqCst) {
+            self.efd.signal();
+        }
+    }
+
+    /// Rings unconditionally.
+    pub fn ring(&self) {
+        self.efd.signal();
+    }
+
+    /// Called by the owner before it checks its queues one last time and sleeps.
+    pub fn going_to_sleep(&self) {
+        self.sleeping.store(true, Ordering::SeqCst);
+    }
+
+    /// Called by the owner when it wakes.
+    pub fn woke(&self) {
+        self.sleeping.store(false, Ordering::SeqCst);
+        self.efd.drain();
+    }
+
+    /// The descriptor the owner sleeps on.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.efd.fd()
+    }
+}
+
 /// The sending side of one direction.
 #[derive(Debug)]
 pub struct HandoffTx {
     to_peer: Sender<HandoffBuf>,
     returned: Receiver<HandoffBuf>,
     buf_size: usize,
+    doorbell: Option<Arc<Doorbell>>,
 }
 
 /// The receiving side of one direction.
@@ -78,6 +135,7 @@ pub fn channel(capacity: usize, buf_size: usize) -> (HandoffTx, HandoffRx) {
             to_peer,
             returned,
             buf_size,
+            doorbell: None,
         },
         HandoffRx {
             from_peer,
@@ -87,6 +145,12 @@ pub fn channel(capacity: usize, buf_size: usize) -> (HandoffTx, HandoffRx) {
 }
 
 impl HandoffTx {
+    /// Rings `doorbell` (the receiving worker's) after each push that finds it asleep.
+    pub fn with_doorbell(mut self, doorbell: Arc<Doorbell>) -> HandoffTx {
+        self.doorbell = Some(doorbell);
+        self
+    }
+
     /// Copies `frame` into a free buffer bound for `egress` and passes it to the peer.
     pub fn push(&self, egress: PortId, frame: &[u8]) -> Result<(), HandoffDrop> {
         // Checked before taking a buffer: only the receiving side can put one back.
@@ -102,7 +166,12 @@ impl HandoffTx {
         // The channel has room for every buffer, so it cannot be full; a disconnected peer
         // (a worker that stopped) loses the frame, as a drop.
         match self.to_peer.try_send(buf) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if let Some(d) = &self.doorbell {
+                    d.ring_if_asleep();
+                }
+                Ok(())
+            }
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => Err(HandoffDrop::Full),
         }
     }
@@ -133,6 +202,23 @@ impl HandoffRx {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn doorbell_rings_only_for_a_sleeping_receiver() {
+        let bell = Doorbell::new().unwrap();
+        let (tx, rx) = channel(4, 64);
+        let tx = tx.with_doorbell(std::sync::Arc::clone(&bell));
+        let readable = || crate::sys::poll_readable([bell.fd()], 0).unwrap();
+        tx.push(PortId(1), &[1, 2, 3]).unwrap();
+        assert!(!readable(), "an awake receiver is not rung");
+        bell.going_to_sleep();
+        tx.push(PortId(1), &[4]).unwrap();
+        assert!(readable(), "a sleeping receiver is rung");
+        bell.woke();
+        assert!(!readable(), "waking drains the bell");
+        assert_eq!(rx.len(), 2);
+    }
+
     use super::*;
 
     #[test]

@@ -21,7 +21,7 @@ pub struct LiveCounters {
     publications: AtomicU64,
 }
 
-const IO_FIELDS: usize = 7;
+const IO_FIELDS: usize = 8;
 const CLASS_FIELDS: usize = 6;
 
 impl Default for LiveCounters {
@@ -59,6 +59,7 @@ impl LiveCounters {
                 io.handoff_out,
                 io.handoff_in,
                 io.handoff_dropped,
+                io.frames_retired,
             ],
         );
         store_all(&self.io_drops, &io.drops);
@@ -89,6 +90,7 @@ impl LiveCounters {
             handoff_out,
             handoff_in,
             handoff_dropped,
+            frames_retired,
         ] = load_all(&self.io);
         let io = WorkerCounters {
             rx,
@@ -98,6 +100,7 @@ impl LiveCounters {
             handoff_out,
             handoff_in,
             handoff_dropped,
+            frames_retired,
             drops: load_all(&self.io_drops),
         };
         let [rx, forwarded, to_host, replied, ct_hits, ct_created] = load_all(&self.class);
@@ -135,6 +138,7 @@ mod tests {
             handoff_out: 5,
             handoff_in: 6,
             handoff_dropped: 7,
+            frames_retired: 16,
             ..WorkerCounters::default()
         };
         io.drops[DropReason::TxFull.index()] = 8;

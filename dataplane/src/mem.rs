@@ -256,6 +256,11 @@ impl Rx for MemRx {
         out.extend(s.received.drain(..n));
         Ok(n)
     }
+
+    fn in_kernel(&self) -> usize {
+        let s = self.0.borrow();
+        s.fill.len() + s.received.len()
+    }
 }
 
 impl Tx for MemTx {

@@ -63,6 +63,10 @@ pub trait Rx {
     /// Returns how many.
     fn recv(&mut self, out: &mut Vec<Self::Frame>, max: usize) -> Result<usize, Error>;
 
+    /// Frames handed to the kernel by [`Rx::fill`] and not yet received back (in the fill
+    /// or rx ring). Used to account for frames when a port is retired.
+    fn in_kernel(&self) -> usize;
+
     /// A descriptor that polls readable when frames are waiting, so an idle loop can sleep in
     /// `poll` instead of spinning. `None` (the default) for ports that have none.
     fn fd(&self) -> Option<BorrowedFd<'_>> {

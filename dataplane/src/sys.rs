@@ -228,6 +228,19 @@ impl XskUmem {
         Ok((umem, frames))
     }
 
+    /// Closes a socket of this UMEM (its port was retired): the (interface, queue) can be
+    /// bound again, and the XDP program is detached when it was the interface's last socket.
+    /// Frames still in the socket's rings are not recovered (see `Worker::retire_port`).
+    pub fn release(&mut self, rx: XskRx, tx: XskTx) {
+        let bound = rx.bound;
+        drop(tx);
+        drop(rx);
+        self.bound.retain(|b| *b != bound);
+        // The UMEM's own reference is the last one once no socket uses the interface.
+        self.guards
+            .retain(|g| g.ifindex != bound.0 || Rc::strong_count(g) > 1);
+    }
+
     /// This UMEM's id, carried by each of its frames.
     pub fn id(&self) -> u32 {
         self.id
@@ -358,6 +371,8 @@ impl XskUmem {
             need_wakeup: opts.need_wakeup,
             interface: interface.into(),
             scratch: [FrameDesc::default(); BURST],
+            in_kernel: 0,
+            bound: (ifindex, queue),
             _guard: Rc::clone(&guard),
         };
         let tx = XskTx {
@@ -453,6 +468,10 @@ pub struct XskRx {
     need_wakeup: bool,
     interface: String,
     scratch: [FrameDesc; BURST],
+    /// Frames on the fill ring or the rx ring (given to the kernel, not yet received).
+    in_kernel: usize,
+    /// The (ifindex, queue) this socket is bound to on its UMEM.
+    bound: (u32, u32),
     // Last field: dropped after the socket's queues, so libxdp has detached first.
     _guard: Rc<XdpGuard>,
 }
@@ -522,6 +541,7 @@ impl Rx for XskRx {
             let produced = unsafe { self.fq.produce(self.scratch.get(..n).unwrap_or_default()) };
             free.truncate(free.len() - produced);
             total += produced;
+            self.in_kernel += produced;
             if produced < n {
                 break;
             }
@@ -552,7 +572,12 @@ impl Rx for XskRx {
             desc,
             umem: self.umem,
         }));
+        self.in_kernel = self.in_kernel.saturating_sub(got);
         Ok(got)
+    }
+
+    fn in_kernel(&self) -> usize {
+        self.in_kernel
     }
 
     fn fd(&self) -> Option<BorrowedFd<'_>> {
@@ -943,7 +968,9 @@ pub fn poll_readable<'a>(
     fds: impl IntoIterator<Item = BorrowedFd<'a>>,
     timeout_ms: i32,
 ) -> Result<bool, Error> {
-    const MAX: usize = 16;
+    // A worker with more ports than this sleeps on the first ones only; the rest are seen
+    // when the timeout ends the sleep.
+    const MAX: usize = 256;
     let mut set = [libc::pollfd {
         fd: -1,
         events: 0,
@@ -1158,6 +1185,64 @@ pub fn send_raw_ipv4(proto: u8, dst: std::net::Ipv4Addr, payload: &[u8]) -> Resu
         return Err(err("sendto"));
     }
     Ok(())
+}
+
+/// Silences libxdp's and libbpf's messages on stderr ("No bpffs found", "skipping
+/// unrecognized data section", …): they describe fallbacks libxdp takes on its own, and every
+/// failure still reaches the caller as an error value. Call once, before opening sockets.
+pub fn quiet_libxdp() {
+    // SAFETY: setting the print callback to none only changes a global function pointer in
+    // libxdp; no memory is passed.
+    unsafe {
+        libxdp_sys::libxdp_set_print(None);
+    }
+}
+
+/// An eventfd: a counter one thread signals and another sleeps on with `poll` (a worker's
+/// doorbell, rung when another worker hands it frames or the control thread has commands).
+#[derive(Debug)]
+pub struct EventFd {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl EventFd {
+    /// A new, non-blocking eventfd.
+    pub fn new() -> Result<EventFd, Error> {
+        // SAFETY: eventfd(2) takes no pointers; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::SocketIo {
+                syscall: "eventfd",
+                interface: "(doorbell)".into(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `fd` was just returned by eventfd(2) and is owned by nothing else.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        Ok(EventFd { fd })
+    }
+
+    /// Makes the descriptor readable (wakes a `poll` on it). Never blocks.
+    pub fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes the 8 bytes of `one`, which outlives the call, to our descriptor. A
+        // failure can only be EAGAIN (the counter is saturated: already readable), which is
+        // what we want anyway.
+        let _ = unsafe { libc::write(self.fd.as_raw_fd(), (&raw const one).cast(), 8) };
+    }
+
+    /// Resets the counter (after a wakeup). Never blocks.
+    pub fn drain(&self) {
+        let mut value: u64 = 0;
+        // SAFETY: reads at most 8 bytes into `value`, which outlives the call; EAGAIN (not
+        // signalled) leaves it untouched.
+        let _ = unsafe { libc::read(self.fd.as_raw_fd(), (&raw mut value).cast(), 8) };
+    }
+
+    /// The descriptor, to poll on.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
 }
 
 #[cfg(test)]

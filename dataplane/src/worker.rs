@@ -31,7 +31,7 @@ use classifier::snapshot::Snapshot;
 use classifier::verdict::{Counters, DropReason, PortId, Verdict};
 
 use crate::Error;
-use crate::handoff::{HandoffRx, HandoffTx};
+use crate::handoff::{Doorbell, HandoffRx, HandoffTx};
 use crate::live::LiveCounters;
 use crate::port::{BURST, FrameMem, Rx, Tx};
 use crate::rawfwd::Idle;
@@ -127,6 +127,8 @@ pub struct WorkerCounters {
     pub handoff_in: u64,
     /// Frames for another worker dropped because its hand-off was full.
     pub handoff_dropped: u64,
+    /// UMEM frames given up with retired ports (they sat in the closed sockets' rings).
+    pub frames_retired: u64,
     /// Drops by classifier reason, plus [`DropReason::TxFull`] for full tx rings; indexed by
     /// [`DropReason::index`].
     pub drops: [u64; DropReason::COUNT],
@@ -142,6 +144,7 @@ impl Default for WorkerCounters {
             handoff_out: 0,
             handoff_in: 0,
             handoff_dropped: 0,
+            frames_retired: 0,
             drops: [0; DropReason::COUNT],
         }
     }
@@ -197,6 +200,7 @@ pub struct Worker<M: FrameMem, R, T, C> {
     counters: WorkerCounters,
     frames: usize,
     live: Option<Arc<LiveCounters>>,
+    doorbell: Option<Arc<Doorbell>>,
 }
 
 impl<M, R, T, C> Worker<M, R, T, C>
@@ -253,6 +257,7 @@ where
             counters: WorkerCounters::default(),
             frames: count,
             live: None,
+            doorbell: None,
         })
     }
 
@@ -285,6 +290,111 @@ where
         Ok(())
     }
 
+    /// Adds a port while the worker is stopped between runs (the agent attaches a new pod's
+    /// veth this way). Refuses an id the worker already owns.
+    pub fn add_port(&mut self, port: WorkerPort<R, T>) -> Result<(), Error> {
+        let slot = port.id.0 as usize;
+        if self.local.len() <= slot {
+            self.local.resize(slot + 1, None);
+        }
+        match self.local.get_mut(slot) {
+            Some(s @ None) => *s = Some(self.ports.len()),
+            _ => {
+                return Err(Error::Table {
+                    entry: slot,
+                    reason: "port id used twice",
+                });
+            }
+        }
+        if let Some(r) = self.remote.get_mut(slot) {
+            *r = None;
+        }
+        let n = self.ports.len() + 1;
+        self.ports.push(Port {
+            id: port.id,
+            rx: port.rx,
+            tx: port.tx,
+            pending: Vec::new(),
+        });
+        // Every port may receive a burst from every port and every inbound hand-off in one
+        // poll; reserve now so the poll loop never allocates.
+        let cap = BURST * (n + self.handoff_in.len());
+        for p in &mut self.ports {
+            p.pending.reserve(cap.saturating_sub(p.pending.len()));
+        }
+        Ok(())
+    }
+
+    /// Removes a port (its pod is gone) and returns its two sides, so the caller decides
+    /// when the socket closes. Frames still in the port's kernel rings are not recovered:
+    /// they are counted in [`WorkerCounters::frames_retired`].
+    pub fn retire_port(&mut self, id: PortId) -> Option<(R, T)> {
+        let slot = id.0 as usize;
+        let index = self.local.get(slot).copied().flatten()?;
+        if let Some(s) = self.local.get_mut(slot) {
+            *s = None;
+        }
+        if index >= self.ports.len() {
+            return None;
+        }
+        let mut port = self.ports.remove(index);
+        // Ports after it moved down by one.
+        for l in self.local.iter_mut().flatten() {
+            if *l > index {
+                *l -= 1;
+            }
+        }
+        self.free.append(&mut port.pending);
+        let _ = port.tx.reclaim(&mut self.free);
+        let in_user_space =
+            self.free.len() + self.ports.iter().map(|p| p.pending.len()).sum::<usize>();
+        let in_kernel: usize = self
+            .ports
+            .iter()
+            .map(|p| p.rx.in_kernel() + p.tx.in_flight())
+            .sum();
+        let lost = self.frames.saturating_sub(in_user_space + in_kernel);
+        self.counters.frames_retired += lost as u64;
+        self.frames -= lost;
+        Some((port.rx, port.tx))
+    }
+
+    /// Sends frames forwarded to `id` (a port another worker owns) through the hand-off
+    /// added `out`-th by [`Worker::add_handoff_out`].
+    pub fn route_handoff(&mut self, id: PortId, out: usize) -> Result<(), Error> {
+        let slot = id.0 as usize;
+        if out >= self.handoff_out.len() {
+            return Err(Error::Table {
+                entry: out,
+                reason: "no such hand-off",
+            });
+        }
+        if matches!(self.local.get(slot), Some(Some(_))) {
+            return Err(Error::Table {
+                entry: slot,
+                reason: "hand-off to a port this worker owns",
+            });
+        }
+        if self.remote.len() <= slot {
+            self.remote.resize(slot + 1, None);
+        }
+        if let Some(r) = self.remote.get_mut(slot) {
+            *r = Some(out);
+        }
+        Ok(())
+    }
+
+    /// The frame memory (the agent opens new sockets on the worker's UMEM through it).
+    pub fn mem_mut(&mut self) -> &mut M {
+        &mut self.mem
+    }
+
+    /// Sleeps on `doorbell` too when idle, so hand-offs (whose senders ring it, see
+    /// [`HandoffTx::with_doorbell`]) and the owner's commands wake the worker at once.
+    pub fn set_doorbell(&mut self, doorbell: Arc<Doorbell>) {
+        self.doorbell = Some(doorbell);
+    }
+
     /// Publishes this worker's counters (and its classifier's) to `live` from [`Worker::run`]:
     /// every [`PUBLISH_EVERY_POLLS`] polls, whenever it goes idle, and when it stops.
     pub fn publish_to(&mut self, live: Arc<LiveCounters>) {
@@ -314,13 +424,19 @@ where
         // Keep a burst of free frames per inbound hand-off out of the fill rings, or frames
         // handed over could never be copied in when the fill rings can hold every frame.
         let reserve = BURST * self.handoff_in.len();
-        let n = self.ports.len();
-        for (k, p) in self.ports.iter_mut().enumerate() {
-            let share = self.free.len().saturating_sub(reserve).div_ceil(n - k);
-            p.rx.fill(&mut self.free, share)?;
+        // Each port's fill ring is topped up to an equal share of the frames, leaving one
+        // share free: frames in flight on tx rings come from it, and a port added later
+        // (a new pod) can be filled at once instead of waiting for traffic to free frames.
+        let target = self.frames / (self.ports.len() + 1);
+        for p in &mut self.ports {
+            let want = target.saturating_sub(p.rx.in_kernel());
+            let can = self.free.len().saturating_sub(reserve);
+            if want > 0 && can > 0 {
+                p.rx.fill(&mut self.free, want.min(can))?;
+            }
         }
         let mut received = 0;
-        for i in 0..n {
+        for i in 0..self.ports.len() {
             let Some(port) = self.ports.get_mut(i) else {
                 continue;
             };
@@ -438,15 +554,32 @@ where
 
     /// Polls until `stop` is set, idling as `idle` says. Returns the first I/O error.
     pub fn run(&mut self, stop: &AtomicBool, idle: Idle) -> Result<(), Error> {
-        let result = self.run_loop(stop, idle);
+        self.run_until(stop, &AtomicBool::new(false), idle)
+    }
+
+    /// As [`Worker::run`], also returning (with `Ok`) as soon as `attention` is set: the
+    /// owner has commands for the worker (ports to add or retire) and calls `run_until`
+    /// again afterwards.
+    pub fn run_until(
+        &mut self,
+        stop: &AtomicBool,
+        attention: &AtomicBool,
+        idle: Idle,
+    ) -> Result<(), Error> {
+        let result = self.run_loop(stop, attention, idle);
         self.publish();
         result
     }
 
-    fn run_loop(&mut self, stop: &AtomicBool, idle: Idle) -> Result<(), Error> {
+    fn run_loop(
+        &mut self,
+        stop: &AtomicBool,
+        attention: &AtomicBool,
+        idle: Idle,
+    ) -> Result<(), Error> {
         let mut empty = 0u32;
         let mut polls = 0u32;
-        while !stop.load(Ordering::Relaxed) {
+        while !stop.load(Ordering::Relaxed) && !attention.load(Ordering::Relaxed) {
             polls = polls.wrapping_add(1);
             if polls.is_multiple_of(PUBLISH_EVERY_POLLS) {
                 self.publish();
@@ -466,8 +599,22 @@ where
                     if empty == after_empty_polls {
                         self.publish();
                     }
-                    let fds = self.ports.iter().filter_map(|p| p.rx.fd());
-                    sys::poll_readable(fds, timeout_ms)?;
+                    if let Some(bell) = &self.doorbell {
+                        bell.going_to_sleep();
+                        // Checked after announcing the sleep: a frame handed over before it
+                        // is seen here, one handed over after it rings the bell.
+                        let waiting = self.handoff_in.iter().any(|h| !h.is_empty());
+                        if !waiting && !attention.load(Ordering::SeqCst) {
+                            // The bell first: `poll_readable` takes a bounded number.
+                            let fds = std::iter::once(bell.fd())
+                                .chain(self.ports.iter().filter_map(|p| p.rx.fd()));
+                            sys::poll_readable(fds, timeout_ms)?;
+                        }
+                        bell.woke();
+                    } else {
+                        let fds = self.ports.iter().filter_map(|p| p.rx.fd());
+                        sys::poll_readable(fds, timeout_ms)?;
+                    }
                 }
             }
         }
@@ -603,8 +750,59 @@ mod tests {
     }
 
     #[test]
+    fn ports_added_and_retired_while_stopped_keep_frames_accounted() {
+        let (mut w, w0, w1) = worker(ByteVerdict::default(), 256);
+        let (rx2, tx2, w2) = mem::wire(Faults::default());
+        w.add_port(WorkerPort {
+            id: PortId(2),
+            rx: rx2,
+            tx: tx2,
+        })
+        .unwrap();
+        let (rx, tx, _) = mem::wire(Faults::default());
+        assert!(
+            w.add_port(WorkerPort {
+                id: PortId(2),
+                rx,
+                tx
+            })
+            .is_err(),
+            "an id twice"
+        );
+        w.poll_once().unwrap();
+        w2.inject(&frame(FORWARD_TO_1));
+        w2.inject(&frame(FORWARD_TO_0));
+        w.poll_once().unwrap();
+        assert_eq!(w1.take_sent().len(), 1);
+        let sent0 = w0.take_sent();
+        assert_eq!(sent0.len(), 1);
+        assert_eq!(sent0[0][15], 2, "classified as arriving on port 2");
+        w.poll_once().unwrap();
+        let stuck = w2.fill_level();
+        assert!(stuck > 0);
+        // A fill share per port (256 frames / 4), one share left free.
+        assert!(w.free_frames() >= 256 / 4, "{}", w.free_frames());
+        let total = w.total_frames();
+        let (rx2, tx2) = w.retire_port(PortId(2)).expect("port 2 is local");
+        drop((rx2, tx2));
+        assert!(w.retire_port(PortId(2)).is_none());
+        assert_eq!(w.counters().frames_retired, stuck as u64);
+        assert_eq!(w.total_frames(), total - stuck);
+        // Port 1 still works, and every remaining frame is accounted for.
+        w0.inject(&frame(FORWARD_TO_1));
+        w.poll_once().unwrap();
+        w.poll_once().unwrap();
+        assert_eq!(w1.take_sent().len(), 1);
+        assert_eq!(
+            w.free_frames() + w0.frames_in_kernel() + w1.frames_in_kernel(),
+            w.total_frames()
+        );
+    }
+
+    #[test]
     fn one_classify_call_per_burst() {
-        let (mut w, w0, _w1) = worker(ByteVerdict::default(), 256);
+        // 512 frames over two ports: a fill share of 170 each, room for the 100 below.
+        let (mut w, w0, _w1) = worker(ByteVerdict::default(), 512);
         w.poll_once().unwrap();
         for _ in 0..100 {
             w0.inject(&frame(FORWARD_TO_1));

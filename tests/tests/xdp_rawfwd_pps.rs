@@ -139,14 +139,47 @@ enum Device {
     /// worker loop's own cost over the baseline (swap in `worker::Pipeline` once the
     /// classifier is done).
     Worker,
+    /// `dataplane::worker` with the real classifier (`worker::Pipeline`): parse, RPF,
+    /// route, conntrack, policy (allow-all: two pods, no policy), rewrite — what `ocelot run`
+    /// does per frame.
+    Pipeline,
+}
+
+/// The two pods as manifests, and the snapshot `ocelot run` would build for them.
+fn pipeline_snapshot(vn: &VirtualNode) -> classifier::snapshot::Snapshot {
+    use control::node::{NodeOptions, PortRole, PortSpec, build_snapshot};
+    let yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: a, namespace: default}}\nstatus: {{podIPs: [{{ip: {POD_A}}}]}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: b, namespace: default}}\nstatus: {{podIPs: [{{ip: {POD_B}}}]}}\n"
+    );
+    let manifests =
+        control::Manifests::from_texts([(std::path::PathBuf::from("pods.yaml"), yaml.as_str())])
+            .expect("manifests");
+    let ports: Vec<Option<PortSpec>> = vn
+        .pods
+        .iter()
+        .zip(["a", "b"])
+        .map(|(pod, name)| {
+            Some(PortSpec {
+                name: pod.host_dev.clone(),
+                mac: vn.node.mac(&pod.host_dev).unwrap(),
+                role: PortRole::Pod {
+                    namespace: "default".into(),
+                    name: name.into(),
+                    pod_mac: Some(pod.mac),
+                },
+            })
+        })
+        .collect();
+    build_snapshot(&manifests, &ports, &NodeOptions::default(), 1).0
 }
 
 /// Starts a worker owning vA (port 0) and vB (port 1) on its own thread; the returned
 /// closure stops it and reports its counters.
-fn start_worker(
+fn start_worker<C: dataplane::worker::Classify + Send + 'static>(
     netns: &str,
     config: FwdConfig,
-    classify: CrossConnect,
+    classify: C,
 ) -> Box<dyn FnOnce() -> String> {
     let stop = Arc::new(AtomicBool::new(false));
     let thread_stop = Arc::clone(&stop);
@@ -225,6 +258,15 @@ fn measure(label: &str, device: Device, generator: Generator, socket: SocketOpts
             ];
             start_worker(node.name(), config, CrossConnect { macs })
         }
+        Device::Pipeline => {
+            let ct = Arc::new(classifier::conntrack::Conntrack::new(Default::default()));
+            let clock: fn() -> classifier::Nanos = || {
+                static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+                T0.get_or_init(Instant::now).elapsed().as_nanos() as u64
+            };
+            let pipeline = dataplane::worker::Pipeline::fixed(ct, pipeline_snapshot(&vn), clock);
+            start_worker(node.name(), config, pipeline)
+        }
     };
 
     // A bound socket in pod-b that is never read: datagrams are counted at eth0 and no ICMP
@@ -283,6 +325,34 @@ fn measure(label: &str, device: Device, generator: Generator, socket: SocketOpts
     eprintln!("{report}");
 }
 
+/// raw-xsk, the worker loop with a stand-in classifier, and the real pipeline, alternated
+/// (A B C A B C A B C) on the same topology so the machine's drift cancels.
+#[test]
+#[ignore = "measurement: run explicitly with --ignored --nocapture"]
+fn pod_to_pod_pps_interleaved() {
+    let generic = SocketOpts {
+        bind: BindMode::Copy,
+        xdp_mode: XdpMode::Generic,
+        need_wakeup: true,
+        ..SocketOpts::default()
+    };
+    for round in 1..=3 {
+        for (label, device) in [
+            ("raw-xsk", Device::RawXsk),
+            ("worker loop, stand-in classifier", Device::Worker),
+            ("pipeline (real classifier)", Device::Pipeline),
+        ] {
+            measure(
+                &format!("round {round}: {label}; xsk generator; generic, need_wakeup, spin"),
+                device,
+                Generator::Xsk,
+                generic,
+                Idle::Spin,
+            );
+        }
+    }
+}
+
 #[test]
 #[ignore = "measurement: run explicitly with --ignored --nocapture"]
 fn rawfwd_pps() {
@@ -313,6 +383,13 @@ fn rawfwd_pps() {
     measure(
         "worker; xsk; generic, need_wakeup, spin",
         Device::Worker,
+        Generator::Xsk,
+        generic,
+        spin,
+    );
+    measure(
+        "pipeline (ocelot's worker + classifier); xsk; generic, need_wakeup, spin",
+        Device::Pipeline,
         Generator::Xsk,
         generic,
         spin,

@@ -37,7 +37,7 @@ use classifier::verdict::PortId;
 use control::manifests::{Manifests, load_dir};
 use control::naming::veth_name;
 use control::node::{BuildReport, NodeOptions, PortRole, PortSpec, build_snapshot};
-use dataplane::handoff::{self, HandoffRx, HandoffTx};
+use dataplane::handoff::{self, Doorbell, HandoffRx, HandoffTx};
 use dataplane::live::LiveCounters;
 use dataplane::rawfwd::Idle;
 use dataplane::sys::{self, UmemOpts};
@@ -81,20 +81,93 @@ struct AgentPort {
     spec: PortSpec,
     worker: usize,
     queue: u32,
+    /// The interface's index when it was attached: a pod recreated under the same name gets
+    /// a new veth, which must be attached anew.
+    ifindex: u32,
 }
 
-/// A running worker thread.
+/// What the control thread asks of a running worker.
+#[derive(Debug)]
+enum WorkerCmd {
+    /// Open a socket on (interface, queue) of this worker's UMEM as port `id`.
+    Attach {
+        name: String,
+        queue: u32,
+        id: PortId,
+    },
+    /// Close port `id` (its pod is gone).
+    Retire { id: PortId },
+    /// Frames for port `id` go to the worker at the other end of hand-off `out`.
+    Route { id: PortId, out: usize },
+}
+
+/// A running worker thread and the control thread's lines to it.
 #[derive(Debug)]
 struct WorkerHandle {
     core: usize,
     live: Arc<LiveCounters>,
     thread: JoinHandle<Result<()>>,
+    cmds: mpsc::Sender<WorkerCmd>,
+    acks: mpsc::Receiver<Result<(), String>>,
+    attention: Arc<AtomicBool>,
+    doorbell: Arc<Doorbell>,
+    /// Index of the hand-off to each other worker, by that worker's index.
+    outs: Vec<Option<usize>>,
+}
+
+impl WorkerHandle {
+    /// Sends commands and waits for every answer.
+    fn command(&self, cmds: Vec<WorkerCmd>) -> Result<()> {
+        let n = cmds.len();
+        for c in cmds {
+            self.cmds
+                .send(c)
+                .map_err(|_| anyhow!("worker on core {} is gone", self.core))?;
+        }
+        self.attention.store(true, Ordering::SeqCst);
+        self.doorbell.ring();
+        let mut first_error = None;
+        for _ in 0..n {
+            match self.acks.recv_timeout(Duration::from_secs(10)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(anyhow!(e));
+                }
+                Err(_) => {
+                    return Err(anyhow!(
+                        "worker on core {} did not answer within 10 s",
+                        self.core
+                    ));
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// The pods of the datastore that should have a port here: veth name → (namespace, name).
+fn wanted_pods(manifests: &Manifests) -> BTreeMap<String, (String, String)> {
+    manifests
+        .cluster
+        .pods
+        .iter()
+        .filter(|p| !p.host_network && !p.ips.is_empty())
+        .map(|p| {
+            (
+                veth_name(&p.namespace, &p.name),
+                (p.namespace.clone(), p.name.clone()),
+            )
+        })
+        .collect()
 }
 
 /// Runs the agent until `stop` is set. Returns an error for anything that prevented a clean
 /// start or stopped a worker.
 pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
     now();
+    if std::env::var_os("OCELOT_LIBXDP_LOG").is_none() {
+        sys::quiet_libxdp();
+    }
     let config = Config::load(&opts.config)?;
     let node_name = config
         .node
@@ -102,47 +175,34 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         .clone()
         .or_else(|| std::env::var("NODE_NAME").ok())
         .unwrap_or_else(hostname);
-    let manifests = load_manifests(&opts.manifests)?;
+    let mut manifests = load_manifests(&opts.manifests)?;
     let mut digest = status::dir_digest(&opts.manifests).unwrap_or(0);
 
-    // Which pods have a veth here: the names CNI (or `ocelot lab`) gave them.
-    let mut pod_ifaces = Vec::new();
-    let mut missing = Vec::new();
-    for pod in &manifests.cluster.pods {
-        if pod.host_network || pod.ips.is_empty() {
-            continue;
-        }
-        let name = veth_name(&pod.namespace, &pod.name);
-        if sys::ifindex(&name).is_ok() {
-            pod_ifaces.push((name, pod.namespace.clone(), pod.name.clone()));
-        } else {
-            missing.push(format!("{}/{} ({name})", pod.namespace, pod.name));
-        }
-    }
-    if !missing.is_empty() {
-        tracing::warn!(
-            "pods without an interface on this node (not attached): {}",
-            missing.join(", ")
+    // Which pods have a veth here: the names CNI (or `ocelot lab`) gave them. Pods whose veth
+    // appears later are attached when it does.
+    let wanted = wanted_pods(&manifests);
+    let present: Vec<String> = wanted
+        .keys()
+        .filter(|name| sys::ifindex(name).is_ok())
+        .cloned()
+        .collect();
+    if present.len() < wanted.len() {
+        tracing::info!(
+            "{} of {} pods have no interface here yet; they are attached when it appears",
+            wanted.len() - present.len(),
+            wanted.len()
         );
     }
-    let names: Vec<String> = pod_ifaces.iter().map(|(n, _, _)| n.clone()).collect();
     let layout = config
-        .layout(&Host, &names)
+        .layout(&Host, &present)
         .map_err(|e| anyhow!("config {}: {e}", opts.config.display()))?;
-    if layout.workers.iter().all(|(_, q)| q.is_empty()) {
-        bail!(
-            "nothing to attach: no pod of {} has an interface in this network namespace",
-            opts.manifests.display()
-        );
-    }
-
     let gateway = match &config.uplink {
         Some(up) => up
             .gateway()
             .map_err(|e| anyhow!("config {}: {e}", opts.config.display()))?,
         None => None,
     };
-    let ports = assign_ports(&layout, &pod_ifaces, gateway)?;
+    let mut ports = assign_ports(&layout, &wanted, gateway)?;
     for p in &ports {
         if let Some(prog) = sys::detach_stale_xsk_prog(&p.spec.name)
             .with_context(|| format!("interface {}", p.spec.name))?
@@ -174,15 +234,16 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
     ));
 
     let workers = start_workers(&config, &layout, &ports, &published, &ct, stop)?;
-    eprintln!(
+    say(format_args!(
         "{READY_LINE} (node {node_name}, epoch {epoch}, {} ports, {} workers on cores {:?})",
         ports.len(),
         workers.len(),
         workers.iter().map(|w| w.core).collect::<Vec<_>>()
-    );
+    ));
 
     let mut status = Status::new(&node_name, &ports_summary(&ports), epoch, digest, &report);
     let mut last_status = Instant::now() - Duration::from_secs(10);
+    let mut retry_after: BTreeMap<String, Instant> = BTreeMap::new();
     let mut result = Ok(());
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(WATCH_INTERVAL);
@@ -195,6 +256,73 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         }
         ct.sweep(now(), SWEEP_SLOTS);
         let mut changed = false;
+        let now_digest = status::dir_digest(&opts.manifests).unwrap_or(digest);
+        if now_digest != digest {
+            match load_manifests(&opts.manifests) {
+                Ok(m) => {
+                    manifests = m;
+                    changed = true;
+                }
+                Err(e) => {
+                    tracing::error!("{e:#}; keeping epoch {epoch}");
+                    status.load_errors += 1;
+                    status.last_error = Some(format!("{e:#}"));
+                }
+            }
+            digest = now_digest;
+        }
+        // Ports follow the pods: retire those whose pod or veth is gone, attach new ones.
+        let wanted = wanted_pods(&manifests);
+        for (id, port) in ports.iter().enumerate() {
+            let Some(spec) = specs.get(id).and_then(Option::as_ref) else {
+                continue;
+            };
+            if !matches!(spec.role, PortRole::Pod { .. }) {
+                continue;
+            }
+            let gone = !wanted.contains_key(&spec.name)
+                || sys::ifindex(&spec.name).ok() != Some(port.ifindex);
+            if gone {
+                let owner = workers.get(port.worker).context("worker index")?;
+                if let Err(e) = owner.command(vec![WorkerCmd::Retire {
+                    id: PortId(id as u16),
+                }]) {
+                    tracing::error!("retiring {}: {e:#}", spec.name);
+                }
+                tracing::info!("retired port {id} ({})", spec.name);
+                if let Some(slot) = specs.get_mut(id) {
+                    *slot = None;
+                }
+                changed = true;
+            }
+        }
+        for (name, (namespace, pod)) in &wanted {
+            let attached = specs.iter().flatten().any(|s| s.name == *name);
+            let waiting = retry_after.get(name).is_some_and(|t| Instant::now() < *t);
+            let Ok(ifindex) = sys::ifindex(name) else {
+                continue;
+            };
+            if attached || waiting {
+                continue;
+            }
+            match attach(&workers, &ports, name, namespace, pod, ifindex) {
+                Ok(port) => {
+                    tracing::info!(
+                        "attached {name} ({namespace}/{pod}) as port {} on worker {}",
+                        ports.len(),
+                        port.worker
+                    );
+                    specs.push(Some(port.spec.clone()));
+                    ports.push(port);
+                    retry_after.remove(name);
+                    changed = true;
+                }
+                Err(e) => {
+                    tracing::error!("attaching {name} ({namespace}/{pod}): {e:#}; retrying in 5 s");
+                    retry_after.insert(name.clone(), Instant::now() + Duration::from_secs(5));
+                }
+            }
+        }
         // Pods whose MAC could not be read yet: retry (their route appears when it can).
         for spec in specs.iter_mut().flatten() {
             if let PortRole::Pod {
@@ -207,42 +335,13 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
                 changed = true;
             }
         }
-        let now_digest = status::dir_digest(&opts.manifests).unwrap_or(digest);
-        let mut manifests_now = None;
-        if now_digest != digest {
-            match load_manifests(&opts.manifests) {
-                Ok(m) => {
-                    manifests_now = Some(m);
-                    changed = true;
-                }
-                Err(e) => {
-                    tracing::error!("{e:#}; keeping epoch {epoch}");
-                    status.load_errors += 1;
-                    status.last_error = Some(format!("{e:#}"));
-                }
-            }
-            digest = now_digest;
-        }
         if changed {
-            let m = match manifests_now {
-                Some(m) => m,
-                None => match load_manifests(&opts.manifests) {
-                    Ok(m) => m,
-                    Err(_) => continue,
-                },
-            };
             epoch += 1;
-            let (snapshot, report) = build_snapshot(&m, &specs, &node_opts, epoch);
+            let (snapshot, report) = build_snapshot(&manifests, &specs, &node_opts, epoch);
             log_report(&report);
-            let unattached: Vec<String> = report.pods_without_port.clone();
             published.store(Arc::new(snapshot));
             tracing::info!("epoch {epoch} published");
-            if !unattached.is_empty() {
-                tracing::warn!(
-                    "pods not attached (new pods need an agent restart for now): {}",
-                    unattached.join(", ")
-                );
-            }
+            status.set_ports(&ports_summary_live(&ports, &specs));
             status.applied(epoch, digest, &report);
             last_status = Instant::now() - Duration::from_secs(10);
         }
@@ -259,8 +358,6 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
     stop.store(true, Ordering::Relaxed);
     let mut totals = Vec::new();
     for (i, w) in workers.into_iter().enumerate() {
-        let (io, class) = w.live.load();
-        totals.push((w.core, (io, class)));
         match w.thread.join() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -274,6 +371,7 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
                 }
             }
         }
+        totals.push((w.core, w.live.load()));
     }
     if let Some(path) = &opts.status {
         status.workers = totals.clone();
@@ -281,16 +379,74 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         let _ = status.write(path);
     }
     for (core, (io, class)) in &totals {
-        eprintln!(
+        say(format_args!(
             "ocelot: worker on core {core}: rx {} tx {} forwarded {} replied {} drops {}",
             io.rx,
             io.tx,
             class.forwarded,
             class.replied,
             status::drops_line(io, class)
-        );
+        ));
     }
     result
+}
+
+/// Attaches a new pod veth to the worker with the fewest ports and routes the other workers'
+/// hand-offs to it.
+fn attach(
+    workers: &[WorkerHandle],
+    ports: &[AgentPort],
+    name: &str,
+    namespace: &str,
+    pod: &str,
+    ifindex: u32,
+) -> Result<AgentPort> {
+    if ports.len() >= usize::from(u16::MAX) {
+        bail!("port ids exhausted ({}); restart the agent", ports.len());
+    }
+    let load = |w: usize| ports.iter().filter(|p| p.worker == w).count();
+    let owner = (0..workers.len())
+        .min_by_key(|&w| load(w))
+        .context("no workers")?;
+    let id = PortId(ports.len() as u16);
+    let mac = ports::interface_mac(name).ok_or_else(|| anyhow!("cannot read its MAC"))?;
+    workers
+        .get(owner)
+        .context("worker index")?
+        .command(vec![WorkerCmd::Attach {
+            name: name.to_owned(),
+            queue: 0,
+            id,
+        }])?;
+    for (w, handle) in workers.iter().enumerate() {
+        if w == owner {
+            continue;
+        }
+        if let Some(out) = handle.outs.get(owner).copied().flatten() {
+            handle.command(vec![WorkerCmd::Route { id, out }])?;
+        }
+    }
+    Ok(AgentPort {
+        spec: PortSpec {
+            name: name.to_owned(),
+            mac,
+            role: PortRole::Pod {
+                namespace: namespace.to_owned(),
+                name: pod.to_owned(),
+                pod_mac: ports::peer_mac(name),
+            },
+        },
+        worker: owner,
+        queue: 0,
+        ifindex,
+    })
+}
+
+/// A line on stderr. Unlike `eprintln!`, a closed stderr (the reader went away) is not a
+/// reason to panic: the agent keeps forwarding.
+fn say(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{args}");
 }
 
 fn hostname() -> String {
@@ -328,7 +484,7 @@ fn log_report(report: &BuildReport) {
 /// Gives every attached interface a port id, in layout order.
 fn assign_ports(
     layout: &Layout,
-    pods: &[(String, String, String)],
+    pods: &BTreeMap<String, (String, String)>,
     gateway_mac: Option<[u8; 6]>,
 ) -> Result<Vec<AgentPort>> {
     let mut ports: Vec<AgentPort> = Vec::new();
@@ -343,11 +499,12 @@ fn assign_ports(
             }
             let mac = ports::interface_mac(&q.interface)
                 .ok_or_else(|| anyhow!("interface {}: cannot read its MAC", q.interface))?;
-            let role = match pods.iter().find(|(name, _, _)| *name == q.interface) {
-                Some((name, namespace, pod)) => PortRole::Pod {
+            let ifindex = sys::ifindex(&q.interface)?;
+            let role = match pods.get(&q.interface) {
+                Some((namespace, pod)) => PortRole::Pod {
                     namespace: namespace.clone(),
                     name: pod.clone(),
-                    pod_mac: ports::peer_mac(name),
+                    pod_mac: ports::peer_mac(&q.interface),
                 },
                 None => PortRole::Uplink { gateway_mac },
             };
@@ -359,6 +516,7 @@ fn assign_ports(
                 },
                 worker: w,
                 queue: q.queue,
+                ifindex,
             });
         }
     }
@@ -379,13 +537,24 @@ fn ports_summary(ports: &[AgentPort]) -> Vec<(String, usize)> {
         .collect()
 }
 
+fn ports_summary_live(ports: &[AgentPort], specs: &[Option<PortSpec>]) -> Vec<(String, usize)> {
+    ports
+        .iter()
+        .zip(specs)
+        .filter(|(_, s)| s.is_some())
+        .map(|(p, _)| (p.spec.name.clone(), p.worker))
+        .collect()
+}
+
 /// What one worker thread is given.
 struct WorkerSetup {
     core: usize,
     ports: Vec<(String, u32, PortId)>,
     outs: Vec<(HandoffTx, Vec<PortId>)>,
+    out_index: Vec<Option<usize>>,
     ins: Vec<HandoffRx>,
     live: Arc<LiveCounters>,
+    doorbell: Arc<Doorbell>,
 }
 
 fn start_workers(
@@ -397,11 +566,17 @@ fn start_workers(
     stop: &Arc<AtomicBool>,
 ) -> Result<Vec<WorkerHandle>> {
     let n = layout.workers.len();
+    let doorbells = (0..n)
+        .map(|_| Doorbell::new())
+        .collect::<Result<Vec<_>, _>>()
+        .context("creating worker doorbells")?;
     let mut setups: Vec<WorkerSetup> = layout
         .workers
         .iter()
         .enumerate()
-        .map(|(w, (core, _))| WorkerSetup {
+        .zip(&doorbells)
+        .map(|((w, (core, _)), doorbell)| WorkerSetup {
+            doorbell: Arc::clone(doorbell),
             core: *core,
             ports: ports
                 .iter()
@@ -410,11 +585,17 @@ fn start_workers(
                 .map(|(i, p)| (p.spec.name.clone(), p.queue, PortId(i as u16)))
                 .collect(),
             outs: Vec::new(),
+            out_index: vec![None; n],
             ins: Vec::new(),
             live: Arc::new(LiveCounters::default()),
         })
         .collect();
-    // A hand-off for every ordered pair of workers that both own ports.
+    // A hand-off for every ordered pair of workers (ports can be added to any worker later).
+    let capacity = if n <= 4 {
+        HANDOFF_CAPACITY
+    } else {
+        HANDOFF_CAPACITY / 4
+    };
     for from in 0..n {
         for to in 0..n {
             if from == to {
@@ -424,11 +605,15 @@ fn start_workers(
                 .get(to)
                 .map(|s| s.ports.iter().map(|p| p.2).collect())
                 .unwrap_or_default();
-            if targets.is_empty() {
-                continue;
-            }
-            let (tx, rx) = handoff::channel(HANDOFF_CAPACITY, 2048);
+            let (tx, rx) = handoff::channel(capacity, 2048);
+            let tx = match doorbells.get(to) {
+                Some(bell) => tx.with_doorbell(Arc::clone(bell)),
+                None => tx,
+            };
             if let Some(s) = setups.get_mut(from) {
+                if let Some(slot) = s.out_index.get_mut(to) {
+                    *slot = Some(s.outs.len());
+                }
                 s.outs.push((tx, targets));
             }
             if let Some(s) = setups.get_mut(to) {
@@ -448,7 +633,13 @@ fn start_workers(
         let ready = ready_tx.clone();
         let core = setup.core;
         let live = Arc::clone(&setup.live);
+        let outs = setup.out_index.clone();
         let expected_netns = netns.clone();
+        let (cmd_tx, cmd_rx) = mpsc::channel::<WorkerCmd>();
+        let (ack_tx, ack_rx) = mpsc::channel::<Result<(), String>>();
+        let attention = Arc::new(AtomicBool::new(false));
+        let doorbell = Arc::clone(&setup.doorbell);
+        let thread_attention = Arc::clone(&attention);
         let thread = std::thread::Builder::new()
             .name(format!("ocelot-worker-{w}"))
             .spawn(move || -> Result<()> {
@@ -485,6 +676,7 @@ fn start_workers(
                         worker.add_handoff_in(rx);
                     }
                     worker.publish_to(setup.live);
+                    worker.set_doorbell(setup.doorbell);
                     Ok(worker)
                 })();
                 let mut worker = match started {
@@ -498,18 +690,52 @@ fn start_workers(
                     }
                 };
                 drop(ready);
-                worker
-                    .run(
-                        &stop,
-                        Idle::Poll {
-                            after_empty_polls: 256,
-                            timeout_ms: 10,
-                        },
-                    )
-                    .map_err(|e| anyhow!("worker {w} on core {core}: {e}"))
+                let idle = Idle::Poll {
+                    after_empty_polls: 256,
+                    timeout_ms: 10,
+                };
+                loop {
+                    worker
+                        .run_until(&stop, &thread_attention, idle)
+                        .map_err(|e| anyhow!("worker {w} on core {core}: {e}"))?;
+                    if stop.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    // Clear first: a command sent after this point sets it again.
+                    thread_attention.store(false, Ordering::SeqCst);
+                    while let Ok(cmd) = cmd_rx.try_recv() {
+                        let done = match cmd {
+                            WorkerCmd::Attach { name, queue, id } => {
+                                sys::detach_stale_xsk_prog(&name)
+                                    .and_then(|_| worker.mem_mut().open(&name, queue, &socket))
+                                    .and_then(|(rx, tx)| worker.add_port(WorkerPort { id, rx, tx }))
+                                    .map_err(|e| format!("{name}: {e}"))
+                            }
+                            WorkerCmd::Retire { id } => {
+                                if let Some((rx, tx)) = worker.retire_port(id) {
+                                    worker.mem_mut().release(rx, tx);
+                                }
+                                Ok(())
+                            }
+                            WorkerCmd::Route { id, out } => {
+                                worker.route_handoff(id, out).map_err(|e| e.to_string())
+                            }
+                        };
+                        let _ = ack_tx.send(done);
+                    }
+                }
             })
             .context("spawning a worker thread")?;
-        handles.push(WorkerHandle { core, live, thread });
+        handles.push(WorkerHandle {
+            core,
+            live,
+            thread,
+            cmds: cmd_tx,
+            acks: ack_rx,
+            attention,
+            doorbell,
+            outs,
+        });
     }
     drop(ready_tx);
     let mut failure = None;

@@ -127,6 +127,11 @@ impl Status {
         }
     }
 
+    /// Replaces the interface → worker list.
+    pub fn set_ports(&mut self, ports: &[(String, usize)]) {
+        self.ports = ports.to_vec();
+    }
+
     /// Records a published snapshot.
     pub fn applied(&mut self, epoch: u32, digest: u64, report: &BuildReport) {
         self.epoch = epoch;

@@ -41,6 +41,7 @@ enum Command {
 fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("OCELOT_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -48,7 +49,8 @@ fn main() {
         .init();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
-        eprintln!("ocelot: error: {e:#}");
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "ocelot: error: {e:#}");
         std::process::exit(1);
     }
 }
