@@ -470,6 +470,18 @@ pub fn run(args: &Args) -> Result<()> {
     for (name, reason) in &refused {
         println!("{name}: not reported: {reason}");
     }
+    for r in results
+        .iter()
+        .filter(|r| r.rounds.iter().any(|x| x.swaps > 0))
+    {
+        let swaps: u64 = r.rounds.iter().map(|x| x.swaps).sum();
+        let lost: u64 = r.rounds.iter().map(|x| x.lost_at_rate).sum();
+        println!(
+            "{}: {swaps} table swaps under load, {lost} allowed frames lost{}",
+            r.name,
+            if lost == 0 { "" } else { " (must be 0)" }
+        );
+    }
     for r in &results {
         let path = args.out_dir.join(format!("{}.hgrm", r.name));
         std::fs::write(&path, report::hgrm(&r.latency))
@@ -709,6 +721,7 @@ fn measure(
     fig.machine_cpu_ns_per_packet = cpu.machine as f64 / fixed.received.max(1) as f64;
     fig.reordered = counts.reordered;
     fig.duplicated = counts.duplicated;
+    fig.lost_at_rate = fixed.sent.saturating_sub(fixed.received);
     let summary = running
         .stop()
         .with_context(|| format!("stopping device {}", device.name()))?;

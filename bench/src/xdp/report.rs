@@ -34,6 +34,8 @@ pub struct RoundFigures {
     pub duplicated: u64,
     /// Table swaps made during the fixed-rate trial.
     pub swaps: u64,
+    /// Frames sent and not received in the fixed-rate trial.
+    pub lost_at_rate: u64,
 }
 
 /// A device's result over all rounds.
@@ -96,6 +98,7 @@ impl DeviceResult {
             "reordered_at_rate": self.rounds.iter().map(|r| r.reordered).sum::<u64>(),
             "duplicated_at_rate": self.rounds.iter().map(|r| r.duplicated).sum::<u64>(),
             "swaps_at_rate": self.rounds.iter().map(|r| r.swaps).sum::<u64>(),
+            "lost_at_rate": self.rounds.iter().map(|r| r.lost_at_rate).sum::<u64>(),
             "rounds": self.rounds.iter().map(|r| json!({
                 "max_pps": r.max_pps,
                 "max_pps_zero_loss": r.max_pps_zero_loss,
