@@ -116,8 +116,12 @@ pub struct Args {
     /// `--policy generated`.
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(0..=100_000))]
     sweep_rules: Vec<u32>,
-    /// ocelot workers: 1 (one worker owns both veths) or 2 (one per veth, on two cores, so
-    /// every frame crosses the hand-off between workers).
+    /// Generator/sink pod pairs; each pair gets `--rate / pairs` and its own flows.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4))]
+    pairs: u32,
+    /// ocelot workers: 1 (one worker owns every veth) or 2 (on two cores: with one pair, one
+    /// veth per worker, so every frame crosses the hand-off; with more pairs, pairs alternate
+    /// between the workers and frames stay on theirs).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
     workers: u32,
     /// Replace the device's tables every this many ms during the fixed-rate trial (kernel:
@@ -337,6 +341,11 @@ pub fn run(args: &Args) -> Result<()> {
     } else {
         String::new()
     };
+    let sweep_desc = if args.pairs > 1 {
+        format!("{sweep_desc}, {} generator/sink pairs", args.pairs)
+    } else {
+        sweep_desc
+    };
     let sweep_desc = if args.workers > 1 {
         format!("{sweep_desc}, ocelot with {} workers", args.workers)
     } else {
@@ -357,16 +366,9 @@ pub fn run(args: &Args) -> Result<()> {
     );
     eprintln!("xdp: {conditions}");
 
-    let tb = Testbed::new().context("building the testbed")?;
+    let tb = Testbed::new(args.pairs as usize).context("building the testbed")?;
     let names = tb.namespace_names();
-    let ep = tb.endpoints()?;
     let epoch = Instant::now();
-    let placement = Placement {
-        gen_ns: tb.gens[0].pod.ns.name().to_owned(),
-        sink_ns: tb.sinks[0].pod.ns.name().to_owned(),
-        gen_core: Some(gen_core),
-        sink_core,
-    };
     let setup = XskSetup {
         socket,
         frames: 4096,
@@ -395,8 +397,20 @@ pub fn run(args: &Args) -> Result<()> {
         work_dir,
     };
     let swap = args.swap_every_ms.map(Duration::from_millis);
-    let mut traffic = Traffic::start(&placement, ep, usize::from(args.size) - 4, setup, epoch)
-        .context("starting the generator and the sink")?;
+    let mut traffic = Vec::new();
+    for (g, k) in tb.gens.iter().zip(&tb.sinks) {
+        let placement = Placement {
+            gen_ns: g.pod.ns.name().to_owned(),
+            sink_ns: k.pod.ns.name().to_owned(),
+            gen_core: Some(gen_core),
+            sink_core,
+        };
+        let ep = tb.endpoints(g, k)?;
+        traffic.push(
+            Traffic::start(&placement, ep, usize::from(args.size) - 4, setup, epoch)
+                .context("starting a generator and a sink")?,
+        );
+    }
     let mut sweep = Vec::new();
     let mut first: Option<PointResult> = None;
     let mut first_label = String::new();
@@ -443,7 +457,9 @@ pub fn run(args: &Args) -> Result<()> {
             first_label = label;
         }
     }
-    traffic.stop()?;
+    for t in traffic {
+        t.stop()?;
+    }
     drop(tb);
     let left = dataplane::netns::list()?;
     if let Some(n) = names.iter().find(|n| left.contains(n)) {
@@ -511,7 +527,7 @@ pub fn run(args: &Args) -> Result<()> {
                 "size": args.size, "flows": points[0].0, "rate_pps": args.rate,
                 "policy": policy_desc, "xdp_mode": format!("{:?}", args.xdp_mode),
                 "gen_core": gen_core, "device_core": device_core, "sink_core": sink_core,
-                "ocelot_workers": args.workers, "swap_every_ms": args.swap_every_ms,
+                "ocelot_workers": args.workers, "pairs": args.pairs, "swap_every_ms": args.swap_every_ms,
                 "cores": cores, "kernel": kernel, "cpu": cpu_model(),
                 "rounds": t.rounds, "duration_s": t.duration.as_secs_f64(),
                 "load_start": load_start, "load_end": load_end,
@@ -537,7 +553,7 @@ fn measure_point(
     devices: &[Device],
     tb: &Testbed,
     dopts: &DeviceOpts,
-    traffic: &mut Traffic,
+    traffic: &mut [Traffic],
     args: &Args,
     t: Timing,
     swap: Option<Duration>,
@@ -605,7 +621,7 @@ fn measure(
     device: Device,
     tb: &Testbed,
     dopts: &DeviceOpts,
-    traffic: &mut Traffic,
+    traffic: &mut [Traffic],
     args: &Args,
     t: Timing,
     swap: Option<Duration>,
@@ -625,7 +641,7 @@ fn measure(
             bail!("interrupted");
         }
         let mut cpu_start = CpuSample::default();
-        let (g, c) = traffic.trial(dopts.flows, rate, t.warmup, dur, t.drain, || {
+        let (g, c) = traffic::trial(traffic, dopts.flows, rate, t.warmup, dur, t.drain, || {
             cpu_start = cpu_sample(agent).unwrap_or_default();
         })?;
         let end = cpu_sample(agent)?;

@@ -93,8 +93,8 @@ pub struct Testbed {
 }
 
 impl Testbed {
-    /// Builds one generator and one sink pod around an empty node.
-    pub fn new() -> Result<Testbed> {
+    /// Builds `pairs` generator and sink pods around an empty node.
+    pub fn new(pairs: usize) -> Result<Testbed> {
         let node = Netns::new("xb-node")?;
         node.disable_ipv6()?;
         let mut veths = Vec::new();
@@ -115,8 +115,12 @@ impl Testbed {
             node.neigh_add(&host_dev, &pod.ip.to_string(), pod.mac)?;
             Ok(BenchPod { name, pod })
         };
-        let gens = vec![build(false, 0)?];
-        let sinks = vec![build(true, 0)?];
+        let mut gens = Vec::new();
+        let mut sinks = Vec::new();
+        for i in 0..pairs.max(1) {
+            gens.push(build(false, i)?);
+            sinks.push(build(true, i)?);
+        }
         Ok(Testbed {
             _veths: veths,
             gens,
@@ -125,9 +129,9 @@ impl Testbed {
         })
     }
 
-    /// Addresses the generator writes into its frames.
-    pub fn endpoints(&self) -> Result<Endpoints> {
-        let (g, s) = (&self.gens[0].pod, &self.sinks[0].pod);
+    /// Addresses generator `g` writes into its frames for sink `k`.
+    pub fn endpoints(&self, g: &BenchPod, k: &BenchPod) -> Result<Endpoints> {
+        let (g, s) = (&g.pod, &k.pod);
         Ok(Endpoints {
             dst_mac: self.node.mac(&g.host_dev)?,
             src_mac: g.mac,
@@ -173,8 +177,8 @@ pub struct DeviceOpts {
 pub enum Running<'a> {
     /// nftables, routes and sysctls in the node namespace.
     Kernel(KernelNode<'a>),
-    /// The raw forwarder's thread.
-    RawXsk(FwdThread),
+    /// The raw forwarders' threads, one per generator/sink pair.
+    RawXsk(Vec<FwdThread>),
     /// The agent's process.
     Ocelot(OcelotProc),
 }
@@ -192,13 +196,14 @@ impl Running<'_> {
     pub fn stop(self) -> Result<String> {
         match self {
             Running::Kernel(k) => k.stop(),
-            Running::RawXsk(f) => {
-                let report = f.stop()?;
-                Ok(report
-                    .iter()
-                    .map(|(name, c, k)| format!("{name}: {c:?}; kernel {k:?}"))
-                    .collect::<Vec<_>>()
-                    .join("; "))
+            Running::RawXsk(fwds) => {
+                let mut lines = Vec::new();
+                for f in fwds {
+                    for (name, c, k) in f.stop()? {
+                        lines.push(format!("{name}: {c:?}; kernel {k:?}"));
+                    }
+                }
+                Ok(lines.join("; "))
             }
             Running::Ocelot(o) => o.stop(),
         }
@@ -229,13 +234,18 @@ pub fn start<'a>(device: Device, tb: &'a Testbed, opts: &DeviceOpts) -> Result<R
                 idle: opts.idle,
                 ..FwdConfig::default()
             };
-            let fwd = rawfwd::spawn_pair(
-                tb.node.name(),
-                side(&tb.gens[0])?,
-                side(&tb.sinks[0])?,
-                config,
-            )?;
-            Ok(Running::RawXsk(fwd))
+            // One forwarder per pair, all on the device core: each pair's two veths share a
+            // UMEM, as one ocelot worker's ports do.
+            let mut fwds = Vec::new();
+            for (g, k) in tb.gens.iter().zip(&tb.sinks) {
+                fwds.push(rawfwd::spawn_pair(
+                    tb.node.name(),
+                    side(g)?,
+                    side(k)?,
+                    config,
+                )?);
+            }
+            Ok(Running::RawXsk(fwds))
         }
         Device::Ocelot => OcelotProc::start(tb, opts).map(Running::Ocelot),
     }
@@ -258,13 +268,15 @@ pub fn nft_ruleset(
     policy: PolicySet,
     rules: usize,
     gen_ips: &[Ipv4Addr],
-    sink_ip: Ipv4Addr,
+    sink_ips: &[Ipv4Addr],
 ) -> String {
-    let gens = gen_ips
-        .iter()
-        .map(Ipv4Addr::to_string)
-        .collect::<Vec<_>>()
-        .join(", ");
+    let set = |ips: &[Ipv4Addr]| {
+        ips.iter()
+            .map(Ipv4Addr::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (gens, sinks) = (set(gen_ips), set(sink_ips));
     let mut s = String::new();
     let _ = writeln!(s, "table inet {NFT_TABLE} {{");
     let _ = writeln!(s, "  chain forward {{");
@@ -285,7 +297,7 @@ pub fn nft_ruleset(
         for i in 0..rules {
             let _ = writeln!(
                 s,
-                "    ip daddr {sink_ip} ip saddr 10.99.{}.{} udp dport {} accept",
+                "    ip daddr {{ {sinks} }} ip saddr 10.99.{}.{} udp dport {} accept",
                 (i / 250) % 250,
                 i % 250 + 1,
                 6000 + i % 1000
@@ -295,7 +307,7 @@ pub fn nft_ruleset(
     if policy != PolicySet::None {
         let _ = writeln!(
             s,
-            "    ip daddr {sink_ip} ip saddr {{ {gens} }} udp dport {DST_PORT_BASE}-{DST_PORT_LAST} accept"
+            "    ip daddr {{ {sinks} }} ip saddr {{ {gens} }} udp dport {DST_PORT_BASE}-{DST_PORT_LAST} accept"
         );
     }
     let _ = writeln!(s, "  }}");
@@ -320,7 +332,8 @@ impl<'a> KernelNode<'a> {
             ])?;
         }
         let gen_ips: Vec<Ipv4Addr> = tb.gens.iter().map(|p| p.pod.ip).collect();
-        let ruleset = nft_ruleset(opts.policy, opts.rules, &gen_ips, tb.sinks[0].pod.ip);
+        let sink_ips: Vec<Ipv4Addr> = tb.sinks.iter().map(|p| p.pod.ip).collect();
+        let ruleset = nft_ruleset(opts.policy, opts.rules, &gen_ips, &sink_ips);
         let file = opts.work_dir.join("kernel.nft");
         std::fs::write(&file, &ruleset).with_context(|| format!("writing {}", file.display()))?;
         let path = file.to_string_lossy().into_owned();
@@ -429,14 +442,27 @@ pub fn ocelot_config(tb: &Testbed, opts: &DeviceOpts) -> String {
         "[node]\nname = \"bench\"\nconntrack_capacity = {ct}\n\n[xdp]\nmode = \"{mode}\"\n"
     );
     if opts.workers >= 2 {
-        // Generator pods' veths on one worker, sink pods' on the other: every frame
-        // crosses the hand-off.
         let (gens, sinks) = veths.split_at(tb.gens.len());
-        for (c, v) in [(core, gens), ((core + 1) % cores, sinks)] {
+        let (w0, w1): (Vec<&str>, Vec<&str>) = if gens.len() == 1 {
+            // One pair: the generator's veth on one worker, the sink's on the other, so
+            // every frame crosses the hand-off.
+            (gens.to_vec(), sinks.to_vec())
+        } else {
+            // Several pairs: whole pairs alternate between the workers, so frames stay on
+            // the worker that received them.
+            let mut w = (Vec::new(), Vec::new());
+            for (i, (g, k)) in gens.iter().zip(sinks).enumerate() {
+                let side = if i % 2 == 0 { &mut w.0 } else { &mut w.1 };
+                side.push(*g);
+                side.push(*k);
+            }
+            w
+        };
+        for (c, v) in [(core, w0), ((core + 1) % cores, w1)] {
             let _ = write!(
                 s,
                 "\n[[workers]]\ncore = {c}\ninterfaces = [{}]\n",
-                quoted(v)
+                quoted(&v)
             );
         }
     } else {
@@ -687,7 +713,8 @@ impl Swapper {
             Device::RawXsk => return Ok(None),
             Device::Kernel => {
                 let gen_ips: Vec<Ipv4Addr> = tb.gens.iter().map(|p| p.pod.ip).collect();
-                let base = nft_ruleset(opts.policy, opts.rules, &gen_ips, tb.sinks[0].pod.ip);
+                let sink_ips: Vec<Ipv4Addr> = tb.sinks.iter().map(|p| p.pod.ip).collect();
+                let base = nft_ruleset(opts.policy, opts.rules, &gen_ips, &sink_ips);
                 (
                     opts.work_dir.join("swap.nft"),
                     Box::new(move |n| {
@@ -837,7 +864,7 @@ mod tests {
                 policy,
                 rules,
                 &[Ipv4Addr::new(10, 71, 0, 1)],
-                Ipv4Addr::new(10, 71, 1, 1),
+                &[Ipv4Addr::new(10, 71, 1, 1)],
             );
             let body: Vec<&str> = text.lines().map(str::trim).collect();
             assert!(

@@ -229,18 +229,14 @@ impl Traffic {
         Ok(traffic)
     }
 
-    /// Runs one trial: the sink counts trial `n`, the generator sends it, then after `drain`
-    /// the sink moves on and its counts are returned with the generator's.
-    #[allow(clippy::too_many_arguments)] // One trial's parameters.
-    pub fn trial(
+    /// Starts a trial: the sink counts it, the generator sends it. Returns its number.
+    fn begin(
         &mut self,
         flows: u32,
         rate: Option<u64>,
         warmup: Duration,
         duration: Duration,
-        drain: Duration,
-        mut at_measure_start: impl FnMut(),
-    ) -> Result<(GenResult, SinkCounts)> {
+    ) -> Result<u16> {
         let trial = self.next_trial;
         self.next_trial = if trial >= 0x7fff { 1 } else { trial + 1 };
         self.switch_sink(trial)?;
@@ -257,21 +253,27 @@ impl Traffic {
                 flows,
             })
             .map_err(|_| anyhow!("the generator thread has exited"))?;
-        std::thread::sleep(warmup);
-        at_measure_start();
-        let sent = loop {
+        Ok(trial)
+    }
+
+    /// Waits for the generator to finish the current trial.
+    fn wait_sent(&mut self) -> Result<GenResult> {
+        loop {
             if self.stop.load(Ordering::Relaxed) {
                 bail!("interrupted");
             }
             match self.gen_rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(r) => break r?,
+                Ok(r) => return r,
                 Err(mpsc::RecvTimeoutError::Timeout) => continue,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     bail!("the generator thread has exited")
                 }
             }
-        };
-        std::thread::sleep(drain);
+        }
+    }
+
+    /// Moves the sink on from `trial` and returns what it counted.
+    fn collect(&mut self, trial: u16) -> Result<SinkCounts> {
         let next = self.next_trial;
         self.switch_sink(next)?;
         let finished = self
@@ -281,7 +283,7 @@ impl Traffic {
             .map_err(|_| anyhow!("sink state poisoned"))?
             .take();
         match finished {
-            Some((t, counts)) if t == trial => Ok((sent, counts)),
+            Some((t, counts)) if t == trial => Ok(counts),
             _ => bail!("the sink did not hand back trial {trial}"),
         }
     }
@@ -591,4 +593,46 @@ fn send_trial(
         sent: seq,
         secs: cmd.duration.as_secs_f64(),
     })
+}
+
+/// Runs one trial on every generator/sink pair at once, each offering `rate / pairs`: all
+/// sinks count it, all generators send it (a warm-up, then the measured part), then after
+/// `drain` the sinks move on. Returns the sums over the pairs (latencies merged).
+#[allow(clippy::too_many_arguments)] // One trial's parameters.
+pub fn trial(
+    pairs: &mut [Traffic],
+    flows: u32,
+    rate: Option<u64>,
+    warmup: Duration,
+    duration: Duration,
+    drain: Duration,
+    mut at_measure_start: impl FnMut(),
+) -> Result<(GenResult, SinkCounts)> {
+    let n = pairs.len().max(1) as u64;
+    let mut trials = Vec::with_capacity(pairs.len());
+    for p in pairs.iter_mut() {
+        trials.push(p.begin(flows, rate.map(|r| (r / n).max(1)), warmup, duration)?);
+    }
+    std::thread::sleep(warmup);
+    at_measure_start();
+    let mut sent = GenResult::default();
+    for p in pairs.iter_mut() {
+        let g = p.wait_sent()?;
+        sent.sent += g.sent;
+        sent.secs = sent.secs.max(g.secs);
+    }
+    std::thread::sleep(drain);
+    let mut total = SinkCounts::new()?;
+    for (p, t) in pairs.iter_mut().zip(trials) {
+        let c = p.collect(t)?;
+        total.received += c.received;
+        total.duplicated += c.duplicated;
+        total.reordered += c.reordered;
+        total.stale += c.stale;
+        total
+            .latency
+            .add(&c.latency)
+            .context("merging histograms")?;
+    }
+    Ok((sent, total))
 }
