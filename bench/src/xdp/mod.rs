@@ -132,8 +132,9 @@ pub struct Args {
     /// A smoke run of a few seconds per device: 1 round, short trials, 2 search steps.
     #[arg(long)]
     quick: bool,
-    /// Directory for the `.hgrm` files, the SVG plot and the devices' config files.
-    #[arg(long, default_value = "xbench-out")]
+    /// Directory for the `.hgrm` files, the SVG plot and the devices' config files (the
+    /// default is inside the build directory, which git ignores).
+    #[arg(long, default_value = "target/xbench")]
     out_dir: PathBuf,
     /// Also write the results as JSON here.
     #[arg(long)]
