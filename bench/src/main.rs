@@ -4,9 +4,13 @@
 //! bursts of 64 frames of 64 bytes against a synthetic cluster (10,000 pods, 1,000 policies,
 //! 100,000 routes by default), for established flows, new flows, denied flows and a table of
 //! 1,000,000 live flows. It reports ns/packet, Mpps and a histogram of per-burst latency.
+//!
+//! `ocelot-bench xdp` measures whole devices on a veth testbed in network namespaces: the
+//! ocelot agent, the kernel path and a bare AF_XDP forwarder, side by side (see `xdp`).
 #![forbid(unsafe_code)]
 
 mod pipeline;
+mod xdp;
 
 /// Large tables (conntrack, routes) on transparent huge pages, as the agent will have them.
 #[global_allocator]
@@ -28,12 +32,16 @@ struct Cli {
 enum Command {
     /// The classifier pipeline in memory, one core, bursts of 64.
     Pipeline(pipeline::Args),
+    /// pps, loss, CPU and latency of ocelot, the kernel path and a bare AF_XDP forwarder on a
+    /// veth testbed in network namespaces it creates and removes (needs root).
+    Xdp(xdp::Args),
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Pipeline(args) => pipeline::run(&args),
+        Command::Xdp(args) => xdp::run(&args),
     }
 }
 
