@@ -19,10 +19,11 @@
 
 pub mod config;
 pub mod ports;
+pub mod source;
 pub mod status;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, mpsc};
 use std::thread::JoinHandle;
@@ -34,7 +35,7 @@ use classifier::Nanos;
 use classifier::conntrack::{Conntrack, CtConfig};
 use classifier::snapshot::{PathConfig, Snapshot};
 use classifier::verdict::PortId;
-use control::manifests::{Manifests, load_dir};
+use control::manifests::Manifests;
 use control::naming::veth_name;
 use control::node::{BuildReport, NodeOptions, PortRole, PortSpec, build_snapshot};
 use dataplane::handoff::{self, Doorbell, HandoffRx, HandoffTx};
@@ -69,8 +70,8 @@ pub fn now() -> Nanos {
 pub struct RunOptions {
     /// The TOML config.
     pub config: PathBuf,
-    /// The manifests directory (the embedded datastore).
-    pub manifests: PathBuf,
+    /// The datastore: manifest directories, or the Kubernetes API.
+    pub datastore: source::Datastore,
     /// Where to write the status JSON (atomically, every second and after each change).
     pub status: Option<PathBuf>,
 }
@@ -146,12 +147,23 @@ impl WorkerHandle {
 }
 
 /// The pods of the datastore that should have a port here: veth name → (namespace, name).
-fn wanted_pods(manifests: &Manifests) -> BTreeMap<String, (String, String)> {
+///
+/// From the Kubernetes API a pod is this node's when its `spec.nodeName` says so; in a
+/// manifests directory, also when it names no node (a single-node datastore).
+fn wanted_pods(
+    manifests: &Manifests,
+    node: &str,
+    cluster_view: bool,
+) -> BTreeMap<String, (String, String)> {
     manifests
         .cluster
         .pods
         .iter()
         .filter(|p| !p.host_network && !p.ips.is_empty())
+        .filter(|p| match p.node.as_deref() {
+            Some(n) => n == node,
+            None => !cluster_view,
+        })
         .map(|p| {
             (
                 veth_name(&p.namespace, &p.name),
@@ -175,12 +187,12 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         .clone()
         .or_else(|| std::env::var("NODE_NAME").ok())
         .unwrap_or_else(hostname);
-    let mut manifests = load_manifests(&opts.manifests)?;
-    let mut digest = status::dir_digest(&opts.manifests).unwrap_or(0);
+    let (mut source, mut manifests) = source::Source::open(&opts.datastore, &node_name, stop)?;
+    let cluster_view = source.is_cluster();
 
     // Which pods have a veth here: the names CNI (or `ocelot lab`) gave them. Pods whose veth
     // appears later are attached when it does.
-    let wanted = wanted_pods(&manifests);
+    let wanted = wanted_pods(&manifests, &node_name, cluster_view);
     let present: Vec<String> = wanted
         .keys()
         .filter(|name| sys::ifindex(name).is_ok())
@@ -215,7 +227,7 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
     }
     let mut specs: Vec<Option<PortSpec>> = ports.iter().map(|p| Some(p.spec.clone())).collect();
     let node_opts = NodeOptions {
-        local_node: None,
+        local_node: cluster_view.then(|| node_name.clone()),
         path: PathConfig {
             pod_to_host: config.node.pod_to_host.into(),
         },
@@ -241,7 +253,13 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         workers.iter().map(|w| w.core).collect::<Vec<_>>()
     ));
 
-    let mut status = Status::new(&node_name, &ports_summary(&ports), epoch, digest, &report);
+    let mut status = Status::new(
+        &node_name,
+        &ports_summary(&ports),
+        epoch,
+        source.digest(),
+        &report,
+    );
     let mut last_status = Instant::now() - Duration::from_secs(10);
     let mut retry_after: BTreeMap<String, Instant> = BTreeMap::new();
     let mut result = Ok(());
@@ -256,23 +274,20 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         }
         ct.sweep(now(), SWEEP_SLOTS);
         let mut changed = false;
-        let now_digest = status::dir_digest(&opts.manifests).unwrap_or(digest);
-        if now_digest != digest {
-            match load_manifests(&opts.manifests) {
-                Ok(m) => {
-                    manifests = m;
-                    changed = true;
-                }
-                Err(e) => {
-                    tracing::error!("{e:#}; keeping epoch {epoch}");
-                    status.load_errors += 1;
-                    status.last_error = Some(format!("{e:#}"));
-                }
+        match source.poll() {
+            Some(Ok(m)) => {
+                manifests = m;
+                changed = true;
             }
-            digest = now_digest;
+            Some(Err(e)) => {
+                tracing::error!("{e:#}; keeping epoch {epoch}");
+                status.load_errors += 1;
+                status.last_error = Some(format!("{e:#}"));
+            }
+            None => {}
         }
         // Ports follow the pods: retire those whose pod or veth is gone, attach new ones.
-        let wanted = wanted_pods(&manifests);
+        let wanted = wanted_pods(&manifests, &node_name, cluster_view);
         for (id, port) in ports.iter().enumerate() {
             let Some(spec) = specs.get(id).and_then(Option::as_ref) else {
                 continue;
@@ -342,11 +357,12 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
             published.store(Arc::new(snapshot));
             tracing::info!("epoch {epoch} published");
             status.set_ports(&ports_summary_live(&ports, &specs));
-            status.applied(epoch, digest, &report);
+            status.applied(epoch, source.digest(), &report);
             last_status = Instant::now() - Duration::from_secs(10);
         }
         if last_status.elapsed() >= Duration::from_secs(1) {
             if let Some(path) = &opts.status {
+                status.datastore = source.status();
                 status.workers = workers.iter().map(|w| (w.core, w.live.load())).collect();
                 if let Err(e) = status.write(path) {
                     tracing::warn!("writing status {}: {e}", path.display());
@@ -453,14 +469,6 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "node".to_owned())
-}
-
-fn load_manifests(dir: &Path) -> Result<Manifests> {
-    let m = load_dir(dir).with_context(|| format!("loading manifests from {}", dir.display()))?;
-    for w in &m.warnings {
-        tracing::warn!("{w}");
-    }
-    Ok(m)
 }
 
 fn log_report(report: &BuildReport) {

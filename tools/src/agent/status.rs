@@ -13,37 +13,12 @@
 //!   reason name; `stopped` once the agent has stopped.
 
 use std::collections::BTreeMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
 
 use classifier::{Counters, DropReason};
 use control::node::BuildReport;
 use dataplane::worker::WorkerCounters;
 use serde_json::{Value, json};
-
-/// A digest of the manifest files a directory holds (names and contents of the `*.yaml`,
-/// `*.yml` and `*.json` files directly inside it, as `control::load_dir` reads them). Equal
-/// digests mean the agent would load the same objects. Stable within one build of ocelot.
-pub fn dir_digest(dir: &Path) -> std::io::Result<u64> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        let wanted = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
-        if wanted && path.is_file() {
-            files.push(path);
-        }
-    }
-    files.sort();
-    let mut h = DefaultHasher::new();
-    for f in files {
-        f.file_name().hash(&mut h);
-        std::fs::read(&f)?.hash(&mut h);
-    }
-    Ok(h.finish())
-}
 
 /// `reason=count …` for the non-zero drop counters of one worker.
 pub fn drops_line(io: &WorkerCounters, class: &Counters) -> String {
@@ -94,6 +69,8 @@ pub struct Status {
     pub workers: Vec<(usize, (WorkerCounters, Counters))>,
     /// Whether the agent has stopped.
     pub stopped: bool,
+    /// The datastore's own status (see `source::Source::status`).
+    pub datastore: Value,
 }
 
 fn report_json(r: &BuildReport) -> Value {
@@ -124,6 +101,7 @@ impl Status {
             last_error: None,
             workers: Vec::new(),
             stopped: false,
+            datastore: Value::Null,
         }
     }
 
@@ -170,6 +148,7 @@ impl Status {
             "report": self.report,
             "workers": workers,
             "stopped": self.stopped,
+            "datastore": self.datastore,
         })
     }
 
@@ -184,22 +163,6 @@ impl Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn digest_follows_manifest_files_only() {
-        let dir = std::env::temp_dir().join(format!("ocelot-digest-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("a.yaml"), "kind: Namespace\n").unwrap();
-        let d1 = dir_digest(&dir).unwrap();
-        std::fs::write(dir.join("notes.txt"), "ignored").unwrap();
-        assert_eq!(dir_digest(&dir).unwrap(), d1);
-        std::fs::write(dir.join("a.yaml"), "kind: Pod\n").unwrap();
-        let d2 = dir_digest(&dir).unwrap();
-        assert_ne!(d1, d2);
-        std::fs::rename(dir.join("a.yaml"), dir.join("b.yml")).unwrap();
-        assert_ne!(dir_digest(&dir).unwrap(), d2);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 
     #[test]
     fn drops_line_names_reasons() {

@@ -27,9 +27,15 @@ enum Command {
         /// The TOML config (workers, cores, interfaces, AF_XDP settings).
         #[arg(long)]
         config: PathBuf,
-        /// The manifests directory: the embedded datastore, watched for changes.
-        #[arg(long)]
-        manifests: PathBuf,
+        /// A manifests directory: the embedded datastore, watched for changes. May be given
+        /// more than once (the directories are read as one set).
+        #[arg(long, conflicts_with = "datastore")]
+        manifests: Vec<PathBuf>,
+        /// `kubernetes`: follow the API server (in-cluster service account or KUBECONFIG;
+        /// the node's name from NODE_NAME). The default when running in a cluster and no
+        /// `--manifests` is given.
+        #[arg(long, value_parser = ["kubernetes"])]
+        datastore: Option<String>,
         /// Writes the status JSON (epoch, counters) here every second.
         #[arg(long)]
         status: Option<PathBuf>,
@@ -71,15 +77,28 @@ fn run(cli: Cli) -> Result<()> {
         Command::Run {
             config,
             manifests,
+            datastore,
             status,
-        } => tools::agent::run(
-            &tools::agent::RunOptions {
-                config,
-                manifests,
-                status,
-            },
-            &stop,
-        ),
+        } => {
+            use tools::agent::source::Datastore;
+            let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+            let datastore = match (datastore, manifests.is_empty()) {
+                (Some(_), _) => Datastore::Kubernetes,
+                (None, false) => Datastore::Manifests(manifests),
+                (None, true) if in_cluster => Datastore::Kubernetes,
+                (None, true) => {
+                    anyhow::bail!("no datastore: give --manifests DIR, or --datastore kubernetes")
+                }
+            };
+            tools::agent::run(
+                &tools::agent::RunOptions {
+                    config,
+                    datastore,
+                    status,
+                },
+                &stop,
+            )
+        }
         Command::Lab(args) => tools::lab::run(&args, &stop),
     }
 }

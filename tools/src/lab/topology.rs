@@ -17,7 +17,7 @@ use dataplane::netns::{Netns, Pod, VethPair};
 
 use super::probe::{self, ProbeOutcome, Servers};
 use crate::agent::READY_LINE;
-use crate::agent::status::dir_digest;
+use crate::agent::source;
 
 /// How long the agent may take to become ready.
 const AGENT_START: Duration = Duration::from_secs(60);
@@ -259,7 +259,10 @@ impl Lab {
 
     /// Waits until the agent has applied the manifests directory as it is now.
     pub fn wait_applied(&self, timeout: Duration) -> Result<()> {
-        let want = format!("{:016x}", dir_digest(&self.manifests)?);
+        let want = format!(
+            "{:016x}",
+            source::digest(std::slice::from_ref(&self.manifests))?
+        );
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(s) = self.status()
