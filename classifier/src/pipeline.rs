@@ -227,9 +227,13 @@ impl Worker {
         if hop.kind == HopKind::Host && from_pod && snap.config.pod_to_host == PodToHost::Drop {
             return Err(DropReason::PodToHostDenied);
         }
+        if hop.kind == HopKind::Unresolved {
+            return Err(DropReason::NeighborUnresolved);
+        }
         self.admit(snap, frame, meta, ip, ct, now)?;
         match hop.kind {
             HopKind::Host => Ok(Verdict::ToHost),
+            HopKind::Unresolved => Err(DropReason::NeighborUnresolved),
             HopKind::Port => {
                 rewrite::route_in_place(frame, ip, meta.l3_offset, hop.src_mac, hop.dst_mac)?;
                 Ok(Verdict::Forward(hop.port))
@@ -772,6 +776,25 @@ mod tests {
         let drop = snapshot(1, 80, PodToHost::Drop);
         let (v, _) = send(&mut w, &drop, tcp(C_IP, NODE_IP, 40001, 22, SYN), PC);
         assert_eq!(v, Verdict::Drop(DropReason::PodToHostDenied));
+    }
+
+    #[test]
+    fn unresolved_next_hop_drops_without_creating_a_connection() {
+        let mut snap = snapshot(1, 80, PodToHost::Drop);
+        let remote = Ipv4Addr::new(10, 70, 1, 5);
+        snap.routes.insert(
+            "10.70.1.0/24".parse().unwrap(),
+            NextHop {
+                kind: HopKind::Unresolved,
+                port: PA,
+                src_mac: GW_A,
+                dst_mac: [0; 6],
+            },
+        );
+        let mut w = worker();
+        let (v, _) = send(&mut w, &snap, tcp(C_IP, remote, 40000, 80, SYN), PC);
+        assert_eq!(v, Verdict::Drop(DropReason::NeighborUnresolved));
+        assert_eq!(w.counters().ct_created, 0);
     }
 
     #[test]

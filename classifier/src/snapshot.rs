@@ -54,6 +54,10 @@ pub enum HopKind {
     Port,
     /// To the node's own stack (its own addresses).
     Host,
+    /// Out of a port to a next hop whose MAC is not known yet (another node or the gateway
+    /// being resolved): dropped as `neighbor_unresolved` until the control plane publishes
+    /// the MAC.
+    Unresolved,
 }
 
 /// A resolved next hop: everything needed to rewrite and transmit.
