@@ -64,8 +64,17 @@ pub struct NodeOptions {
     /// Compile only pods scheduled on this node (`spec.nodeName`); `None` enforces every pod
     /// of the datastore (a single-node datastore such as a manifests directory).
     pub local_node: Option<String>,
+    /// This node's name: its own `Node` object is not a route to elsewhere.
+    pub node_name: Option<String>,
     /// Settings the packet path reads.
     pub path: PathConfig,
+    /// The node's own addresses (on the uplink): host routes to the node's stack.
+    pub host_addresses: Vec<IpAddr>,
+    /// The default gateway on the uplink, if any (its MAC from `neighbors`, unless the
+    /// uplink's `gateway_mac` is set).
+    pub gateway: Option<IpAddr>,
+    /// MACs of next hops on the uplink, as resolved (the kernel's neighbour table).
+    pub neighbors: HashMap<IpAddr, [u8; 6]>,
 }
 
 /// What a build could not do. The snapshot is complete regardless: a missing piece fails
@@ -80,6 +89,39 @@ pub struct BuildReport {
     pub compile_errors: Vec<CompileError>,
     /// Local pods with an address whose interface the agent has not found.
     pub pods_without_port: Vec<String>,
+    /// Next hops (other nodes, the gateway) routed to but not resolved yet: their traffic
+    /// drops as `neighbor_unresolved` until they are.
+    pub unresolved_next_hops: Vec<IpAddr>,
+}
+
+/// The next hop for `via` out of the uplink: resolved, or marked unresolved.
+fn uplink_hop(
+    via: IpAddr,
+    uplink: (PortId, [u8; 6]),
+    static_mac: Option<[u8; 6]>,
+    opts: &NodeOptions,
+    report: &mut BuildReport,
+) -> NextHop {
+    let (port, src_mac) = uplink;
+    match static_mac.or_else(|| opts.neighbors.get(&via).copied()) {
+        Some(dst_mac) => NextHop {
+            kind: HopKind::Port,
+            port,
+            src_mac,
+            dst_mac,
+        },
+        None => {
+            if !report.unresolved_next_hops.contains(&via) {
+                report.unresolved_next_hops.push(via);
+            }
+            NextHop {
+                kind: HopKind::Unresolved,
+                port,
+                src_mac,
+                dst_mac: [0; 6],
+            }
+        }
+    }
 }
 
 /// Builds the snapshot for `epoch`.
@@ -125,20 +167,52 @@ pub fn build_snapshot(
         };
         let kind = match &spec.role {
             PortRole::Uplink { gateway_mac } => {
-                if let Some(gw) = gateway_mac {
+                let uplink = (id, spec.mac);
+                // Default routes: to the gateway (static MAC, or resolved by IP).
+                let default_hop = match (opts.gateway, gateway_mac) {
+                    (_, Some(mac)) => Some(NextHop {
+                        kind: HopKind::Port,
+                        port: id,
+                        src_mac: spec.mac,
+                        dst_mac: *mac,
+                    }),
+                    (Some(gw), None) => Some(uplink_hop(gw, uplink, None, opts, &mut report)),
+                    (None, None) => None,
+                };
+                if let Some(hop) = default_hop {
                     for prefix in ["0.0.0.0/0", "::/0"] {
                         if let Ok(prefix) = prefix.parse::<Cidr>() {
-                            routes.insert(
-                                prefix,
-                                NextHop {
-                                    kind: HopKind::Port,
-                                    port: id,
-                                    src_mac: spec.mac,
-                                    dst_mac: *gw,
-                                },
-                            );
+                            routes.insert(prefix, hop);
                         }
                     }
+                }
+                // Other nodes' pod blocks, via each node's address (Calico's plain L3).
+                for node in &manifests.nodes {
+                    if opts.node_name.as_deref() == Some(node.name.as_str()) {
+                        continue;
+                    }
+                    for cidr in &node.pod_cidrs {
+                        let via = node
+                            .internal_ips
+                            .iter()
+                            .find(|ip| ip.is_ipv4() == cidr.addr().is_ipv4());
+                        if let Some(via) = via {
+                            let hop = uplink_hop(*via, uplink, None, opts, &mut report);
+                            routes.insert(*cidr, hop);
+                        }
+                    }
+                }
+                // The node's own addresses: its stack.
+                for ip in &opts.host_addresses {
+                    routes.insert(
+                        Cidr::host(*ip),
+                        NextHop {
+                            kind: HopKind::Host,
+                            port: id,
+                            src_mac: spec.mac,
+                            dst_mac: [0; 6],
+                        },
+                    );
                 }
                 PortKind::Uplink
             }
@@ -322,6 +396,76 @@ status: {podIPs: [{ip: 10.1.0.3}]}
         assert_eq!(report.orphan_ports, vec!["cali-gone".to_owned()]);
         assert_eq!(report.pods_without_mac, vec!["x/c".to_owned()]);
         assert!(report.pods_without_port.is_empty());
+    }
+
+    #[test]
+    fn other_nodes_blocks_go_via_their_addresses_and_unknown_macs_are_unresolved() {
+        const NODES: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+spec: {podCIDRs: [10.1.0.0/24]}
+status: {addresses: [{type: InternalIP, address: 192.168.0.11}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n2}
+spec: {podCIDRs: [10.2.0.0/24]}
+status: {addresses: [{type: InternalIP, address: 192.168.0.12}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n3}
+spec: {podCIDRs: [10.3.0.0/24]}
+status: {addresses: [{type: InternalIP, address: 192.168.0.13}]}
+"#;
+        let m = Manifests::from_texts([
+            (PathBuf::from("c.yaml"), CLUSTER),
+            (PathBuf::from("n.yaml"), NODES),
+        ])
+        .expect("valid");
+        let ports = vec![
+            pod_port("a", 1, Some([2, 0, 0, 0, 0, 1])),
+            Some(PortSpec {
+                name: "eth0".into(),
+                mac: [0xaa; 6],
+                role: PortRole::Uplink { gateway_mac: None },
+            }),
+        ];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let opts = NodeOptions {
+            node_name: Some("n1".into()),
+            host_addresses: vec![ip("192.168.0.11")],
+            gateway: Some(ip("192.168.0.1")),
+            neighbors: [
+                (ip("192.168.0.12"), [0xb2; 6]),
+                (ip("192.168.0.1"), [0xb0; 6]),
+            ]
+            .into_iter()
+            .collect(),
+            ..NodeOptions::default()
+        };
+        let (snap, report) = build_snapshot(&m, &ports, &opts, 1);
+        let n2 = snap.routes.lookup(ip("10.2.0.7")).unwrap();
+        assert_eq!(
+            (n2.kind, n2.port, n2.dst_mac),
+            (HopKind::Port, PortId(1), [0xb2; 6])
+        );
+        let n3 = snap.routes.lookup(ip("10.3.0.7")).unwrap();
+        assert_eq!(n3.kind, HopKind::Unresolved);
+        assert_eq!(report.unresolved_next_hops, vec![ip("192.168.0.13")]);
+        // Our own block is not routed to ourselves: our pods are /32s, the rest is default.
+        let own = snap.routes.lookup(ip("10.1.0.200")).unwrap();
+        assert_eq!(own.dst_mac, [0xb0; 6], "default route via the gateway");
+        assert_eq!(snap.routes.lookup(ip("10.1.0.1")).unwrap().port, PortId(0));
+        assert_eq!(
+            snap.routes.lookup(ip("192.168.0.11")).unwrap().kind,
+            HopKind::Host
+        );
+        assert_eq!(
+            snap.routes.lookup(ip("8.8.8.8")).unwrap().dst_mac,
+            [0xb0; 6]
+        );
     }
 
     #[test]

@@ -508,7 +508,29 @@ pub struct XskRx {
     _guard: Rc<XdpGuard>,
 }
 
+/// What another thread needs to put a socket into an [`UplinkProgram`]'s XSKMAP: the
+/// socket's queue, interface index and descriptor number. The descriptor stays valid while
+/// the socket's owner keeps it open; the owner unregisters it before closing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketHandle {
+    /// The queue it is bound to.
+    pub queue: u32,
+    /// The interface index it is bound to.
+    pub ifindex: u32,
+    fd: i32,
+}
+
 impl XskRx {
+    /// A handle for registering this socket from another thread
+    /// ([`UplinkProgram::register_handle`]).
+    pub fn handle(&self) -> SocketHandle {
+        SocketHandle {
+            queue: self.bound.1,
+            ifindex: self.bound.0,
+            fd: self.rxq.fd().as_raw_fd(),
+        }
+    }
+
     /// The interface this socket is bound to.
     pub fn interface(&self) -> &str {
         &self.interface
@@ -1433,6 +1455,26 @@ impl UplinkProgram {
             "registering an AF_XDP socket",
         )?;
         Ok(queue)
+    }
+
+    /// As [`UplinkProgram::register_socket`], for a socket another thread owns.
+    pub fn register_handle(&self, h: SocketHandle) -> Result<u32, Error> {
+        if let Some(a) = &self.attached
+            && a.ifindex != h.ifindex
+        {
+            return Err(Error::Config(format!(
+                "a socket of interface {} cannot be registered with the XDP program of {}",
+                h.ifindex, a.interface
+            )));
+        }
+        let fd = h.fd as u32;
+        self.update(
+            self.maps.xsks,
+            &h.queue.to_ne_bytes(),
+            &fd.to_ne_bytes(),
+            "registering an AF_XDP socket",
+        )?;
+        Ok(h.queue)
     }
 
     /// Removes the socket of `queue` from the XSKMAP (a missing entry is not an error): its

@@ -17,6 +17,13 @@ use ocelot_tests::TempDir;
 use ocelot_tests::netpol::{model_yaml, policy};
 use tools::lab::{Lab, LabOptions, matrix_probes};
 
+/// One lab at a time: each runs an agent that busy-polls while traffic flows, and several
+/// at once on a two-core machine starve each other's probes.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LAB.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A binary of the workspace, next to the test's own `deps/` directory.
 fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
@@ -51,6 +58,7 @@ fn stdout(out: &Output) -> String {
 
 #[test]
 fn seed_demo_probes_from_traffic_equal_policy_verdicts() {
+    let _serial = serial();
     let manifests = repo("examples/seed-demo");
     let probes = repo("examples/seed-demo/probes.jsonl");
     let lab = run(
@@ -82,6 +90,7 @@ fn seed_demo_probes_from_traffic_equal_policy_verdicts() {
 
 #[test]
 fn seed_demo_matrix_from_traffic_equals_policy_matrix() {
+    let _serial = serial();
     let manifests = repo("examples/seed-demo");
     let lab = run("ocelot", &["lab", "--manifests", &manifests, "--ascii"]);
     assert!(
@@ -161,6 +170,7 @@ fn disagreements(lab: &Lab, expected: &[ProbeResult]) -> Vec<String> {
 /// must then agree with the compiled policy on every probe.
 #[test]
 fn three_by_three_policy_shapes_apply_live_and_traffic_matches_verdicts() {
+    let _serial = serial();
     let dir = TempDir::new("ocelot-lab-3x3").expect("temp dir");
     write_atomic(dir.path(), "model.yaml", &model_yaml());
     write_atomic(dir.path(), "policies.yaml", "");
@@ -278,6 +288,7 @@ fn three_by_three_policy_shapes_apply_live_and_traffic_matches_verdicts() {
 /// workers on the two cores with the pods split between them.
 #[test]
 fn sctp_spoofing_and_two_workers() {
+    let _serial = serial();
     let dir = TempDir::new("ocelot-lab-sctp").expect("temp dir");
     write_atomic(dir.path(), "model.yaml", &model_yaml());
     write_atomic(
@@ -379,6 +390,7 @@ fn spoof_drops(lab: &Lab) -> u64 {
 /// Misconfigurations are refused before anything is attached, naming the entry.
 #[test]
 fn wrong_config_is_refused_before_attaching() {
+    let _serial = serial();
     use ocelot_tests::netns::{Netns, VethPair};
     let node = Netns::new("cfg").expect("netns");
     let pod = Netns::new("cfgpod").expect("netns");
@@ -427,6 +439,7 @@ fn wrong_config_is_refused_before_attaching() {
 /// its manifest goes, its port is retired and its traffic stops; it comes back when it does.
 #[test]
 fn pods_are_attached_and_retired_live() {
+    let _serial = serial();
     use ocelot_tests::netns::{Netns, Pod, VethPair};
     let dir = TempDir::new("ocelot-lab-live").expect("temp dir");
     write_atomic(dir.path(), "model.yaml", &model_yaml());
@@ -487,6 +500,7 @@ fn pods_are_attached_and_retired_live() {
 /// and runs; SIGTERM then leaves nothing.
 #[test]
 fn a_crashed_run_is_cleaned_up_by_the_next_start() {
+    let _serial = serial();
     use ocelot_tests::netns::{Netns, VethPair};
     let node = Netns::new("crash").expect("netns");
     let pod = Netns::new("crashpod").expect("netns");

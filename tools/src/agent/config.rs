@@ -14,7 +14,8 @@
 //!
 //! [uplink]                  # optional: the node's link to everything that is not a local pod
 //! interface = "eth0"
-//! gateway_mac = "02:00:00:00:00:01"   # next hop of the default routes (static for now)
+//! gateway = "192.168.0.1"   # default: the kernel's default route on the interface
+//! gateway_mac = "02:00:00:00:00:01"   # optional static MAC; default: the kernel's neighbour table
 //!
 //! [[workers]]
 //! core = 1
@@ -61,7 +62,10 @@ pub struct Config {
 pub struct UplinkConfig {
     /// Interface name (queue 0 unless a worker lists `name:queue`).
     pub interface: String,
-    /// The MAC of the next hop for the default routes.
+    /// The default gateway's address (default: the kernel's default route on the
+    /// interface).
+    pub gateway: Option<std::net::IpAddr>,
+    /// A static MAC for the default routes' next hop (default: resolved by the kernel).
     pub gateway_mac: Option<String>,
 }
 

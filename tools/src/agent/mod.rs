@@ -21,6 +21,7 @@ pub mod config;
 pub mod ports;
 pub mod source;
 pub mod status;
+pub mod uplink;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -148,8 +149,9 @@ impl WorkerHandle {
 
 /// The pods of the datastore that should have a port here: veth name → (namespace, name).
 ///
-/// From the Kubernetes API a pod is this node's when its `spec.nodeName` says so; in a
-/// manifests directory, also when it names no node (a single-node datastore).
+/// From the Kubernetes API a pod is this node's when its `spec.nodeName` says so. A
+/// manifests directory describes pods wherever they run (the lab builds them on its own
+/// nodes), so there every pod is a candidate and its veth's presence decides.
 fn wanted_pods(
     manifests: &Manifests,
     node: &str,
@@ -160,10 +162,7 @@ fn wanted_pods(
         .pods
         .iter()
         .filter(|p| !p.host_network && !p.ips.is_empty())
-        .filter(|p| match p.node.as_deref() {
-            Some(n) => n == node,
-            None => !cluster_view,
-        })
+        .filter(|p| !cluster_view || p.node.as_deref() == Some(node))
         .map(|p| {
             (
                 veth_name(&p.namespace, &p.name),
@@ -226,12 +225,28 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         }
     }
     let mut specs: Vec<Option<PortSpec>> = ports.iter().map(|p| Some(p.spec.clone())).collect();
-    let node_opts = NodeOptions {
+    let mut uplink = match &config.uplink {
+        Some(up) => Some(uplink::Uplink::attach(
+            up,
+            config.xdp.socket_opts().xdp_mode,
+        )?),
+        None => None,
+    };
+    let mut view = uplink::UplinkView::default();
+    if let Some(up) = uplink.as_mut() {
+        view = up.refresh(&manifests, &node_name);
+    }
+    let node_options = |view: &uplink::UplinkView| NodeOptions {
         local_node: cluster_view.then(|| node_name.clone()),
+        node_name: Some(node_name.clone()),
         path: PathConfig {
             pod_to_host: config.node.pod_to_host.into(),
         },
+        host_addresses: view.host_addresses.clone(),
+        gateway: view.gateway,
+        neighbors: view.neighbors.clone(),
     };
+    let mut node_opts = node_options(&view);
     let mut epoch = 1;
     let (snapshot, report) = build_snapshot(&manifests, &specs, &node_opts, epoch);
     log_report(&report);
@@ -245,7 +260,20 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         seed,
     ));
 
-    let workers = start_workers(&config, &layout, &ports, &published, &ct, stop)?;
+    let uplink_name = uplink.as_ref().map(|u| u.interface.clone());
+    let (workers, handles) = start_workers(
+        &config,
+        &layout,
+        &ports,
+        uplink_name.as_deref(),
+        &published,
+        &ct,
+        stop,
+    )?;
+    if let Some(up) = uplink.as_mut() {
+        up.register(&handles)?;
+        up.sync_local_pods(&local_pod_ips(&published.load()));
+    }
     say(format_args!(
         "{READY_LINE} (node {node_name}, epoch {epoch}, {} ports, {} workers on cores {:?})",
         ports.len(),
@@ -338,6 +366,14 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
                 }
             }
         }
+        if let Some(up) = uplink.as_mut() {
+            let fresh = up.refresh(&manifests, &node_name);
+            if fresh != view {
+                view = fresh;
+                node_opts = node_options(&view);
+                changed = true;
+            }
+        }
         // Pods whose MAC could not be read yet: retry (their route appears when it can).
         for spec in specs.iter_mut().flatten() {
             if let PortRole::Pod {
@@ -354,7 +390,11 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
             epoch += 1;
             let (snapshot, report) = build_snapshot(&manifests, &specs, &node_opts, epoch);
             log_report(&report);
+            let local_ips = local_pod_ips(&snapshot);
             published.store(Arc::new(snapshot));
+            if let Some(up) = uplink.as_mut() {
+                up.sync_local_pods(&local_ips);
+            }
             tracing::info!("epoch {epoch} published");
             status.set_ports(&ports_summary_live(&ports, &specs));
             status.applied(epoch, source.digest(), &report);
@@ -363,6 +403,7 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         if last_status.elapsed() >= Duration::from_secs(1) {
             if let Some(path) = &opts.status {
                 status.datastore = source.status();
+                status.uplink = uplink.as_ref().map(uplink::Uplink::status);
                 status.workers = workers.iter().map(|w| (w.core, w.live.load())).collect();
                 if let Err(e) = status.write(path) {
                     tracing::warn!("writing status {}: {e}", path.display());
@@ -405,6 +446,29 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         ));
     }
     result
+}
+
+/// The addresses of the local pods a snapshot has ports for: what the uplink program
+/// redirects.
+fn local_pod_ips(snapshot: &Snapshot) -> std::collections::BTreeSet<std::net::IpAddr> {
+    snapshot
+        .ports
+        .iter()
+        .filter_map(|p| match p.kind {
+            classifier::snapshot::PortKind::Pod {
+                endpoint: Some(_),
+                ip4,
+                ip6,
+                ..
+            } => Some(
+                ip4.map(std::net::IpAddr::V4)
+                    .into_iter()
+                    .chain(ip6.map(std::net::IpAddr::V6)),
+            ),
+            _ => None,
+        })
+        .flatten()
+        .collect()
 }
 
 /// Attaches a new pod veth to the worker with the fewest ports and routes the other workers'
@@ -565,14 +629,16 @@ struct WorkerSetup {
     doorbell: Arc<Doorbell>,
 }
 
+#[allow(clippy::too_many_arguments)] // One call site; a struct would only rename them.
 fn start_workers(
     config: &Config,
     layout: &Layout,
     ports: &[AgentPort],
+    uplink: Option<&str>,
     published: &Arc<ArcSwap<Snapshot>>,
     ct: &Arc<Conntrack>,
     stop: &Arc<AtomicBool>,
-) -> Result<Vec<WorkerHandle>> {
+) -> Result<(Vec<WorkerHandle>, Vec<sys::SocketHandle>)> {
     let n = layout.workers.len();
     let doorbells = (0..n)
         .map(|_| Doorbell::new())
@@ -633,7 +699,8 @@ fn start_workers(
     let frames = config.xdp.frames_per_worker;
     let netns = std::fs::read_link("/proc/thread-self/ns/net").ok();
     let mut handles = Vec::new();
-    let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<Vec<sys::SocketHandle>>>();
+    let uplink_name = uplink.map(str::to_owned);
     for (w, setup) in setups.into_iter().enumerate() {
         let published = Arc::clone(published);
         let ct = Arc::clone(ct);
@@ -648,6 +715,7 @@ fn start_workers(
         let attention = Arc::new(AtomicBool::new(false));
         let doorbell = Arc::clone(&setup.doorbell);
         let thread_attention = Arc::clone(&attention);
+        let uplink_name = uplink_name.clone();
         let thread = std::thread::Builder::new()
             .name(format!("ocelot-worker-{w}"))
             .spawn(move || -> Result<()> {
@@ -665,10 +733,21 @@ fn start_workers(
                     };
                     let (mut umem, free) = sys::XskUmem::new(umem_opts)?;
                     let mut wports = Vec::new();
+                    let mut handles = Vec::new();
                     for (name, queue, id) in &setup.ports {
+                        // The uplink's frames are steered by ocelot's own program; pod veths
+                        // get libxdp's default one (everything to the socket).
+                        let is_uplink = uplink_name.as_deref() == Some(name.as_str());
+                        let opts = dataplane::sys::SocketOpts {
+                            load_default_prog: !is_uplink,
+                            ..socket
+                        };
                         let (rx, tx) = umem
-                            .open(name, *queue, &socket)
+                            .open(name, *queue, &opts)
                             .with_context(|| format!("AF_XDP socket on {name} queue {queue}"))?;
+                        if is_uplink {
+                            handles.push(rx.handle());
+                        }
                         wports.push(WorkerPort { id: *id, rx, tx });
                     }
                     let pipeline = Pipeline {
@@ -685,11 +764,11 @@ fn start_workers(
                     }
                     worker.publish_to(setup.live);
                     worker.set_doorbell(setup.doorbell);
-                    Ok(worker)
+                    Ok((worker, handles))
                 })();
                 let mut worker = match started {
-                    Ok(w) => {
-                        let _ = ready.send(Ok(()));
+                    Ok((w, handles)) => {
+                        let _ = ready.send(Ok(handles));
                         w
                     }
                     Err(e) => {
@@ -747,9 +826,10 @@ fn start_workers(
     }
     drop(ready_tx);
     let mut failure = None;
+    let mut sockets = Vec::new();
     for _ in 0..handles.len() {
         match ready_rx.recv() {
-            Ok(Ok(())) => {}
+            Ok(Ok(h)) => sockets.extend(h),
             Ok(Err(e)) => {
                 failure.get_or_insert(e);
             }
@@ -765,7 +845,7 @@ fn start_workers(
         }
         return Err(e);
     }
-    Ok(handles)
+    Ok((handles, sockets))
 }
 
 /// Per-reason drop totals of a set of workers, by reason name.

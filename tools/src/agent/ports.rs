@@ -95,3 +95,97 @@ mod tests {
         check("zz:fc:00:00:00:01", None);
     }
 }
+
+#[derive(Debug, Deserialize)]
+struct AddrInfo {
+    #[serde(default)]
+    addr_info: Vec<AddrEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+struct AddrEntry {
+    local: String,
+    prefixlen: u8,
+    #[serde(default)]
+    scope: Option<String>,
+}
+
+/// The global addresses of an interface with their prefix lengths.
+pub fn interface_addresses(interface: &str) -> Vec<(std::net::IpAddr, u8)> {
+    let infos: Vec<AddrInfo> =
+        ip_json(&["-j", "addr", "show", "dev", interface]).unwrap_or_default();
+    infos
+        .into_iter()
+        .flat_map(|i| i.addr_info)
+        .filter(|a| a.scope.as_deref() != Some("link") && a.scope.as_deref() != Some("host"))
+        .filter_map(|a| Some((a.local.parse().ok()?, a.prefixlen)))
+        .collect()
+}
+
+#[derive(Debug, Deserialize)]
+struct RouteEntry {
+    #[serde(default)]
+    gateway: Option<String>,
+}
+
+/// The kernel's default gateway out of `interface` (IPv4), if it has one.
+pub fn default_gateway(interface: &str) -> Option<std::net::IpAddr> {
+    let routes: Vec<RouteEntry> = ip_json(&["-j", "route", "show", "default", "dev", interface])?;
+    routes.into_iter().find_map(|r| r.gateway?.parse().ok())
+}
+
+#[derive(Debug, Deserialize)]
+struct NeighEntry {
+    dst: String,
+    #[serde(default)]
+    lladdr: Option<String>,
+    #[serde(default)]
+    state: Vec<String>,
+}
+
+/// The kernel's neighbour table on `interface`: addresses with a usable MAC (states other
+/// than INCOMPLETE and FAILED).
+pub fn neighbors(interface: &str) -> std::collections::HashMap<std::net::IpAddr, [u8; 6]> {
+    let entries: Vec<NeighEntry> =
+        ip_json(&["-j", "neigh", "show", "dev", interface]).unwrap_or_default();
+    entries
+        .into_iter()
+        .filter(|e| {
+            !e.state
+                .iter()
+                .any(|s| s == "INCOMPLETE" || s == "FAILED" || s == "NOARP")
+        })
+        .filter_map(|e| Some((e.dst.parse().ok()?, parse_mac(e.lladdr.as_deref()?)?)))
+        .collect()
+}
+
+/// Asks the kernel to resolve `ip` on `interface` and keep it resolved: a *managed*
+/// neighbour entry (Linux ≥ 5.16), which the kernel probes on its own, with its own ARP/NDP —
+/// the agent only reads the table. Returns whether the entry could be created.
+pub fn manage_neighbor(interface: &str, ip: std::net::IpAddr) -> bool {
+    Command::new("ip")
+        .args([
+            "neigh",
+            "replace",
+            &ip.to_string(),
+            "dev",
+            interface,
+            "managed",
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Removes a neighbour entry the agent asked for.
+pub fn forget_neighbor(interface: &str, ip: std::net::IpAddr) {
+    let _ = Command::new("ip")
+        .args(["neigh", "del", &ip.to_string(), "dev", interface])
+        .output();
+}
+
+/// Whether `ip` is on a subnet of `addrs` (so the kernel can resolve it on the link).
+pub fn on_link(addrs: &[(std::net::IpAddr, u8)], ip: std::net::IpAddr) -> bool {
+    addrs
+        .iter()
+        .any(|(a, len)| classifier::net::Cidr::new(*a, *len).is_ok_and(|c| c.contains(ip)))
+}

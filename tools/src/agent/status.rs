@@ -71,6 +71,8 @@ pub struct Status {
     pub stopped: bool,
     /// The datastore's own status (see `source::Source::status`).
     pub datastore: Value,
+    /// The uplink program's counters, if there is an uplink.
+    pub uplink: Option<Value>,
 }
 
 fn report_json(r: &BuildReport) -> Value {
@@ -102,6 +104,7 @@ impl Status {
             workers: Vec::new(),
             stopped: false,
             datastore: Value::Null,
+            uplink: None,
         }
     }
 
@@ -149,6 +152,7 @@ impl Status {
             "workers": workers,
             "stopped": self.stopped,
             "datastore": self.datastore,
+            "uplink": self.uplink,
         })
     }
 

@@ -158,7 +158,6 @@ pub fn run_all(
 ) -> Result<Vec<ProbeOutcome>> {
     let results: Mutex<Vec<Option<Result<Verdict>>>> =
         Mutex::new((0..probes.len()).map(|_| None).collect());
-    let next = AtomicUsize::new(0);
     let jobs: Vec<usize> = (0..probes.len())
         .filter(|&i| {
             probes
@@ -166,6 +165,49 @@ pub fn run_all(
                 .is_some_and(|p| p.probe.protocol != Protocol::Sctp)
         })
         .collect();
+    run_parallel(lab, probes, &jobs, timeout, stop, &results);
+    // A deny is confirmed by a second attempt: on a loaded machine a first SYN or datagram
+    // can be lost in the kernel's queues (or wait on ARP), and an allowed path must not be
+    // reported as denied. An allow needs no confirmation: an answer came back.
+    let retry: Vec<usize> = {
+        let r = results.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.iter()
+            .copied()
+            .filter(|&i| matches!(r.get(i), Some(Some(Ok(Verdict::Deny)))))
+            .collect()
+    };
+    run_parallel(lab, probes, &retry, timeout, stop, &results);
+    let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+    for (i, p) in probes.iter().enumerate() {
+        if p.probe.protocol == Protocol::Sctp
+            && !stopped(stop)
+            && let Some(slot) = results.get_mut(i)
+        {
+            *slot = Some(probe_sctp(lab, p, timeout));
+        }
+    }
+    results
+        .into_iter()
+        .zip(probes)
+        .map(|(r, p)| match r {
+            Some(Ok(verdict)) => Ok(ProbeOutcome { verdict }),
+            Some(Err(e)) => Err(e.context(format!("probe {}", p.to_json_line()))),
+            None => Err(anyhow!("probe {} did not run", p.to_json_line())),
+        })
+        .collect()
+}
+
+/// Runs the probes `jobs` (indexes into `probes`) on up to [`PARALLEL`] threads, storing
+/// each verdict in `results`.
+fn run_parallel(
+    lab: &Lab,
+    probes: &[ProbeResult],
+    jobs: &[usize],
+    timeout: Duration,
+    stop: &AtomicBool,
+    results: &Mutex<Vec<Option<Result<Verdict>>>>,
+) {
+    let next = AtomicUsize::new(0);
     std::thread::scope(|scope| {
         for _ in 0..PARALLEL.min(jobs.len()) {
             scope.spawn(|| {
@@ -189,24 +231,6 @@ pub fn run_all(
             });
         }
     });
-    let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
-    for (i, p) in probes.iter().enumerate() {
-        if p.probe.protocol == Protocol::Sctp
-            && !stopped(stop)
-            && let Some(slot) = results.get_mut(i)
-        {
-            *slot = Some(probe_sctp(lab, p, timeout));
-        }
-    }
-    results
-        .into_iter()
-        .zip(probes)
-        .map(|(r, p)| match r {
-            Some(Ok(verdict)) => Ok(ProbeOutcome { verdict }),
-            Some(Err(e)) => Err(e.context(format!("probe {}", p.to_json_line()))),
-            None => Err(anyhow!("probe {} did not run", p.to_json_line())),
-        })
-        .collect()
 }
 
 fn source<'l>(lab: &'l Lab, p: &ProbeResult) -> Result<&'l Endpoint> {
