@@ -101,15 +101,26 @@ impl Manifests {
             .find(|p| p.namespace == namespace && p.name == name)
     }
 
-    /// Resolves a probe endpoint: an IP address as is, or `namespace/pod` to the pod's
-    /// addresses. The error says why (no slash, unknown pod, pod without an address).
+    /// Resolves a probe endpoint: an IP address as is, `node:NAME` to the node's InternalIP
+    /// addresses, or `namespace/pod` to the pod's addresses. The error says why (no slash, unknown pod, pod without an address).
     pub fn resolve(&self, endpoint: &str) -> Result<Vec<IpAddr>, String> {
         if let Ok(ip) = endpoint.parse::<IpAddr>() {
             return Ok(vec![ip]);
         }
+        if let Some(node) = endpoint.strip_prefix("node:") {
+            let info = self
+                .nodes
+                .iter()
+                .find(|n| n.name == node)
+                .ok_or_else(|| format!("unknown node {node:?} (no Node object)"))?;
+            if info.internal_ips.is_empty() {
+                return Err(format!("node {node:?} has no InternalIP address"));
+            }
+            return Ok(info.internal_ips.clone());
+        }
         let Some((ns, name)) = endpoint.split_once('/') else {
             return Err(format!(
-                "{endpoint:?} is neither an IP address nor namespace/pod"
+                "{endpoint:?} is neither an IP address, node:NAME nor namespace/pod"
             ));
         };
         let pod = self

@@ -5,8 +5,8 @@
 // It decides, for every frame the uplink receives, whether ocelot's userspace dataplane must
 // handle it (redirect into the AF_XDP socket of the receiving queue) or the kernel should
 // (XDP_PASS). Only one kind of frame is redirected: IPv4/IPv6, after at most one VLAN tag,
-// whose destination address is a local pod (in `local_pods_v4` / `local_pods_v6`) and which
-// is not on the failsafe list. Everything else goes to the kernel, so the node's own traffic
+// whose destination address is a local pod (in `local_pods_v4` / `local_pods_v6`), on any
+// port. Everything else goes to the kernel, so the node's own traffic
 // (ARP, NDP, SSH, kubelet, BGP, DHCP, the API server) never depends on the dataplane being up:
 // a missing socket for the queue, a frame the program cannot parse, an unknown EtherType all
 // mean XDP_PASS.
@@ -17,7 +17,11 @@
 //   local_pods_v6   hash, IPv6 address (16 bytes) -> 1.
 //   failsafe        hash, {proto, dir, port (network order)} -> 1. dir 0: the frame's
 //                   destination port is a host service ("in"); dir 1: its source port is
-//                   (a reply to a connection the host opened, "out").
+//                   (a reply to a connection the host opened, "out"). Checked for frames
+//                   not addressed to a local pod (which always reach the kernel): the list
+//                   names the host's must-work services and counts them separately, and
+//                   the agent never lists a node address as a local pod, so those services
+//                   never depend on the dataplane.
 //   counters        per-CPU array, one u64 packet count per `enum counter`.
 //
 // Every access to packet memory is preceded by a comparison against `data_end`: the verifier
@@ -168,6 +172,12 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, void *l3, void *data_
 	if (ip->version != 4 || ip->ihl < 5)
 		return count(CNT_PASS_UNPARSED, XDP_PASS);
 
+	// A local pod's frames are the dataplane's, whatever their ports: pods serve on any
+	// port, 22 included, and their policy is the dataplane's to enforce.
+	__u32 daddr = ip->daddr;
+	if (bpf_map_lookup_elem(&local_pods_v4, &daddr))
+		return to_pod(ctx);
+
 	// Ports exist only in an unfragmented datagram or its first fragment; a later fragment
 	// cannot be matched against the failsafe list and goes by its address alone.
 	if ((bpf_ntohs(ip->frag_off) & IP_OFFSET_MASK) == 0) {
@@ -179,10 +189,6 @@ static __always_inline int handle_ipv4(struct xdp_md *ctx, void *l3, void *data_
 		if (is_failsafe(l4, data_end, ip->protocol))
 			return count(CNT_PASS_FAILSAFE, XDP_PASS);
 	}
-
-	__u32 daddr = ip->daddr;
-	if (bpf_map_lookup_elem(&local_pods_v4, &daddr))
-		return to_pod(ctx);
 	return count(CNT_PASS_NOT_POD, XDP_PASS);
 }
 
@@ -246,16 +252,16 @@ static __always_inline int handle_ipv6(struct xdp_md *ctx, void *l3, void *data_
 			return count(CNT_PASS_ARP_NDP, XDP_PASS);
 	}
 
+	struct in6_addr daddr = ip6->daddr;
+	if (bpf_map_lookup_elem(&local_pods_v6, &daddr))
+		return to_pod(ctx);
+
 	if (has_ports) {
 		if (l4 > data_end)
 			return count(CNT_PASS_UNPARSED, XDP_PASS);
 		if (is_failsafe(l4, data_end, nexthdr))
 			return count(CNT_PASS_FAILSAFE, XDP_PASS);
 	}
-
-	struct in6_addr daddr = ip6->daddr;
-	if (bpf_map_lookup_elem(&local_pods_v6, &daddr))
-		return to_pod(ctx);
 	return count(CNT_PASS_NOT_POD, XDP_PASS);
 }
 

@@ -2106,10 +2106,11 @@ mod tests {
                 },
                 Went::Other,
             ),
+            // A local pod is the dataplane's on every port, failsafe ones included.
             (
                 "ssh to a pod",
                 ipv4(POD4, 6, 0, 0, &tcp(40000, 22)),
-                Went::Failsafe,
+                Went::NoSocket,
             ),
             (
                 "ssh to the node",
@@ -2118,50 +2119,50 @@ mod tests {
             ),
             (
                 "api server reply",
-                ipv4(POD4, 6, 0, 0, &tcp(6443, 40000)),
+                ipv4(NODE4, 6, 0, 0, &tcp(6443, 40000)),
                 Went::Failsafe,
             ),
             (
                 "etcd 2380 in",
-                ipv4(POD4, 6, 0, 0, &tcp(40000, 2380)),
+                ipv4(NODE4, 6, 0, 0, &tcp(40000, 2380)),
                 Went::Failsafe,
             ),
             (
                 "dhcp client in",
-                ipv4(POD4, 17, 0, 0, &udp(67, 68)),
+                ipv4(NODE4, 17, 0, 0, &udp(67, 68)),
                 Went::Failsafe,
             ),
             (
                 "dns reply",
-                ipv4(POD4, 17, 0, 0, &udp(53, 40000)),
+                ipv4(NODE4, 17, 0, 0, &udp(53, 40000)),
                 Went::Failsafe,
             ),
-            // udp 53 is failsafe outbound only: a query *to* port 53 of a pod is the pod's.
+            // udp 53 is failsafe outbound only: a query *to* the node's port 53 is not.
             (
-                "dns query to a pod",
-                ipv4(POD4, 17, 0, 0, &udp(40000, 53)),
-                Went::NoSocket,
+                "dns query to the node",
+                ipv4(NODE4, 17, 0, 0, &udp(40000, 53)),
+                Went::NotPod,
             ),
             // tcp 22 is failsafe, udp 22 is not.
             (
-                "udp 22 to a pod",
-                ipv4(POD4, 17, 0, 0, &udp(40000, 22)),
-                Went::NoSocket,
+                "udp 22 to the node",
+                ipv4(NODE4, 17, 0, 0, &udp(40000, 22)),
+                Went::NotPod,
             ),
             (
                 "ssh with ip options",
-                ipv4(POD4, 6, 2, 0, &tcp(40000, 22)),
+                ipv4(NODE4, 6, 2, 0, &tcp(40000, 22)),
                 Went::Failsafe,
             ),
             // A later fragment has no ports: bytes that look like port 22 are payload.
             (
                 "later fragment",
-                ipv4(POD4, 6, 0, 185, &tcp(40000, 22)),
-                Went::NoSocket,
+                ipv4(NODE4, 6, 0, 185, &tcp(40000, 22)),
+                Went::NotPod,
             ),
             (
                 "first fragment",
-                ipv4(POD4, 6, 0, 0x2000, &tcp(40000, 22)),
+                ipv4(NODE4, 6, 0, 0x2000, &tcp(40000, 22)),
                 Went::Failsafe,
             ),
             (
@@ -2229,7 +2230,7 @@ mod tests {
             (
                 "ssh6 after hop-by-hop",
                 ipv6(
-                    POD6,
+                    PEER6,
                     0,
                     &[[6, 0, 1, 4, 0, 0, 0, 0].as_slice(), &tcp(40000, 22)].concat(),
                 ),
@@ -2268,14 +2269,14 @@ mod tests {
         check(
             &prog,
             "ssh, not failsafe",
-            &ipv4(POD4, 6, 0, 0, &tcp(40000, 22)),
-            Went::NoSocket,
+            &ipv4(NODE4, 6, 0, 0, &tcp(40000, 22)),
+            Went::NotPod,
         );
         prog.set_failsafe(ssh, true).unwrap();
         check(
             &prog,
             "ssh, failsafe again",
-            &ipv4(POD4, 6, 0, 0, &tcp(40000, 22)),
+            &ipv4(NODE4, 6, 0, 0, &tcp(40000, 22)),
             Went::Failsafe,
         );
         prog.set_local_pod(std::net::Ipv4Addr::from(POD4).into(), false)

@@ -181,6 +181,7 @@ fn three_by_three_policy_shapes_apply_live_and_traffic_matches_verdicts() {
         verbose: false,
         serve: serve_model(),
         outside: Vec::new(),
+        nodes: 1,
     })
     .expect("lab starts");
     let cases: Vec<(&str, String)> = vec![
@@ -311,6 +312,7 @@ fn sctp_spoofing_and_two_workers() {
         verbose: false,
         serve,
         outside: Vec::new(),
+        nodes: 1,
     })
     .expect("lab starts");
     lab.wait_applied(Duration::from_secs(20)).expect("applied");
@@ -450,6 +452,7 @@ fn pods_are_attached_and_retired_live() {
         verbose: false,
         serve: serve_model(),
         outside: Vec::new(),
+        nodes: 1,
     })
     .expect("lab starts");
     lab.wait_applied(Duration::from_secs(20)).expect("applied");

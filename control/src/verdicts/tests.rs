@@ -125,7 +125,11 @@ fn unresolvable_endpoints_name_the_line() {
         ),
         (
             "{\"src\":\"a\",\"dst\":\"y/b\",\"port\":80}",
-            "probe line 2: src: \"a\" is neither an IP address nor namespace/pod",
+            "probe line 2: src: \"a\" is neither an IP address, node:NAME nor namespace/pod",
+        ),
+        (
+            "{\"src\":\"node:n9\",\"dst\":\"y/b\",\"port\":80}",
+            "probe line 2: src: unknown node \"n9\" (no Node object)",
         ),
     ];
     for (line, expected) in cases {

@@ -234,7 +234,7 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
     };
     let mut view = uplink::UplinkView::default();
     if let Some(up) = uplink.as_mut() {
-        view = up.refresh(&manifests, &node_name);
+        view = up.wait_resolved(&manifests, &node_name, Duration::from_secs(3));
     }
     let node_options = |view: &uplink::UplinkView| NodeOptions {
         local_node: cluster_view.then(|| node_name.clone()),

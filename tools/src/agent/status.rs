@@ -80,6 +80,7 @@ fn report_json(r: &BuildReport) -> Value {
         "orphan_ports": r.orphan_ports,
         "pods_without_mac": r.pods_without_mac,
         "pods_without_port": r.pods_without_port,
+        "unresolved_next_hops": r.unresolved_next_hops.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
         "compile_errors": r.compile_errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
     })
 }

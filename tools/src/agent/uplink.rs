@@ -130,6 +130,28 @@ impl Uplink {
         }
     }
 
+    /// Refreshes until every wanted next hop is resolved or `limit` passes (at start, so the
+    /// first snapshot does not drop traffic to other nodes while the kernel resolves them).
+    pub fn wait_resolved(
+        &mut self,
+        manifests: &Manifests,
+        node_name: &str,
+        limit: std::time::Duration,
+    ) -> UplinkView {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let view = self.refresh(manifests, node_name);
+            let all = self
+                .managed
+                .iter()
+                .all(|ip| view.neighbors.contains_key(ip));
+            if all || std::time::Instant::now() >= deadline {
+                return view;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// The program's counters, for the status file.
     pub fn status(&self) -> Value {
         match self.program.counters() {

@@ -24,6 +24,7 @@
 //! line on stderr counts probes, allowed, denied, probes where traffic disagreed with the
 //! compiled policy, and the time taken; any disagreement makes the exit status non-zero.
 
+mod multinode;
 mod probe;
 mod topology;
 
@@ -62,6 +63,10 @@ pub struct LabArgs {
     /// How long a probe waits for an answer, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub timeout_ms: u64,
+    /// Virtual nodes: with 2 or more, each node runs its own agent and the nodes are
+    /// joined by a router (the plain-L3 fabric), which also plays the outside world.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
     /// Show the agent's log.
     #[arg(long)]
     pub verbose: bool,
@@ -70,8 +75,29 @@ pub struct LabArgs {
 /// Runs `ocelot lab`.
 pub fn run(args: &LabArgs, stop: &Arc<AtomicBool>) -> Result<()> {
     let started = Instant::now();
-    let manifests = load_dir(&args.manifests)
+    let mut manifests = load_dir(&args.manifests)
         .with_context(|| format!("loading manifests from {}", args.manifests.display()))?;
+    let mut own_node: Vec<(IpAddr, IpAddr)> = Vec::new();
+    if args.nodes > 1 {
+        // Expected verdicts come from the same objects the agents read: the user's manifests
+        // and the lab's Node objects (so probes may name `node:NAME`).
+        let plan = multinode::plan(&manifests, args.nodes)?;
+        let mut texts = Vec::new();
+        for f in crate::agent::source::manifest_files(&args.manifests)? {
+            texts.push((f.clone(), std::fs::read_to_string(&f)?));
+        }
+        // A pod's traffic to its own node's address meets the node's pod-to-host setting
+        // (the lab's agents keep Calico's default, drop) after policy.
+        for p in &manifests.cluster.pods {
+            if let Some(k) = plan.pod_node.get(&format!("{}/{}", p.namespace, p.name)) {
+                for ip in &p.ips {
+                    own_node.push((*ip, IpAddr::V4(multinode::node_ip(*k))));
+                }
+            }
+        }
+        texts.push((PathBuf::from("lab-nodes.yaml"), plan.yaml));
+        manifests = Manifests::from_texts(texts.iter().map(|(p, t)| (p.clone(), t.as_str())))?;
+    }
     for w in &manifests.warnings {
         eprintln!("warning: {w}");
     }
@@ -93,11 +119,24 @@ pub fn run(args: &LabArgs, stop: &Arc<AtomicBool>) -> Result<()> {
         None => matrix_probes(&evaluator.matrices()),
     };
     // Every probe must resolve before anything is built.
-    let expected = probes
+    let mut expected = probes
         .iter()
         .map(|p| evaluator.probe(p))
         .collect::<Result<Vec<_>, _>>()
         .context("probes")?;
+    let mut to_own_node = 0;
+    for e in &mut expected {
+        if own_node.contains(&(e.src_ip, e.dst_ip)) && e.verdict == Verdict::Allow {
+            e.verdict = Verdict::Deny;
+            to_own_node += 1;
+        }
+    }
+    if to_own_node > 0 {
+        eprintln!(
+            "note: {to_own_node} probes go from a pod to its own node's address: policy allows \
+             them, and the node's pod-to-host default (drop, as Calico's) refuses them"
+        );
+    }
     let ports = probe::ports_to_serve(&manifests, &probes);
     let outside = outside_addresses(&manifests, &expected)?;
     let lab = Lab::start(&LabOptions {
@@ -107,6 +146,7 @@ pub fn run(args: &LabArgs, stop: &Arc<AtomicBool>) -> Result<()> {
         verbose: args.verbose,
         serve: ports,
         outside,
+        nodes: args.nodes.max(1),
     })?;
     if probes.iter().any(|p| p.protocol == Protocol::Sctp) {
         eprintln!(
@@ -194,6 +234,12 @@ pub fn outside_addresses(manifests: &Manifests, probes: &[ProbeResult]) -> Resul
         .pods
         .iter()
         .flat_map(|p| p.ips.iter().copied())
+        .chain(
+            manifests
+                .nodes
+                .iter()
+                .flat_map(|n| n.internal_ips.iter().copied()),
+        )
         .collect();
     let mut out = BTreeSet::new();
     for p in probes {

@@ -36,8 +36,11 @@ pub struct LabOptions {
     /// (protocol, port) pairs every pod serves (TCP listener, UDP echo).
     pub serve: BTreeSet<(Protocol, u16)>,
     /// Addresses that belong to no pod but that probes use: the lab gives them to an
-    /// "outside" host behind the node's uplink.
+    /// "outside" host behind the node's uplink (behind the router with several nodes).
     pub outside: Vec<Ipv4Addr>,
+    /// Virtual nodes (1: pods and the outside host on one node; 2 or more: nodes joined by
+    /// a router, see [`super::multinode`]).
+    pub nodes: usize,
 }
 
 /// Where the lab sends from and serves on: a pod, or an address of the outside host.
@@ -57,6 +60,8 @@ pub const UPLINK: &str = "uplink0";
 /// One pod of the lab.
 #[derive(Debug)]
 pub struct LabPod {
+    /// The node it runs on (index into the lab's nodes).
+    pub node: usize,
     /// `namespace/name`.
     pub key: String,
     /// Its IPv4 address.
@@ -67,7 +72,7 @@ pub struct LabPod {
 
 /// The agent process, stopped with SIGTERM on drop.
 #[derive(Debug)]
-struct Agent {
+pub(super) struct Agent {
     child: Option<Child>,
     log: Arc<Mutex<Vec<String>>>,
 }
@@ -113,25 +118,29 @@ impl Drop for Agent {
 #[derive(Debug)]
 pub struct Lab {
     // Field order is drop order: servers and agent stop before the namespaces go.
-    servers: Servers,
-    agent: Agent,
-    status_path: PathBuf,
-    manifests: PathBuf,
-    workdir: TempDir,
+    pub(super) servers: Servers,
+    pub(super) agents: Vec<Agent>,
+    pub(super) status_paths: Vec<PathBuf>,
+    pub(super) dirs: Vec<PathBuf>,
+    pub(super) workdir: TempDir,
     /// The pods, in manifest order.
     pub pods: Vec<LabPod>,
-    /// Pods and outside addresses, as probes see them.
+    /// Pods, outside addresses and node addresses, as probes see them.
     pub endpoints: Vec<Endpoint>,
-    _veths: Vec<VethPair>,
-    /// The outside host, if probes need one.
+    /// Held for their `Drop`: removed before the namespaces.
+    #[allow(dead_code)] // Never read: only dropped.
+    pub(super) veths: Vec<VethPair>,
+    /// The outside host (one node), or the router (several nodes).
     pub outside: Option<Netns>,
-    /// The node's namespace.
+    /// Nodes after the first.
+    pub more_nodes: Vec<Netns>,
+    /// The (first) node's namespace.
     pub node: Netns,
 }
 
 /// A directory removed on drop.
 #[derive(Debug)]
-struct TempDir(PathBuf);
+pub(super) struct TempDir(pub(super) PathBuf);
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -142,6 +151,9 @@ impl Drop for TempDir {
 impl Lab {
     /// Builds the node and its pods, starts the agent and the servers.
     pub fn start(opts: &LabOptions) -> Result<Lab> {
+        if opts.nodes > 1 {
+            return super::multinode::start(opts);
+        }
         let manifests = super::load(&opts.manifests)?;
         let node = Netns::new("node")?;
         node.disable_ipv6()?;
@@ -175,6 +187,7 @@ impl Lab {
             veths.push(VethPair::new(&ns, "eth0", &node, &host)?);
             let pod = Pod::configure_proxy_arp(ns, &ip.to_string(), &host)?;
             pods.push(LabPod {
+                node: 0,
                 key: format!("{}/{}", p.namespace, p.name),
                 ip,
                 pod,
@@ -225,17 +238,19 @@ impl Lab {
             .with_context(|| format!("writing {}", config.display()))?;
         let status_path = dir.join("status.json");
         let servers = Servers::start(&endpoints, &opts.serve)?;
-        let agent = start_agent(opts, &node, &config, &status_path)?;
+        let dirs = vec![opts.manifests.clone()];
+        let agent = start_agent(opts, &node, &config, &dirs, &status_path)?;
         Ok(Lab {
             servers,
-            agent,
-            status_path,
-            manifests: opts.manifests.clone(),
+            agents: vec![agent],
+            status_paths: vec![status_path],
+            dirs,
             workdir,
             pods,
             endpoints,
-            _veths: veths,
+            veths,
             outside,
+            more_nodes: Vec::new(),
             node,
         })
     }
@@ -250,31 +265,38 @@ impl Lab {
         self.endpoints.iter().find(|e| e.ip == ip)
     }
 
-    /// The agent's status file, parsed.
+    /// The (first) agent's status file, parsed.
     pub fn status(&self) -> Result<serde_json::Value> {
-        let text = std::fs::read_to_string(&self.status_path)
-            .with_context(|| format!("reading {}", self.status_path.display()))?;
+        self.status_of(0)
+    }
+
+    /// Node `k`'s agent's status file, parsed.
+    pub fn status_of(&self, k: usize) -> Result<serde_json::Value> {
+        let path = self
+            .status_paths
+            .get(k)
+            .ok_or_else(|| anyhow!("no node {k}"))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Ok(serde_json::from_str(&text)?)
     }
 
-    /// Waits until the agent has applied the manifests directory as it is now.
+    /// Waits until every agent has applied the manifests directories as they are now.
     pub fn wait_applied(&self, timeout: Duration) -> Result<()> {
-        let want = format!(
-            "{:016x}",
-            source::digest(std::slice::from_ref(&self.manifests))?
-        );
+        let want = format!("{:016x}", source::digest(&self.dirs)?);
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(s) = self.status()
-                && s["manifests_digest"] == want
-            {
+            let applied = (0..self.agents.len()).all(|k| {
+                self.status_of(k)
+                    .is_ok_and(|s| s["manifests_digest"] == want)
+            });
+            if applied {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
-                    "the agent did not apply {} within {timeout:?}; its log:\n{}",
-                    self.manifests.display(),
-                    self.agent.log_tail()
+                    "the agents did not apply the manifests within {timeout:?}; their log:\n{}",
+                    self.agent_log()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -295,20 +317,32 @@ impl Lab {
     /// pods' veths. Returns a one-line summary of its counters.
     pub fn stop(mut self) -> Result<String> {
         self.servers.stop();
-        let status = self.agent.terminate()?;
-        if !status.success() {
-            bail!(
-                "the agent exited with {status}; its log:\n{}",
-                self.agent.log_tail()
-            );
+        for agent in &mut self.agents {
+            let status = agent.terminate()?;
+            if !status.success() {
+                bail!(
+                    "an agent exited with {status}; its log:\n{}",
+                    agent.log_tail()
+                );
+            }
         }
-        let mut devs: Vec<&str> = self.pods.iter().map(|p| p.pod.host_dev.as_str()).collect();
-        if self.outside.is_some() {
-            devs.push(UPLINK);
-        }
-        for dev in devs {
-            if self.node.has_xdp(dev)? {
-                bail!("an XDP program was left on {dev}");
+        let nodes: Vec<&Netns> = std::iter::once(&self.node)
+            .chain(self.more_nodes.iter())
+            .collect();
+        for (k, node) in nodes.iter().enumerate() {
+            let mut devs: Vec<&str> = self
+                .pods
+                .iter()
+                .filter(|p| p.node == k)
+                .map(|p| p.pod.host_dev.as_str())
+                .collect();
+            if self.outside.is_some() {
+                devs.push(UPLINK);
+            }
+            for dev in devs {
+                if node.has_xdp(dev)? {
+                    bail!("an XDP program was left on {dev}");
+                }
             }
         }
         let summary = self
@@ -319,9 +353,14 @@ impl Lab {
         Ok(summary)
     }
 
-    /// The agent's recent log lines.
+    /// The agents' recent log lines.
     pub fn agent_log(&self) -> String {
-        self.agent.log_tail()
+        self.agents
+            .iter()
+            .enumerate()
+            .map(|(k, a)| format!("-- node {k}:\n{}", a.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
@@ -351,7 +390,7 @@ fn summarize(status: &serde_json::Value) -> String {
 
 /// The agent's config for `workers` workers: cores from the last one down, so one worker
 /// on a two-core machine leaves core 0 to the lab's own threads.
-fn agent_config(workers: usize, uplink_gateway: Option<[u8; 6]>) -> Result<String> {
+pub(super) fn agent_config(workers: usize, uplink_gateway: Option<[u8; 6]>) -> Result<String> {
     let cores = core_affinity::get_core_ids().map_or(1, |ids| ids.len());
     if workers == 0 || workers > cores {
         bail!("--workers {workers}: this machine has {cores} cores");
@@ -369,20 +408,24 @@ fn agent_config(workers: usize, uplink_gateway: Option<[u8; 6]>) -> Result<Strin
     Ok(text)
 }
 
-fn start_agent(
+pub(super) fn start_agent(
     opts: &LabOptions,
     node: &Netns,
     config: &std::path::Path,
+    dirs: &[PathBuf],
     status: &std::path::Path,
 ) -> Result<Agent> {
-    let mut child = Command::new("ip")
+    let mut command = Command::new("ip");
+    command
         .args(["netns", "exec", node.name()])
         .arg(&opts.agent)
         .arg("run")
         .arg("--config")
-        .arg(config)
-        .arg("--manifests")
-        .arg(&opts.manifests)
+        .arg(config);
+    for d in dirs {
+        command.arg("--manifests").arg(d);
+    }
+    let mut child = command
         .arg("--status")
         .arg(status)
         .stdin(Stdio::null())
