@@ -317,7 +317,7 @@ impl Lab {
     /// pods' veths. Returns a one-line summary of its counters.
     pub fn stop(mut self) -> Result<String> {
         self.servers.stop();
-        for agent in &mut self.agents {
+        for agent in self.agents.iter_mut().filter(|a| a.child.is_some()) {
             let status = agent.terminate()?;
             if !status.success() {
                 bail!(
@@ -351,6 +351,27 @@ impl Lab {
             .unwrap_or_else(|e| format!("no status: {e}"));
         let _ = &self.workdir;
         Ok(summary)
+    }
+
+    /// Kills node `k`'s agent with SIGKILL (a crash: nothing is cleaned up).
+    pub fn kill_agent(&mut self, k: usize) -> Result<()> {
+        let agent = self
+            .agents
+            .get_mut(k)
+            .ok_or_else(|| anyhow!("no node {k}"))?;
+        if let Some(mut child) = agent.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Whether node `k`'s agent is still running.
+    pub fn agent_running(&mut self, k: usize) -> bool {
+        self.agents
+            .get_mut(k)
+            .and_then(|a| a.child.as_mut())
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// The agents' recent log lines.
