@@ -252,6 +252,48 @@ impl VethPair {
     }
 }
 
+impl VethPair {
+    /// As [`VethPair::new`], with `queues` receive and transmit queues on each end (veth
+    /// delivers a frame on the receive queue matching the sender's transmit queue, which the
+    /// sender's stack picks per flow).
+    pub fn with_queues(
+        a: &Netns,
+        a_dev: &str,
+        b: &Netns,
+        b_dev: &str,
+        queues: u32,
+    ) -> Result<VethPair, Error> {
+        let q = queues.max(1).to_string();
+        a.ip(&[
+            "link",
+            "add",
+            a_dev,
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b_dev,
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
+            "netns",
+            &b.name,
+        ])?;
+        let pair = VethPair {
+            a_ns: a.name.clone(),
+            a_dev: a_dev.into(),
+        };
+        a.link_up(a_dev)?;
+        b.link_up(b_dev)?;
+        Ok(pair)
+    }
+}
+
 impl Drop for VethPair {
     fn drop(&mut self) {
         let _ = run("ip", &["-n", &self.a_ns, "link", "del", &self.a_dev]);

@@ -210,7 +210,9 @@ where
     T: Tx<Frame = M::Frame>,
     C: Classify,
 {
-    /// Builds a worker owning `frames` and `ports`. Refuses two ports with one id.
+    /// Builds a worker owning `frames` and `ports`. Several ports may share one id: they are
+    /// queues of one interface (a multi-queue uplink); all of them receive, and frames
+    /// forwarded to the id leave by the first.
     pub fn new(
         mem: M,
         frames: Vec<M::Frame>,
@@ -221,14 +223,8 @@ where
         let max_id = ports.iter().map(|p| p.id.0 as usize).max().unwrap_or(0);
         let mut local = vec![None; max_id + 1];
         for (entry, p) in ports.iter().enumerate() {
-            match local.get_mut(p.id.0 as usize) {
-                Some(slot @ None) => *slot = Some(entry),
-                _ => {
-                    return Err(Error::Table {
-                        entry,
-                        reason: "port id used twice",
-                    });
-                }
+            if let Some(slot @ None) = local.get_mut(p.id.0 as usize) {
+                *slot = Some(entry);
             }
         }
         let count = frames.len();
@@ -815,27 +811,43 @@ mod tests {
     }
 
     #[test]
-    fn refuses_duplicate_port_ids() {
-        let (rx0, tx0, _) = mem::wire(Faults::default());
-        let (rx1, tx1, _) = mem::wire(Faults::default());
-        let r = Worker::new(
+    fn queues_of_one_interface_share_an_id_and_transmit_by_the_first() {
+        let (rx0, tx0, w0) = mem::wire(Faults::default());
+        let (rx1, tx1, w1) = mem::wire(Faults::default());
+        let (rx2, tx2, w2) = mem::wire(Faults::default());
+        let mut w = Worker::new(
             MemFrames,
-            mem::frames(4, 2048),
+            mem::frames(512, 2048),
             vec![
                 WorkerPort {
-                    id: PortId(3),
+                    id: PortId(0),
                     rx: rx0,
                     tx: tx0,
                 },
+                // Two queues of interface 1.
                 WorkerPort {
-                    id: PortId(3),
+                    id: PortId(1),
                     rx: rx1,
                     tx: tx1,
                 },
+                WorkerPort {
+                    id: PortId(1),
+                    rx: rx2,
+                    tx: tx2,
+                },
             ],
             ByteVerdict::default(),
-        );
-        assert!(matches!(r, Err(Error::Table { entry: 1, .. })));
+        )
+        .expect("two queues of one interface");
+        w.poll_once().unwrap();
+        // Both queues receive; what they forward to port 0 leaves by port 0.
+        w1.inject(&frame(FORWARD_TO_0));
+        w2.inject(&frame(FORWARD_TO_0));
+        // Port 0's frames to port 1 leave by its first queue.
+        w0.inject(&frame(FORWARD_TO_1));
+        w.poll_once().unwrap();
+        assert_eq!(w0.take_sent().len(), 2);
+        assert_eq!((w1.take_sent().len(), w2.take_sent().len()), (1, 0));
     }
 
     #[test]

@@ -182,6 +182,7 @@ fn three_by_three_policy_shapes_apply_live_and_traffic_matches_verdicts() {
         serve: serve_model(),
         outside: Vec::new(),
         nodes: 1,
+        uplink_queues: 1,
     })
     .expect("lab starts");
     let cases: Vec<(&str, String)> = vec![
@@ -313,6 +314,7 @@ fn sctp_spoofing_and_two_workers() {
         serve,
         outside: Vec::new(),
         nodes: 1,
+        uplink_queues: 1,
     })
     .expect("lab starts");
     lab.wait_applied(Duration::from_secs(20)).expect("applied");
@@ -453,6 +455,7 @@ fn pods_are_attached_and_retired_live() {
         serve: serve_model(),
         outside: Vec::new(),
         nodes: 1,
+        uplink_queues: 1,
     })
     .expect("lab starts");
     lab.wait_applied(Duration::from_secs(20)).expect("applied");

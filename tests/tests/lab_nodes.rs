@@ -113,6 +113,7 @@ fn three_by_three_across_three_nodes() {
         serve,
         outside: Vec::new(),
         nodes: 3,
+        uplink_queues: 1,
     })
     .expect("lab starts");
     assert_eq!(lab.more_nodes.len(), 2);
@@ -209,6 +210,7 @@ fn nodes_stay_reachable_and_survive_link_flaps() {
         serve,
         outside: Vec::new(),
         nodes: 2,
+        uplink_queues: 1,
     })
     .expect("lab starts");
     let router = lab.outside.as_ref().expect("router").name().to_owned();
@@ -278,4 +280,84 @@ fn nodes_stay_reachable_and_survive_link_flaps() {
         !tcp_from(&client_ns, IpAddr::V4(frontend), 80),
         "pod traffic cannot be forwarded by a dead dataplane"
     );
+}
+
+/// Uplinks with two queues and two workers per node, each pinned to its own core: both
+/// queues carry traffic, and pods on both nodes reach each other through them.
+#[test]
+fn two_queue_uplinks_with_two_workers() {
+    let _serial = serial();
+    let cores = core_affinity::get_core_ids().map_or(1, |c| c.len());
+    if cores < 2 {
+        eprintln!("skipped: this machine has one core");
+        return;
+    }
+    let dir = TempDir::new("ocelot-lab-queues").expect("temp dir");
+    write_atomic(dir.path(), "model.yaml", &model_yaml());
+    let serve: BTreeSet<(Protocol, u16)> = [(Protocol::Tcp, 80)].into_iter().collect();
+    let lab = Lab::start(&LabOptions {
+        manifests: dir.path().to_path_buf(),
+        workers: 2,
+        agent: binary("ocelot"),
+        verbose: false,
+        serve,
+        outside: Vec::new(),
+        nodes: 2,
+        uplink_queues: 2,
+    })
+    .expect("lab starts");
+    let status = lab.status().expect("status");
+    let uplink_queues = status["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .filter(|p| p["interface"] == "uplink0")
+        .count();
+    assert_eq!(uplink_queues, 1, "one port for the uplink: {status}");
+    // Every pair of pods, both ways, over TCP 80: many flows, hashed over both queues.
+    let manifests = control::load_dir(dir.path()).expect("manifests");
+    let evaluator = Evaluator::new(&manifests);
+    let expected: Vec<ProbeResult> = matrix_probes(&[evaluator.matrix(80, Protocol::Tcp)])
+        .iter()
+        .map(|p| evaluator.probe(p).expect("resolves"))
+        .collect();
+    for _ in 0..3 {
+        let seen = lab
+            .probe_all(
+                &expected,
+                Duration::from_millis(1000),
+                &AtomicBool::new(false),
+            )
+            .expect("probes run");
+        let wrong: Vec<String> = expected
+            .iter()
+            .zip(&seen)
+            .filter(|(e, s)| e.verdict != s.verdict)
+            .map(|(e, s)| format!("{} -> {}: {:?}", e.probe.src, e.probe.dst, s.verdict))
+            .collect();
+        assert!(wrong.is_empty(), "{wrong:#?}\n{}", lab.agent_log());
+    }
+    // Both receive queues of node-1's uplink took frames (veth's per-queue XDP counters).
+    let stats = lab
+        .node
+        .exec_ok(&["ethtool", "-S", "uplink0"])
+        .expect("ethtool");
+    let per_queue: Vec<u64> = (0..2)
+        .map(|q| {
+            stats
+                .lines()
+                .find(|l| {
+                    l.trim_start()
+                        .starts_with(&format!("rx_queue_{q}_xdp_packets:"))
+                })
+                .and_then(|l| l.rsplit(':').next())
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        })
+        .collect();
+    assert!(
+        per_queue.iter().all(|n| *n > 0),
+        "queues {per_queue:?}:\n{stats}"
+    );
+    lab.stop().expect("agents stop cleanly");
 }

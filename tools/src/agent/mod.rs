@@ -83,6 +83,8 @@ struct AgentPort {
     spec: PortSpec,
     worker: usize,
     queue: u32,
+    /// More (worker, queue) pairs of the same interface (a multi-queue uplink).
+    more_queues: Vec<(usize, u32)>,
     /// The interface's index when it was attached: a pod recreated under the same name gets
     /// a new veth, which must be attached anew.
     ifindex: u32,
@@ -518,6 +520,7 @@ fn attach(
         },
         worker: owner,
         queue: 0,
+        more_queues: Vec::new(),
         ifindex,
     })
 }
@@ -562,12 +565,15 @@ fn assign_ports(
     let mut ports: Vec<AgentPort> = Vec::new();
     for (w, (_, queues)) in layout.workers.iter().enumerate() {
         for q in queues {
-            if ports.iter().any(|p| p.spec.name == q.interface) {
-                bail!(
-                    "interface {} is configured on more than one queue; one queue per \
-                     interface is supported so far",
-                    q.interface
-                );
+            if let Some(p) = ports.iter_mut().find(|p| p.spec.name == q.interface) {
+                if matches!(p.spec.role, PortRole::Pod { .. }) {
+                    bail!(
+                        "pod interface {} is configured on more than one queue",
+                        q.interface
+                    );
+                }
+                p.more_queues.push((w, q.queue));
+                continue;
             }
             let mac = ports::interface_mac(&q.interface)
                 .ok_or_else(|| anyhow!("interface {}: cannot read its MAC", q.interface))?;
@@ -588,6 +594,7 @@ fn assign_ports(
                 },
                 worker: w,
                 queue: q.queue,
+                more_queues: Vec::new(),
                 ifindex,
             });
         }
@@ -655,8 +662,12 @@ fn start_workers(
             ports: ports
                 .iter()
                 .enumerate()
-                .filter(|(_, p)| p.worker == w)
-                .map(|(i, p)| (p.spec.name.clone(), p.queue, PortId(i as u16)))
+                .flat_map(|(i, p)| {
+                    std::iter::once((p.worker, p.queue))
+                        .chain(p.more_queues.iter().copied())
+                        .filter(move |(owner, _)| *owner == w)
+                        .map(move |(_, q)| (p.spec.name.clone(), q, PortId(i as u16)))
+                })
                 .collect(),
             outs: Vec::new(),
             out_index: vec![None; n],
@@ -675,10 +686,17 @@ fn start_workers(
             if from == to {
                 continue;
             }
-            let targets: Vec<PortId> = setups
+            // Ports `to` owns that `from` does not (a multi-queue uplink is local to both).
+            let own: Vec<PortId> = setups
+                .get(from)
+                .map(|s| s.ports.iter().map(|p| p.2).collect())
+                .unwrap_or_default();
+            let mut targets: Vec<PortId> = setups
                 .get(to)
                 .map(|s| s.ports.iter().map(|p| p.2).collect())
                 .unwrap_or_default();
+            targets.retain(|id| !own.contains(id));
+            targets.dedup();
             let (tx, rx) = handoff::channel(capacity, 2048);
             let tx = match doorbells.get(to) {
                 Some(bell) => tx.with_doorbell(Arc::clone(bell)),

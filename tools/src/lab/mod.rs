@@ -67,6 +67,9 @@ pub struct LabArgs {
     /// joined by a router (the plain-L3 fabric), which also plays the outside world.
     #[arg(long, default_value_t = 1)]
     pub nodes: usize,
+    /// Queues of each node's uplink (with --nodes 2 or more); spread over the workers.
+    #[arg(long, default_value_t = 1)]
+    pub uplink_queues: u32,
     /// Show the agent's log.
     #[arg(long)]
     pub verbose: bool,
@@ -147,6 +150,7 @@ pub fn run(args: &LabArgs, stop: &Arc<AtomicBool>) -> Result<()> {
         serve: ports,
         outside,
         nodes: args.nodes.max(1),
+        uplink_queues: args.uplink_queues.max(1),
     })?;
     if probes.iter().any(|p| p.protocol == Protocol::Sctp) {
         eprintln!(

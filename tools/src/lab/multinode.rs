@@ -144,7 +144,13 @@ pub fn start(opts: &LabOptions) -> Result<Lab> {
         let ns = Netns::new(&format!("node{}", k + 1))?;
         ns.disable_ipv6()?;
         let port = format!("n{}", k + 1);
-        veths.push(VethPair::new(&ns, UPLINK, &router, &port)?);
+        veths.push(VethPair::with_queues(
+            &ns,
+            UPLINK,
+            &router,
+            &port,
+            opts.uplink_queues,
+        )?);
         router.ip(&["link", "set", &port, "master", "br0"])?;
         // Locally generated TCP/UDP leaves checksums to "hardware"; frames that cross an
         // AF_XDP dataplane must carry real ones (see the README's troubleshooting).

@@ -41,6 +41,8 @@ pub struct LabOptions {
     /// Virtual nodes (1: pods and the outside host on one node; 2 or more: nodes joined by
     /// a router, see [`super::multinode`]).
     pub nodes: usize,
+    /// Receive/transmit queues of each node's uplink (with several nodes).
+    pub uplink_queues: u32,
 }
 
 /// Where the lab sends from and serves on: a pod, or an address of the outside host.
