@@ -361,3 +361,72 @@ fn two_queue_uplinks_with_two_workers() {
     );
     lab.stop().expect("agents stop cleanly");
 }
+
+/// Cross-node pod-to-pod packet rate: a UDP flood (60-byte frames, one flow) from x/a on
+/// node-1 to x/b on node-2 through both nodes' dataplanes and the router, counted at x/b's
+/// eth0. Ignored by default (it measures, it does not check); see docs/BENCHMARKS.md:
+///
+/// ```text
+/// cargo test --release -p ocelot-tests --test lab_nodes cross_node_pps -- --ignored --nocapture
+/// ```
+#[test]
+#[ignore = "measurement: run explicitly with --ignored --nocapture"]
+fn cross_node_pps() {
+    let _serial = serial();
+    let dir = TempDir::new("ocelot-lab-pps").expect("temp dir");
+    write_atomic(dir.path(), "model.yaml", &model_yaml());
+    let lab = Lab::start(&LabOptions {
+        manifests: dir.path().to_path_buf(),
+        workers: 1,
+        agent: binary("ocelot"),
+        verbose: false,
+        serve: BTreeSet::new(),
+        outside: Vec::new(),
+        nodes: 2,
+        uplink_queues: 1,
+    })
+    .expect("lab starts");
+    let a = lab.pod("x/a").expect("x/a");
+    let b = lab.pod("x/b").expect("x/b");
+    assert_ne!(a.node, b.node, "x/a and x/b on different nodes");
+    let rx = || -> u64 {
+        b.pod
+            .ns
+            .exec_ok(&["cat", "/sys/class/net/eth0/statistics/rx_packets"])
+            .expect("rx_packets")
+            .trim()
+            .parse()
+            .expect("a number")
+    };
+    let _sink = dataplane::sys::in_netns(b.pod.ns.name(), || std::net::UdpSocket::bind((b.ip, 9)))
+        .expect("netns")
+        .expect("bind");
+    let sender = dataplane::sys::in_netns(a.pod.ns.name(), || std::net::UdpSocket::bind((a.ip, 0)))
+        .expect("netns")
+        .expect("bind");
+    sender.connect((b.ip, 9)).expect("connect");
+    let payload = [0u8; 18];
+    for _ in 0..1000 {
+        let _ = sender.send(&payload);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for round in 1..=3 {
+        let before = rx();
+        let n = 300_000u64;
+        let start = std::time::Instant::now();
+        for _ in 0..n {
+            let _ = sender.send(&payload);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        std::thread::sleep(Duration::from_millis(300));
+        let got = rx() - before;
+        eprintln!(
+            "round {round}: offered {n} in {secs:.3} s = {:.0} pps; delivered {got} = {:.1}% → {:.0} pps",
+            n as f64 / secs,
+            100.0 * got as f64 / n as f64,
+            got as f64 / secs
+        );
+    }
+    eprintln!("{}", lab.agent_log());
+    lab.stop().expect("agents stop cleanly");
+}

@@ -3,7 +3,7 @@
 //! ```toml
 //! [node]
 //! name = "node-1"            # default: $NODE_NAME, then the host name
-//! pod_to_host = "drop"       # or "accept" (after the pod's egress policy)
+//! pod_to_host = "drop"       # Calico's default; "accept" is refused until the host path exists
 //! conntrack_capacity = 262144
 //!
 //! [xdp]
@@ -280,6 +280,15 @@ impl Config {
                 format!("{} is not in 64..=1048576", self.xdp.frames_per_worker),
             ));
         }
+        if self.node.pod_to_host == PodToHostConfig::Accept {
+            return Err(err(
+                "node.pod_to_host".into(),
+                "\"accept\" needs a path from the dataplane into the node's own stack, which \
+                 this version does not have yet (frames would be dropped as \
+                 to_host_unsupported); use \"drop\", Calico's default"
+                    .into(),
+            ));
+        }
         if self.node.conntrack_capacity < 1024 {
             return Err(err(
                 "node.conntrack_capacity".into(),
@@ -533,6 +542,10 @@ mod tests {
             Err("xdp.frames_per_worker: 1 is not in 64..=1048576"),
         );
         check("[xdp]\nmode = \"turbo\"\n", Err("unknown variant `turbo`"));
+        check(
+            "[node]\npod_to_host = \"accept\"\n",
+            Err("node.pod_to_host: \"accept\" needs a path"),
+        );
         check(
             "[uplink]\ninterface = \"eth0\"\n[[workers]]\ncore = 0\n[[workers]]\ncore = 1\n",
             Ok(vec![
