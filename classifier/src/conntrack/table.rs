@@ -6,8 +6,15 @@
 //! word, `K` key words (2 for IPv4: both addresses, then ports and protocol; 5 for IPv6) and
 //! an epoch word; beside the slots, one tag word per group of [`GROUP`] slots holds a byte
 //! of each slot's key hash so that a lookup reads two tag words and then only the slots
-//! whose byte matches. IPv4 entries cost 32 + 1 bytes, IPv6 entries 56 + 1. The control
-//! word packs
+//! whose byte matches. IPv4 entries cost 32 + 1 bytes, IPv6 entries 56 + 1.
+//!
+//! A key's window is its two groups in probe order: first its *home slot* (a slot of the
+//! first group chosen by the hash), then the rest of the first group from there, wrapping,
+//! then the second group. An insert takes the home slot whenever it is free or expired and
+//! its group is no more than half full (or no fuller than the other), so most live flows sit
+//! in their home slot, and `track` compares the home slot's key before it reads any tag word.
+//!
+//! The control word packs
 //!
 //! | bits | field |
 //! |---|---|
@@ -233,6 +240,23 @@ pub(super) struct Probe {
     groups: [usize; 2],
     /// The key's tag byte.
     tag: u8,
+    /// The key's home slot in its first group (`0..GROUP`): window position 0.
+    home: u8,
+}
+
+impl Probe {
+    /// The table index of window position `p`. The first group is rotated so that its
+    /// position 0 is the home slot; the second group is in index order.
+    fn index(&self, p: usize) -> Option<usize> {
+        let base = *self.groups.get(p / GROUP)?;
+        let rot = if p < GROUP { usize::from(self.home) } else { 0 };
+        Some(base + (p + rot) % GROUP)
+    }
+
+    /// The table index of the home slot.
+    fn home_index(&self) -> usize {
+        self.groups[0] + usize::from(self.home)
+    }
 }
 
 /// How an insert obtained its slot.
@@ -318,9 +342,11 @@ impl<const K: usize> Table<K> {
         if second == first {
             second ^= GROUP;
         }
+        // The low three bits of the hash are not part of either group index.
         Probe {
             groups: [first, second],
             tag: (h >> 56) as u8,
+            home: (h as usize % GROUP) as u8,
         }
     }
 
@@ -328,9 +354,8 @@ impl<const K: usize> Table<K> {
     /// index in the table.
     #[cfg(test)]
     fn window(&self, probe: &Probe) -> impl Iterator<Item = (usize, usize, &Slot<K>)> {
-        let groups = probe.groups;
         (0..WINDOW).filter_map(move |p| {
-            let index = groups.get(p / GROUP)? + p % GROUP;
+            let index = probe.index(p)?;
             self.slots.get(index).map(|s| (p, index, s))
         })
     }
@@ -365,8 +390,10 @@ impl<const K: usize> Table<K> {
         skip: usize,
     ) -> Option<(usize, &Slot<K>, u64, u32)> {
         let mut g = 0;
+        let mut rot = u32::from(probe.home);
         for base in probe.groups {
-            let mut hits = tag_hits(self.tag_word(base), probe.tag);
+            // Rotated so that bytes come in window order (the home slot first).
+            let mut hits = tag_hits(self.tag_word(base), probe.tag).rotate_right(8 * rot);
             while hits != 0 {
                 let i = (hits.trailing_zeros() / 8) as usize;
                 hits &= hits - 1;
@@ -374,13 +401,15 @@ impl<const K: usize> Table<K> {
                 if p == skip {
                     continue;
                 }
-                if let Some(slot) = self.slots.get(base + i)
+                let index = base + (i + rot as usize) % GROUP;
+                if let Some(slot) = self.slots.get(index)
                     && let Some((c, e)) = slot.read_match(key)
                 {
                     return Some((p, slot, c, e));
                 }
             }
             g += GROUP;
+            rot = 0;
         }
         None
     }
@@ -390,21 +419,31 @@ impl<const K: usize> Table<K> {
     /// frame, then looks them up: each pass issues independent loads, so the cache misses
     /// of a whole burst overlap instead of being paid one after another (safe Rust has no
     /// prefetch instruction; an ordinary load whose result is used does the same job).
+    ///
+    /// Not loaded here: the home slot, although its address is known without the tag word.
+    /// Measured (see docs/BENCHMARKS.md, 2026-11-27 ~19:50 UTC), loading it in this pass
+    /// made the 100k-flow case ~20 % slower: for the flows that live elsewhere it is one
+    /// more line from memory, and with a whole burst's loads in flight the number of lines
+    /// counts, not the depth of the chain that leads to them.
     pub(super) fn touch_tags(&self, probe: &Probe) -> u64 {
         self.tags
             .get(probe.groups[0] / GROUP)
             .map_or(0, |w| w.load(Ordering::Relaxed))
     }
 
-    /// Second half of a burst prefetch: loads the first slot whose tag matches. With no
-    /// match the key is most likely new, and an insert will read every slot of both groups,
-    /// so those are loaded instead (independent loads, overlapping across the burst).
+    /// Second half of a burst prefetch: loads the first slot in window order whose tag
+    /// matches (usually the home slot). With no match the key is most likely new, and an
+    /// insert will read every slot of both groups, so those are loaded instead (independent
+    /// loads, overlapping across the burst).
     #[inline]
     pub(super) fn touch_slot(&self, probe: &Probe, word: u64) -> u64 {
-        let hits = tag_hits(word, probe.tag);
+        let hits = tag_hits(word, probe.tag).rotate_right(8 * u32::from(probe.home));
         if hits != 0 {
-            let i = (hits.trailing_zeros() / 8) as usize;
-            return self.slots.get(probe.groups[0] + i).map_or(0, Slot::peek);
+            let p = (hits.trailing_zeros() / 8) as usize;
+            return probe
+                .index(p)
+                .and_then(|i| self.slots.get(i))
+                .map_or(0, Slot::peek);
         }
         self.touch_window(probe)
     }
@@ -440,7 +479,18 @@ impl<const K: usize> Table<K> {
         now: u32,
         timeouts: &Timeouts,
     ) -> CtVerdict {
-        let Some((_, slot, c, epoch)) = self.scan(key, probe, WINDOW) else {
+        // The home slot first, without reading its tag word: most flows live there (see
+        // `choose_slot`), and it is window position 0, so a copy there is also the one
+        // `scan` would prefer. A mismatch costs one key comparison before the tag scan.
+        let home = self
+            .slots
+            .get(probe.home_index())
+            .and_then(|s| Some((s, s.read_match(key)?)));
+        let found = match home {
+            Some((slot, (c, e))) => Some((slot, c, e)),
+            None => self.scan(key, probe, 0).map(|(_, s, c, e)| (s, c, e)),
+        };
+        let Some((slot, c, epoch)) = found else {
             return CtVerdict::Miss;
         };
         if let Some(dir) = quiet_hit(c, from_lo, l4, now) {
@@ -590,8 +640,9 @@ impl<const K: usize> Table<K> {
         Err(super::CtFull)
     }
 
-    /// Picks the slot for a new entry: the key's own slot, else the first free or expired
-    /// slot of the group with more of them, else the least recently seen evictable entry.
+    /// Picks the slot for a new entry: the key's own slot, else its home slot if free or
+    /// expired, else the first free or expired slot of the group with more of them, else
+    /// the least recently seen evictable entry.
     /// Returns its window position and table index, the slot, how it is taken, and the
     /// control value it was judged by.
     fn choose_slot(
@@ -606,6 +657,7 @@ impl<const K: usize> Table<K> {
         let mut reusable: [Option<(usize, u64, Take)>; 2] = [None, None];
         let mut room = [0u32; 2];
         let mut victim: Option<(usize, u64)> = None;
+        let mut home: Option<(usize, u64, Take)> = None;
         for (g, base) in probe.groups.into_iter().enumerate() {
             let Some(group) = self.slots.get(base..base + GROUP) else {
                 continue;
@@ -614,7 +666,12 @@ impl<const K: usize> Table<K> {
             // pay for a key comparison.
             let hits = tag_hits(self.tag_word(base), probe.tag);
             for (i, slot) in group.iter().enumerate() {
-                let p = g * GROUP + i;
+                // Window position: the first group is rotated to start at the home slot.
+                let p = if g == 0 {
+                    (i + GROUP - usize::from(probe.home)) % GROUP
+                } else {
+                    GROUP + i
+                };
                 let c = slot.ctl.load(Ordering::Acquire);
                 if ctl_busy(c) {
                     continue;
@@ -643,6 +700,9 @@ impl<const K: usize> Table<K> {
                         continue;
                     }
                 };
+                if p == 0 {
+                    home = Some((p, c, take));
+                }
                 if let (Some(first), Some(n)) = (reusable.get_mut(g), room.get_mut(g)) {
                     *n += 1;
                     first.get_or_insert((p, c, take));
@@ -652,9 +712,15 @@ impl<const K: usize> Table<K> {
         // The emptier group, so that both fill evenly and the table reaches a high load
         // before any flow finds both its groups full.
         let [a, b] = reusable;
-        let chosen = if room[1] > room[0] { b.or(a) } else { a.or(b) };
+        // The home slot before either: a lookup reaches it without reading the tag word.
+        // The home slot comes first while its group is at most half full or no fuller than
+        // the other: a lookup finds it without the tag scan. Preferring it unconditionally
+        // crowded the first groups and lowered the load at the first refusal from 0.78 to
+        // 0.72 (`fills_to_high_load_before_first_failure`).
+        let home = home.filter(|_| room[0] * 2 > GROUP as u32 || room[0] >= room[1]);
+        let chosen = home.or(if room[1] > room[0] { b.or(a) } else { a.or(b) });
         let (p, c, take) = chosen.or(victim.map(|(p, c)| (p, c, Take::Evict)))?;
-        let index = probe.groups.get(p / GROUP)? + p % GROUP;
+        let index = probe.index(p)?;
         let slot = self.slots.get(index)?;
         Some((p, index, slot, take, c))
     }
@@ -734,6 +800,15 @@ impl<const K: usize> Table<K> {
                 Err(actual) => e = actual,
             }
         }
+    }
+
+    /// Whether the home slot of `key` is free (for tests of the placement rule).
+    #[cfg(test)]
+    pub(super) fn home_is_free(&self, key: &[u64; K]) -> bool {
+        let probe = self.probe(key);
+        self.slots
+            .get(probe.home_index())
+            .is_some_and(|s| ctl_state(s.peek()).is_none())
     }
 
     /// Frees slot `index` if it holds an expired entry. Returns whether it did.
