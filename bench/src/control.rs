@@ -154,7 +154,7 @@ fn namespace(i: usize) -> Value {
         "metadata": { "name": format!("ns-{i}"), "labels": {
             "kubernetes.io/metadata.name": format!("ns-{i}"),
             "team": format!("team-{}", i % 50),
-            "env": if i % 3 == 0 { "dev" } else { "prod" },
+            "env": if i.is_multiple_of(3) { "dev" } else { "prod" },
         } },
     })
 }
@@ -211,7 +211,7 @@ fn pod(
 /// Pod `k` of the initial cluster: namespace `k % namespaces`, node `k / pods_per_node`.
 fn cluster_pod(s: &Sizes, k: usize, rev: Option<usize>) -> Value {
     let per_node = s.pods_per_node();
-    let tier = if k % 2 == 0 { "fe" } else { "be" };
+    let tier = if k.is_multiple_of(2) { "fe" } else { "be" };
     pod(
         &format!("ns-{}", k % s.namespaces),
         &format!("pod-{k}"),
@@ -263,10 +263,22 @@ fn policy(ns: usize, name: &str, app: usize, egress: bool) -> Value {
 /// What a `Manifests` must contain for an event to count as arrived.
 #[derive(Clone, Debug)]
 enum Expect {
-    Policy { ns: String, name: String },
-    PodLabel { ns: String, name: String, rev: String },
-    Pod { ns: String, name: String },
-    Node { name: String },
+    Policy {
+        ns: String,
+        name: String,
+    },
+    PodLabel {
+        ns: String,
+        name: String,
+        rev: String,
+    },
+    Pod {
+        ns: String,
+        name: String,
+    },
+    Node {
+        name: String,
+    },
 }
 
 impl Expect {
@@ -353,8 +365,8 @@ fn control_loop(
         for p in &m.cluster.pods {
             if p.node.as_deref() == Some(LOCAL_NODE) && !p.host_network {
                 let key = (p.namespace.clone(), p.name.clone());
-                if !index.contains_key(&key) {
-                    index.insert(key, ports.len());
+                if let std::collections::hash_map::Entry::Vacant(e) = index.entry(key) {
+                    e.insert(ports.len());
                     ports.push(Some(port_for(&p.namespace, &p.name, ports.len())));
                 }
             }
@@ -403,6 +415,7 @@ fn worker_loop(published: Arc<ArcSwap<Snapshot>>, shared: Arc<Shared>, period: D
 #[derive(Clone, Copy, Debug)]
 struct Sample {
     total: Duration,
+    to_sent: Duration,
     to_manifests: Duration,
     build: Duration,
     to_worker: Duration,
@@ -411,6 +424,7 @@ struct Sample {
 /// Writes `obj`, waits for the worker to see a snapshot containing it, returns the legs.
 fn measure_event(
     server: &ApiServer,
+    ds: &control::kube::KubeDatastore,
     shared: &Shared,
     obj: &Value,
     expect: Expect,
@@ -429,8 +443,12 @@ fn measure_event(
                 .copied()
                 .ok_or_else(|| anyhow!("epoch {epoch} seen but never published"))?;
             *lock(&shared.pending) = None;
+            // Nothing else changes in the cluster, so the datastore's last update is this
+            // event's: when it was built and sent.
+            let sent = ds.status().last_update.unwrap_or(times.received);
             return Ok(Sample {
                 total: seen.saturating_duration_since(t0),
+                to_sent: sent.saturating_duration_since(t0),
                 to_manifests: times.received.saturating_duration_since(t0),
                 build: times.published.saturating_duration_since(times.received),
                 to_worker: seen.saturating_duration_since(times.published),
@@ -455,7 +473,7 @@ fn event(s: &Sizes, kind: &str, i: usize) -> (Value, Expect) {
         "new_policy" => {
             let name = format!("bench-policy-{i}");
             (
-                policy(ns, &name, i % 5, i % 4 == 0),
+                policy(ns, &name, i % 5, i.is_multiple_of(4)),
                 Expect::Policy {
                     ns: format!("ns-{ns}"),
                     name,
@@ -473,7 +491,7 @@ fn event(s: &Sizes, kind: &str, i: usize) -> (Value, Expect) {
         "pod_added" => {
             let name = format!("bench-pod-{i}");
             let ns = format!("ns-{}", i % s.namespaces);
-            let tier = if i % 2 == 0 { "fe" } else { "be" };
+            let tier = if i.is_multiple_of(2) { "fe" } else { "be" };
             (
                 pod(&ns, &name, i % 5, tier, None, 0, per_node + 1 + i),
                 Expect::Pod { ns, name },
@@ -481,15 +499,19 @@ fn event(s: &Sizes, kind: &str, i: usize) -> (Value, Expect) {
         }
         _ => {
             let n = s.nodes + i;
-            (node(n), Expect::Node {
-                name: format!("node-{n}"),
-            })
+            (
+                node(n),
+                Expect::Node {
+                    name: format!("node-{n}"),
+                },
+            )
         }
     }
 }
 
 fn vm_rss_mb() -> Result<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let kb: f64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -547,6 +569,7 @@ impl Leg {
 struct KindResult {
     kind: &'static str,
     total: Leg,
+    to_sent: Leg,
     to_manifests: Leg,
     build: Leg,
     to_worker: Leg,
@@ -687,15 +710,17 @@ pub fn run(args: &Args) -> Result<()> {
         let mut r = KindResult {
             kind,
             total: Leg::new()?,
+            to_sent: Leg::new()?,
             to_manifests: Leg::new()?,
             build: Leg::new()?,
             to_worker: Leg::new()?,
         };
         for i in 0..s.events {
             let (obj, expect) = event(&s, kind, i);
-            let sample = measure_event(&server, &shared, &obj, expect, timeout)
+            let sample = measure_event(&server, &ds, &shared, &obj, expect, timeout)
                 .with_context(|| format!("event {kind} #{i}"))?;
             r.total.record(sample.total);
+            r.to_sent.record(sample.to_sent);
             r.to_manifests.record(sample.to_manifests);
             r.build.record(sample.build);
             r.to_worker.record(sample.to_worker);
@@ -733,19 +758,21 @@ pub fn run(args: &Args) -> Result<()> {
     );
     println!();
     println!(
-        "{:<18} {:>9} {:>9} | {:>15} {:>15} {:>15}",
-        "event", "p50 ms", "p99 ms", "to Manifests", "build", "to worker"
+        "{:<18} {:>9} {:>9} | {:>15} {:>15} {:>15} {:>15}",
+        "event", "p50 ms", "p99 ms", "datastore sent", "control got", "built", "worker saw"
     );
     println!(
-        "{:<18} {:>9} {:>9} | {:>15} {:>15} {:>15}",
-        "", "(API write", "→ worker)", "p50 / p99", "p50 / p99", "p50 / p99"
+        "{:<18} {:>9} {:>9} | {:>15} {:>15} {:>15} {:>15}",
+        "", "(API write", "→ worker)", "p50 / p99", "p50 / p99", "p50 / p99", "p50 / p99"
     );
     for r in &results {
         println!(
-            "{:<18} {:>9.1} {:>9.1} | {:>6.1} / {:>6.1} {:>6.1} / {:>6.1} {:>6.3} / {:>6.3}",
+            "{:<18} {:>9.1} {:>9.1} | {:>6.1} / {:>6.1} {:>6.1} / {:>6.1} {:>6.1} / {:>6.1} {:>6.3} / {:>6.3}",
             r.kind,
             r.total.ms(0.5),
             r.total.ms(0.99),
+            r.to_sent.ms(0.5),
+            r.to_sent.ms(0.99),
             r.to_manifests.ms(0.5),
             r.to_manifests.ms(0.99),
             r.build.ms(0.5),
@@ -754,6 +781,17 @@ pub fn run(args: &Args) -> Result<()> {
             r.to_worker.ms(0.99),
         );
     }
+    println!(
+        "(datastore sent: from the API write to the datastore sending its Manifests: watch, conversion,"
+    );
+    println!(
+        " the {} ms coalescing window and the cache's full Manifests; control got: from the write to the",
+        args.coalesce_ms
+    );
+    println!(
+        " control thread receiving it; built: the control thread's build_snapshot and store; worker saw:"
+    );
+    println!(" from the store to the worker's first load)");
     println!();
     println!(
         "full re-list + compile (datastore start → first snapshot in the worker): {:.0} ms",
@@ -786,6 +824,7 @@ pub fn run(args: &Args) -> Result<()> {
                     "p50_ms": round2(r.total.ms(0.5)),
                     "p99_ms": round2(r.total.ms(0.99)),
                     "events": s.events,
+                    "sent_p50_ms": round2(r.to_sent.ms(0.5)),
                     "to_manifests_p50_ms": round2(r.to_manifests.ms(0.5)),
                     "build_p50_ms": round2(r.build.ms(0.5)),
                     "to_worker_p50_ms": r.to_worker.ms(0.5),
@@ -822,7 +861,7 @@ fn policy_apply(server: &ApiServer, s: &Sizes, i: usize) {
         i % s.namespaces,
         &format!("policy-{i}"),
         i % 5,
-        i % 4 == 0,
+        i.is_multiple_of(4),
     ));
 }
 
@@ -843,4 +882,71 @@ fn time_parts(m: &Manifests) -> (Duration, Duration) {
     let compile = t.elapsed();
     drop(table);
     (compile, clone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quick_args(json: Option<PathBuf>) -> Args {
+        Args {
+            pods: 10_000,
+            namespaces: 1000,
+            policies: 1000,
+            nodes: 100,
+            events: 3,
+            coalesce_ms: 20,
+            worker_poll_us: 50,
+            timeout_ms: 10_000,
+            quick: true,
+            json,
+        }
+    }
+
+    #[test]
+    fn pod_addresses_fall_in_their_nodes_cidr() {
+        fn check(node: usize, host: usize) {
+            let cidr: classifier::net::Cidr = node_cidr_text(node).parse().expect("a CIDR");
+            let ip: std::net::IpAddr = pod_address(node, host).parse().expect("an address");
+            assert!(cidr.contains(ip), "{ip} outside {cidr}");
+        }
+        for (node, host) in [
+            (0, 1),
+            (0, 255),
+            (0, 256),
+            (15, 4000),
+            (16, 1),
+            (1023, 4094),
+        ] {
+            check(node, host);
+        }
+    }
+
+    #[test]
+    fn every_event_is_met_only_once_written() {
+        let s = Sizes::from_args(&quick_args(None)).expect("sizes");
+        for kind in KINDS {
+            let (_, expect) = event(&s, kind, 1);
+            assert!(!expect.met_by(&Manifests::default()), "{kind}");
+        }
+    }
+
+    /// The whole harness on a small cluster: it reports, and the JSON has the agreed shape.
+    #[test]
+    fn quick_run_writes_the_agreed_json() {
+        let dir = ocelot_tests::TempDir::new("bench-control").expect("temp dir");
+        let path = dir.path().join("control.json");
+        run(&quick_args(Some(path.clone()))).expect("a quick run");
+        let v: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("json")).expect("parse");
+        let results = v["results"].as_array().expect("results");
+        let events: Vec<&str> = results.iter().filter_map(|r| r["event"].as_str()).collect();
+        assert_eq!(events, KINDS);
+        for r in results {
+            let (p50, p99) = (r["p50_ms"].as_f64(), r["p99_ms"].as_f64());
+            assert!(p50.is_some_and(|p| p > 0.0) && p99 >= p50, "{r}");
+        }
+        assert!(v["full_compile_ms"].as_f64().is_some_and(|x| x > 0.0));
+        assert!(v["rss_mb"].as_f64().is_some_and(|x| x > 0.0));
+    }
 }

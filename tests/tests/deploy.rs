@@ -136,7 +136,10 @@ fn a_misspelt_field_fails_the_round_trip() {
     let text = std::fs::read_to_string(manifest_path()).expect("deploy/ocelot.yaml");
     for (right, wrong) in [
         ("hostNetwork: true", "hostNetwrok: true"),
-        ("mountPropagation: HostToContainer", "mountPropagaton: HostToContainer"),
+        (
+            "mountPropagation: HostToContainer",
+            "mountPropagaton: HostToContainer",
+        ),
         ("fieldPath: spec.nodeName", "fieldpath: spec.nodeName"),
     ] {
         assert!(text.contains(right), "the file no longer has {right:?}");
@@ -152,8 +155,13 @@ fn the_cluster_role_grants_exactly_what_the_datastore_watches() {
     let want: BTreeSet<(String, String, String)> = control::kube::Resource::ALL
         .iter()
         .flat_map(|r| {
-            ["get", "list", "watch"]
-                .map(|v| (api_group(*r).to_owned(), r.as_str().to_owned(), v.to_owned()))
+            ["get", "list", "watch"].map(|v| {
+                (
+                    api_group(*r).to_owned(),
+                    r.as_str().to_owned(),
+                    v.to_owned(),
+                )
+            })
         })
         .collect();
     let mut granted = BTreeSet::new();
@@ -192,11 +200,7 @@ fn the_binding_gives_the_role_to_the_daemon_sets_service_account() {
     assert_eq!(subjects[0].namespace, sa.namespace);
     let ds = &d.daemon_sets[0];
     assert_eq!(ds.metadata.namespace.as_deref(), ns);
-    let pod = ds
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.spec.as_ref())
-        .expect("pod spec");
+    let pod = ds.spec.template.spec.as_ref().expect("pod spec");
     assert_eq!(pod.service_account_name, sa.name);
 }
 
@@ -204,7 +208,7 @@ fn the_binding_gives_the_role_to_the_daemon_sets_service_account() {
 fn the_daemon_set_runs_the_agent_as_the_node_needs() {
     let d = deploy();
     let cm = &d.config_maps[0];
-    let spec = d.daemon_sets[0].spec.as_ref().expect("spec");
+    let spec = &d.daemon_sets[0].spec;
     let pod = spec.template.spec.as_ref().expect("pod spec");
     assert_eq!(pod.host_network, Some(true));
     assert!(
