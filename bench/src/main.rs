@@ -5,10 +5,15 @@
 //! 100,000 routes by default), for established flows, new flows, denied flows and a table of
 //! 1,000,000 live flows. It reports ns/packet, Mpps and a histogram of per-burst latency.
 //!
+//! `ocelot-bench control` measures the control path at cluster scale: the time from a write to
+//! the (test) Kubernetes API server to the new snapshot being loaded by a worker, the full
+//! list and compile, and resident memory (see `control`).
+//!
 //! `ocelot-bench xdp` measures whole devices on a veth testbed in network namespaces: the
 //! ocelot agent, the kernel path and a bare AF_XDP forwarder, side by side (see `xdp`).
 #![forbid(unsafe_code)]
 
+mod control;
 mod pipeline;
 mod xdp;
 
@@ -35,6 +40,9 @@ enum Command {
     /// pps, loss, CPU and latency of ocelot, the kernel path and a bare AF_XDP forwarder on a
     /// veth testbed in network namespaces it creates and removes (needs root).
     Xdp(xdp::Args),
+    /// Update latency at cluster scale: API write to snapshot in the workers, through the
+    /// real Kubernetes datastore against the in-process test API server.
+    Control(control::Args),
 }
 
 fn main() -> Result<()> {
@@ -42,6 +50,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Pipeline(args) => pipeline::run(&args),
         Command::Xdp(args) => xdp::run(&args),
+        Command::Control(args) => control::run(&args),
     }
 }
 
