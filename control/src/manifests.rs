@@ -409,9 +409,11 @@ impl Loader {
             }
             cluster.namespaces.push(namespace);
         }
+        let mut known: std::collections::HashSet<String> =
+            cluster.namespaces.iter().map(|n| n.name.clone()).collect();
         for (at, pod) in &self.pods {
             let pod = convert_pod(at, pod)?;
-            add_implicit_namespace(&mut cluster, &mut warnings, at, &pod);
+            add_implicit_namespace(&mut cluster, &mut known, &mut warnings, at, &pod);
             cluster.pods.push(pod);
         }
         for (at, p) in &self.policies {
@@ -481,15 +483,20 @@ pub(crate) fn convert_namespace(ns: &core::Namespace) -> Namespace {
 /// Gives `pod`'s namespace an implicit Namespace object (with a warning) when the cluster has
 /// none: a cluster cannot hold a pod in a namespace that does not exist, so the namespace is
 /// merely not known yet (a manifest left it out, or a watch delivered the pod first).
+///
+/// `known` holds the names of `cluster.namespaces` (kept in step here), so a cluster of
+/// thousands of pods and namespaces is not scanned once per pod.
 pub(crate) fn add_implicit_namespace(
     cluster: &mut Cluster,
+    known: &mut std::collections::HashSet<String>,
     warnings: &mut Vec<String>,
     at: &dyn std::fmt::Display,
     pod: &Pod,
 ) {
-    if cluster.namespaces.iter().any(|n| n.name == pod.namespace) {
+    if known.contains(&pod.namespace) {
         return;
     }
+    known.insert(pod.namespace.clone());
     warnings.push(format!(
         "{at}: namespace {:?} has no Namespace object; assuming one with only the \
          {NAMESPACE_NAME_LABEL} label",

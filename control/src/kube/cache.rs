@@ -164,9 +164,15 @@ impl Cache {
             namespaces: self.namespaces.ok().cloned().collect(),
             ..Cluster::default()
         };
+        let mut known: std::collections::HashSet<String> =
+            cluster.namespaces.iter().map(|n| n.name.clone()).collect();
         for pod in self.pods.ok() {
+            if known.contains(&pod.namespace) {
+                cluster.pods.push(pod.clone());
+                continue;
+            }
             let at = ObjectRef::api("Pod", format!("{}/{}", pod.namespace, pod.name));
-            add_implicit_namespace(&mut cluster, &mut warnings, &at, pod);
+            add_implicit_namespace(&mut cluster, &mut known, &mut warnings, &at, pod);
             cluster.pods.push(pod.clone());
         }
         cluster.policies = self.policies.ok().cloned().collect();
