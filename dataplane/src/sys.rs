@@ -824,20 +824,24 @@ impl ProgFd {
 }
 
 /// Detaches program `prog` from `ifindex` in whichever mode it is attached, and only if it
-/// is still that program (`XDP_FLAGS_REPLACE` with the program's fd), so a program someone
-/// attached in the meantime is never removed. Returns whether it detached anything.
+/// is still that program (checked by id just before the detach; the window between the check
+/// and the syscall is the only time another owner's program could be removed). Returns
+/// whether it detached anything.
 fn detach_prog(ifindex: u32, prog: u32, interface: &str) -> Result<bool, Error> {
     let fd = ProgFd::by_id(prog, interface)?;
     for mode in [XdpFlags::XDP_FLAGS_SKB_MODE, XdpFlags::XDP_FLAGS_DRV_MODE] {
         if xdp_prog_id(ifindex, mode.bits(), interface)? != Some(prog) {
             continue;
         }
-        let opts = libxdp_sys::bpf_xdp_attach_opts {
-            sz: std::mem::size_of::<libxdp_sys::bpf_xdp_attach_opts>(),
-            old_prog_fd: fd.0.as_raw_fd(),
-        };
-        // SAFETY: `opts` is a valid, initialised options struct that outlives the call.
-        let rc = unsafe { libxdp_sys::bpf_xdp_detach(ifindex as i32, mode.bits(), &opts) };
+        // No options: libbpf's check of an options struct (bytes past the fields it knows
+        // must be zero) failed in release builds, where the Rust struct's trailing padding
+        // is not guaranteed to be zero, and the program stayed attached. Without
+        // `old_prog_fd` the kernel detaches whatever is attached in this mode, which was
+        // checked to be `prog` just above; `fd` keeps that program alive meanwhile.
+        let _ = &fd;
+        // SAFETY: a syscall wrapper taking plain integers; null options are allowed.
+        let rc =
+            unsafe { libxdp_sys::bpf_xdp_detach(ifindex as i32, mode.bits(), std::ptr::null()) };
         if rc < 0 {
             return Err(Error::Interface {
                 interface: interface.into(),
