@@ -3,8 +3,10 @@
 //! `ocelotctl policy verdicts --manifests DIR [--probes FILE|-] [--ascii]` answers probes
 //! (JSON lines in, JSON lines out) or, without probes, prints a pod-to-pod matrix per
 //! declared port; `ocelotctl policy compile --manifests DIR` summarizes what the policy
-//! compiler made of a directory. Results go to stdout, warnings to stderr; any invalid input
-//! exits non-zero with the chain of what failed.
+//! compiler made of a directory. `ocelotctl status --file FILE` reads a running agent's
+//! status file (counters, drops by reason) and exits non-zero when the agent is not ready.
+//! Results go to stdout, warnings to stderr; any invalid input exits non-zero with the chain
+//! of what failed.
 #![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
@@ -27,6 +29,22 @@ enum Command {
     /// NetworkPolicy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Reads a running agent's status file (`ocelot run --status FILE`): the snapshot in
+    /// force, the datastore's health and every worker's counters with drops by reason. Exits
+    /// non-zero when the agent is not ready: the file is older than `--max-age-seconds`, the
+    /// agent has stopped, or (Kubernetes datastore) its view is staler than
+    /// `--max-stale-seconds`. Fit for a readiness probe.
+    Status {
+        /// The status file.
+        #[arg(long)]
+        file: PathBuf,
+        /// How old the file may be (the agent rewrites it every second).
+        #[arg(long, default_value_t = 10)]
+        max_age_seconds: u64,
+        /// How stale the Kubernetes view may be (ignored for a manifests datastore).
+        #[arg(long)]
+        max_stale_seconds: Option<f64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,6 +152,83 @@ fn compile(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Prints the status file and checks readiness.
+fn status(file: &Path, max_age: u64, max_stale: Option<f64>) -> Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let s: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a status file", file.display()))?;
+    let age = std::fs::metadata(file)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .map_or(0, |d| d.as_secs());
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "node {} · epoch {} · datastore {} · written {age} s ago{}",
+        s["node"].as_str().unwrap_or("?"),
+        s["epoch"],
+        s["datastore"]["datastore"].as_str().unwrap_or("?"),
+        if s["stopped"] == true {
+            " · STOPPED"
+        } else {
+            ""
+        }
+    )?;
+    if let Some(e) = s["last_error"].as_str() {
+        writeln!(out, "last load error ({} so far): {e}", s["load_errors"])?;
+    }
+    for w in s["workers"].as_array().into_iter().flatten() {
+        let drops: Vec<String> = w["drops"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        writeln!(
+            out,
+            "worker on core {}: rx {} tx {} forwarded {} replied {} · drops: {}",
+            w["core"],
+            w["rx"],
+            w["tx"],
+            w["forwarded"],
+            w["replied"],
+            if drops.is_empty() {
+                "none".to_owned()
+            } else {
+                drops.join(" ")
+            }
+        )?;
+    }
+    let report = &s["report"];
+    for key in [
+        "pods_without_port",
+        "pods_without_mac",
+        "orphan_ports",
+        "unresolved_next_hops",
+        "compile_errors",
+    ] {
+        if let Some(list) = report[key].as_array().filter(|l| !l.is_empty()) {
+            writeln!(out, "{key}: {}", serde_json::Value::Array(list.clone()))?;
+        }
+    }
+    if s["stopped"] == true {
+        anyhow::bail!("the agent has stopped");
+    }
+    if age > max_age {
+        anyhow::bail!(
+            "the status file is {age} s old (more than {max_age}): is the agent running?"
+        );
+    }
+    if let (Some(limit), Some(stale)) = (max_stale, s["datastore"]["stale_seconds"].as_f64())
+        && stale > limit
+    {
+        anyhow::bail!("the Kubernetes view is {stale:.0} s stale (more than {limit})");
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -150,6 +245,11 @@ fn main() -> std::process::ExitCode {
             ascii,
         }) => verdicts(manifests, probes.as_deref(), *ascii),
         Command::Policy(PolicyCommand::Compile { manifests }) => compile(manifests),
+        Command::Status {
+            file,
+            max_age_seconds,
+            max_stale_seconds,
+        } => status(file, *max_age_seconds, *max_stale_seconds),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

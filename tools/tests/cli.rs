@@ -304,3 +304,43 @@ fn bad_probe_line_and_missing_directory_fail() {
         "{stderr}"
     );
 }
+
+#[test]
+fn status_prints_counters_and_judges_readiness() {
+    let dir = TempDir::new("status");
+    let file = dir.0.join("status.json");
+    let write = |stopped: bool, stale: f64| {
+        let doc = serde_json::json!({
+            "node": "n1", "epoch": 7, "stopped": stopped,
+            "datastore": {"datastore": "kubernetes", "stale_seconds": stale},
+            "report": {"pods_without_port": ["x/a"], "unresolved_next_hops": []},
+            "workers": [{"core": 1, "rx": 10, "tx": 9, "forwarded": 8, "replied": 1,
+                         "drops": {"policy_ingress": 1}}],
+        });
+        std::fs::write(&file, doc.to_string()).unwrap();
+    };
+    let path = file.to_str().unwrap().to_owned();
+    write(false, 0.5);
+    let (out, _) = check(&["status", "--file", &path], None, true);
+    assert!(
+        out.contains("node n1 · epoch 7 · datastore kubernetes"),
+        "{out}"
+    );
+    assert!(out.contains("drops: policy_ingress=1"), "{out}");
+    assert!(out.contains("pods_without_port: [\"x/a\"]"), "{out}");
+    let (_, err) = check(
+        &["status", "--file", &path, "--max-stale-seconds", "0.1"],
+        None,
+        false,
+    );
+    assert!(err.contains("stale"), "{err}");
+    write(true, 0.5);
+    let (_, err) = check(&["status", "--file", &path], None, false);
+    assert!(err.contains("stopped"), "{err}");
+    let (_, err) = check(
+        &["status", "--file", "/nonexistent/status.json"],
+        None,
+        false,
+    );
+    assert!(err.contains("reading /nonexistent/status.json"), "{err}");
+}
