@@ -244,3 +244,54 @@ pub mod netpol {
         assert!(report.is_empty(), "policies:\n{policies}\n{report}");
     }
 }
+
+/// Helpers of the tests that run the workspace's binaries (`ocelot`, `ocelotctl`).
+pub mod bins {
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Output, Stdio};
+
+    /// One lab at a time in a test binary: each runs agents that busy-poll while traffic
+    /// flows, and several at once on a two-core machine starve each other's probes.
+    pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+        static LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        LAB.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A binary of the workspace, next to the running test's own `deps/` directory
+    /// (`scripts/test.sh` builds every target before running the tests).
+    pub fn binary(name: &str) -> PathBuf {
+        let exe = std::env::current_exe().expect("test executable");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/deps/<test>");
+        let bin = dir.join(name);
+        assert!(
+            bin.is_file(),
+            "{} is missing: build it first (cargo build -p tools)",
+            bin.display()
+        );
+        bin
+    }
+
+    /// Runs a workspace binary to completion.
+    pub fn run(bin: &str, args: &[&str]) -> Output {
+        Command::new(binary(bin))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("binary runs")
+    }
+
+    /// A path in the repository.
+    pub fn repo(path: &str) -> String {
+        format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    /// Writes a manifest file so that an agent polling the directory never reads half of it.
+    pub fn write_atomic(dir: &Path, file: &str, text: &str) {
+        let tmp = dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, dir.join(file)).expect("rename");
+    }
+}

@@ -6,29 +6,15 @@
 //! server runs inside the node's network namespace, where the agent can reach it.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ocelot_tests::TempDir;
 use ocelot_tests::apiserver::ApiServer;
+use ocelot_tests::bins::binary;
 use ocelot_tests::netns::{Netns, Pod, VethPair};
 use serde_json::{Value, json};
-
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    let bin = dir.join(name);
-    assert!(
-        bin.is_file(),
-        "{} is missing: cargo build -p tools",
-        bin.display()
-    );
-    bin
-}
 
 fn pod_object(name: &str, ip: &str) -> Value {
     json!({

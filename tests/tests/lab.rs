@@ -6,7 +6,7 @@
 //! lab creates and removes (also on panic).
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -14,43 +14,9 @@ use std::time::Duration;
 use classifier::policy::Protocol;
 use control::verdicts::{Evaluator, ProbeResult, Verdict};
 use ocelot_tests::TempDir;
+use ocelot_tests::bins::{binary, repo, run, serial, write_atomic};
 use ocelot_tests::netpol::{model_yaml, policy};
 use tools::lab::{Lab, LabOptions, matrix_probes};
-
-/// One lab at a time: each runs an agent that busy-polls while traffic flows, and several
-/// at once on a two-core machine starve each other's probes.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LAB.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A binary of the workspace, next to the test's own `deps/` directory.
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    let bin = dir.join(name);
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it first (cargo build -p tools)",
-        bin.display()
-    );
-    bin
-}
-
-fn run(bin: &str, args: &[&str]) -> Output {
-    Command::new(binary(bin))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("binary runs")
-}
-
-fn repo(path: &str) -> String {
-    format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))
-}
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -104,14 +70,6 @@ fn seed_demo_matrix_from_traffic_equals_policy_matrix() {
     );
     assert_eq!(stdout(&lab), stdout(&expected));
     assert!(stdout(&lab).contains("6379/TCP"));
-}
-
-/// Writes a manifest file so that the agent, which polls the directory, never reads half
-/// of it.
-fn write_atomic(dir: &Path, file: &str, text: &str) {
-    let tmp = dir.join(format!(".{file}.tmp"));
-    std::fs::write(&tmp, text).expect("write");
-    std::fs::rename(&tmp, dir.join(file)).expect("rename");
 }
 
 /// Every pod pair on TCP and UDP 80 and 81, plus SCTP 80 when `sctp`.

@@ -6,55 +6,17 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use classifier::policy::Protocol;
 use control::verdicts::{Evaluator, ProbeResult};
 use ocelot_tests::TempDir;
+use ocelot_tests::bins::{binary, repo, run, serial, write_atomic};
 use ocelot_tests::netpol::{model_yaml, policy};
 use tools::lab::{Lab, LabOptions, matrix_probes};
-
-/// One lab at a time (each runs busy-polling agents).
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LAB.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    let bin = dir.join(name);
-    assert!(
-        bin.is_file(),
-        "{} is missing: cargo build -p tools",
-        bin.display()
-    );
-    bin
-}
-
-fn run(bin: &str, args: &[&str]) -> Output {
-    Command::new(binary(bin))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("binary runs")
-}
-
-fn repo(path: &str) -> String {
-    format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn write_atomic(dir: &Path, file: &str, text: &str) {
-    let tmp = dir.join(format!(".{file}.tmp"));
-    std::fs::write(&tmp, text).expect("write");
-    std::fs::rename(&tmp, dir.join(file)).expect("rename");
-}
 
 #[test]
 fn seed_demo_on_two_nodes_equals_policy_verdicts() {

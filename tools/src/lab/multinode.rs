@@ -24,12 +24,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use control::naming::veth_name;
-use dataplane::netns::{Netns, Pod, VethPair};
+use dataplane::netns::{Netns, VethPair};
 
 use super::probe::Servers;
 use super::topology::{
-    Endpoint, Lab, LabOptions, LabPod, TempDir, UPLINK, agent_config, start_agent,
+    Endpoint, Lab, LabOptions, LabPod, TempDir, UPLINK, agent_config, build_pod, start_agent,
 };
 
 /// The router's address on the shared segment.
@@ -178,17 +177,8 @@ pub fn start(opts: &LabOptions) -> Result<Lab> {
         let Some(node) = nodes.get(k) else {
             bail!("node index {k} out of range");
         };
-        let role: String = p
-            .name
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-            .take(20)
-            .collect();
-        let ns = Netns::new(&role)?;
-        ns.disable_ipv6()?;
-        let host = veth_name(&p.namespace, &p.name);
-        veths.push(VethPair::new(&ns, "eth0", node, &host)?);
-        let pod = Pod::configure_proxy_arp(ns, &ip.to_string(), &host)?;
+        let (veth, pod) = build_pod(p, ip, node)?;
+        veths.push(veth);
         router.route_add(&[&format!("{ip}/32"), "via", &node_ip(k).to_string()])?;
         pods.push(LabPod {
             node: k,

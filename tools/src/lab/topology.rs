@@ -177,17 +177,8 @@ impl Lab {
                 }
                 continue;
             };
-            let role: String = p
-                .name
-                .chars()
-                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-                .take(20)
-                .collect();
-            let ns = Netns::new(&role)?;
-            ns.disable_ipv6()?;
-            let host = veth_name(&p.namespace, &p.name);
-            veths.push(VethPair::new(&ns, "eth0", &node, &host)?);
-            let pod = Pod::configure_proxy_arp(ns, &ip.to_string(), &host)?;
+            let (veth, pod) = build_pod(p, ip, &node)?;
+            veths.push(veth);
             pods.push(LabPod {
                 node: 0,
                 key: format!("{}/{}", p.namespace, p.name),
@@ -385,6 +376,27 @@ impl Lab {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+/// A pod's namespace, wired to `node` the Calico way: `eth0` the peer of the host-side veth
+/// named after the pod, its /32 address, the link-local gateway resolved by ARP.
+pub(super) fn build_pod(
+    p: &classifier::policy::model::Pod,
+    ip: Ipv4Addr,
+    node: &Netns,
+) -> Result<(VethPair, Pod)> {
+    let role: String = p
+        .name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(20)
+        .collect();
+    let ns = Netns::new(&role)?;
+    ns.disable_ipv6()?;
+    let host = veth_name(&p.namespace, &p.name);
+    let veth = VethPair::new(&ns, "eth0", node, &host)?;
+    let pod = Pod::configure_proxy_arp(ns, &ip.to_string(), &host)?;
+    Ok((veth, pod))
 }
 
 /// `rx N, forwarded N, drops {reason: n}` over all workers.
