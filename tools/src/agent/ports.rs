@@ -12,6 +12,8 @@ use std::process::Command;
 
 use serde::Deserialize;
 
+pub use dataplane::netns::{format_mac, parse_mac};
+
 #[derive(Debug, Deserialize)]
 struct Link {
     ifindex: u32,
@@ -38,22 +40,6 @@ fn ip_json<T: for<'de> Deserialize<'de>>(args: &[&str]) -> Option<T> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
-/// Parses `aa:bb:cc:dd:ee:ff`.
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut mac {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
-/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(mac: [u8; 6]) -> String {
-    let [a, b, c, d, e, f] = mac;
-    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
-}
-
 /// The MAC of an interface in the agent's namespace.
 pub fn interface_mac(interface: &str) -> Option<[u8; 6]> {
     let links: Vec<Link> = ip_json(&["-j", "link", "show", "dev", interface])?;
@@ -74,26 +60,6 @@ pub fn peer_mac(interface: &str) -> Option<[u8; 6]> {
         .address
         .as_deref()
         .and_then(parse_mac)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mac_round_trip_table() {
-        fn check(s: &str, expected: Option<[u8; 6]>) {
-            assert_eq!(parse_mac(s), expected, "{s}");
-            if let Some(mac) = expected {
-                assert_eq!(format_mac(mac), s.to_lowercase());
-            }
-        }
-        check("02:fc:00:00:00:01", Some([2, 0xfc, 0, 0, 0, 1]));
-        check("EE:EE:EE:EE:EE:EE", Some([0xee; 6]));
-        check("02:fc:00:00:00", None);
-        check("02:fc:00:00:00:01:02", None);
-        check("zz:fc:00:00:00:01", None);
-    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -28,7 +28,8 @@ use dataplane::netns::{Netns, VethPair};
 
 use super::probe::Servers;
 use super::topology::{
-    Endpoint, Lab, LabOptions, LabPod, TempDir, UPLINK, agent_config, build_pod, start_agent,
+    Endpoint, Lab, LabOptions, LabPod, TempDir, UPLINK, agent_config, build_pod, first_ipv4,
+    start_agent,
 };
 
 /// The router's address on the shared segment.
@@ -85,10 +86,7 @@ pub fn plan(manifests: &control::Manifests, nodes: usize) -> Result<Plan> {
         if p.host_network {
             continue;
         }
-        let Some(ip) = p.ips.iter().find_map(|ip| match ip {
-            IpAddr::V4(a) => Some(*a),
-            IpAddr::V6(_) => None,
-        }) else {
+        let Some(ip) = first_ipv4(p) else {
             continue;
         };
         let k = match p.node.as_deref().and_then(|n| index_of.get(n)) {
@@ -168,10 +166,7 @@ pub fn start(opts: &LabOptions) -> Result<Lab> {
         let Some(&k) = plan.pod_node.get(&key) else {
             continue;
         };
-        let Some(ip) = p.ips.iter().find_map(|ip| match ip {
-            IpAddr::V4(a) => Some(*a),
-            IpAddr::V6(_) => None,
-        }) else {
+        let Some(ip) = first_ipv4(p) else {
             continue;
         };
         let Some(node) = nodes.get(k) else {

@@ -165,10 +165,7 @@ impl Lab {
             if p.host_network {
                 continue;
             }
-            let Some(ip) = p.ips.iter().find_map(|ip| match ip {
-                IpAddr::V4(a) => Some(*a),
-                IpAddr::V6(_) => None,
-            }) else {
+            let Some(ip) = first_ipv4(p) else {
                 if !p.ips.is_empty() {
                     eprintln!(
                         "warning: pod {}/{} has no IPv4 address; the lab builds IPv4 pods only",
@@ -376,6 +373,14 @@ impl Lab {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+/// A pod's first IPv4 address: the lab builds IPv4 pods only.
+pub(super) fn first_ipv4(p: &classifier::policy::model::Pod) -> Option<Ipv4Addr> {
+    p.ips.iter().find_map(|ip| match ip {
+        IpAddr::V4(a) => Some(*a),
+        IpAddr::V6(_) => None,
+    })
 }
 
 /// A pod's namespace, wired to `node` the Calico way: `eth0` the peer of the host-side veth
