@@ -206,31 +206,34 @@ impl Worker {
             Net::Arp(_) => return Ok(handle_arp(frame, meta, port)),
             Net::Ip(ip) => ip,
         };
-        if let PortKind::Pod {
-            ip4, ip6, pod_mac, ..
-        } = &port.kind
-        {
-            check_pod_source(meta, ip, *ip4, *ip6, *pod_mac)?;
-            if is_neighbor_discovery(ip) {
-                // Pods resolve the gateway with NDP; the host stack answers (proxy NDP on the
-                // host-side veth), as with Calico.
-                return Ok(Verdict::ToHost);
+        let origin = match &port.kind {
+            PortKind::Pod {
+                ip4, ip6, pod_mac, ..
+            } => {
+                check_pod_source(meta, ip, *ip4, *ip6, *pod_mac)?;
+                if is_neighbor_discovery(ip) {
+                    // Pods resolve the gateway with NDP; the host stack answers (proxy NDP on
+                    // the host-side veth), as with Calico.
+                    return Ok(Verdict::ToHost);
+                }
+                Origin::Pod
             }
-        }
+            PortKind::Uplink => Origin::Uplink,
+            PortKind::Host => Origin::Host,
+        };
         if !is_unicast(ip.dst) {
-            return Ok(Verdict::ToHost);
+            return match origin {
+                Origin::Uplink => Ok(Verdict::ToHost),
+                Origin::Pod | Origin::Host => Err(DropReason::NotUnicast),
+            };
         }
         // Held by reference: a copy of the 16-byte hop lived in registers spilled across the
         // conntrack call.
         let hop = snap.routes.lookup(ip.dst).ok_or(DropReason::NoRoute)?;
-        let from_pod = matches!(port.kind, PortKind::Pod { .. });
-        if hop.kind == HopKind::Host && from_pod && snap.config.pod_to_host == PodToHost::Drop {
-            return Err(DropReason::PodToHostDenied);
-        }
         if hop.kind == HopKind::Unresolved {
             return Err(DropReason::NeighborUnresolved);
         }
-        self.admit(snap, frame, meta, ip, ct, now)?;
+        self.admit(snap, frame, meta, ip, ct, now, (origin, hop.kind))?;
         match hop.kind {
             HopKind::Host => Ok(Verdict::ToHost),
             HopKind::Unresolved => Err(DropReason::NeighborUnresolved),
@@ -242,7 +245,9 @@ impl Worker {
     }
 
     /// Conntrack and policy: decides whether this packet may pass at all. `ct`, when given,
-    /// was made by [`Conntrack::prefetch_tags`] from `FlowKey::from_ip(ip)`.
+    /// was made by [`Conntrack::prefetch_tags`] from `FlowKey::from_ip(ip)`. `path` is where
+    /// the packet came from and what its route leads to (only new connections look at it).
+    #[allow(clippy::too_many_arguments)] // The hot path's arguments, passed in registers.
     fn admit(
         &mut self,
         snap: &Snapshot,
@@ -251,9 +256,10 @@ impl Worker {
         ip: &IpMeta,
         ct: Option<&CtPrefetch>,
         now: Nanos,
+        path: (Origin, HopKind),
     ) -> Result<(), DropReason> {
         if let Fragment::Later { id } = ip.fragment {
-            return self.admit_later_fragment(snap, ip, id, now);
+            return self.admit_later_fragment(snap, ip, id, now, path.0);
         }
         // The flow key is built only where a path needs it: with a prefetch, the common hit
         // and the insert work from the prefetch's normalised key instead.
@@ -269,7 +275,7 @@ impl Worker {
                 self.counters.ct_hits += 1;
             }
             CtVerdict::Invalid => return Err(DropReason::CtInvalid),
-            CtVerdict::Miss => self.admit_new(snap, frame, meta, ip, ct, now)?,
+            CtVerdict::Miss => self.admit_new(snap, frame, meta, ip, ct, now, path)?,
         }
         if let Fragment::First { id } = ip.fragment {
             self.track_first_fragment(snap, ip, id, now);
@@ -280,7 +286,14 @@ impl Worker {
     /// A packet that belongs to no tracked connection: policy decides, and an allowed
     /// connection is inserted. Out of line (as are the other rare paths below) so that the
     /// established path, which never comes here, keeps its registers and a short prologue.
+    ///
+    /// The node's own traffic: a connection from one of the node's addresses that came from
+    /// its stack (the host port) is admitted without policy (Kubernetes: pods cannot block
+    /// their own node); one that claims such a source from anywhere else is spoofed. A pod's
+    /// connection to the node meets the pod's egress policy first, then the node's
+    /// [`PodToHost`] default.
     #[inline(never)]
+    #[allow(clippy::too_many_arguments)] // As `admit`.
     fn admit_new(
         &mut self,
         snap: &Snapshot,
@@ -289,11 +302,25 @@ impl Worker {
         ip: &IpMeta,
         ct: Option<&CtPrefetch>,
         now: Nanos,
+        (origin, to): (Origin, HopKind),
     ) -> Result<(), DropReason> {
         if !Conntrack::can_open(&ip.l4, ip.src.is_ipv6()) {
             return self.admit_related(frame, meta, ip, now);
         }
-        decide(snap.policy.check(ip.src, ip.dst, ip.proto, dport(&ip.l4)))?;
+        let from_node = is_host_address(snap, ip.src);
+        match (origin, from_node) {
+            (Origin::Host, true) => {}
+            (_, true) => return Err(DropReason::SpoofedHostSource),
+            (_, false) => {
+                decide(snap.policy.check(ip.src, ip.dst, ip.proto, dport(&ip.l4)))?;
+                if to == HopKind::Host
+                    && origin == Origin::Pod
+                    && snap.config.pod_to_host == PodToHost::Drop
+                {
+                    return Err(DropReason::PodToHostDenied);
+                }
+            }
+        }
         match ct {
             Some(p) => self.ct.insert_prefetched(p, &ip.l4, snap.epoch, now),
             None => self
@@ -330,7 +357,14 @@ impl Worker {
             Direction::Reply => (key.dst, key.src, key.sport),
         };
         let dport = Some(dport).filter(|_| has_ports(key.proto));
-        match decide(snap.policy.check(src, dst, key.proto, dport)) {
+        // A connection the node opened was admitted without policy (see `admit_new`); only
+        // the host port can have inserted one with a node source.
+        let decision = if is_host_address(snap, src) {
+            PolicyDecision::Allow
+        } else {
+            snap.policy.check(src, dst, key.proto, dport)
+        };
+        match decide(decision) {
             Ok(()) => {
                 self.ct.set_epoch(key, snap.epoch);
                 Ok(())
@@ -350,10 +384,17 @@ impl Worker {
         ip: &IpMeta,
         id: u32,
         now: Nanos,
+        origin: Origin,
     ) -> Result<(), DropReason> {
         if let CtVerdict::Hit { .. } = self.ct.track(&fragment_key(ip, id), &L4::None, now) {
             self.counters.ct_hits += 1;
             return Ok(());
+        }
+        if is_host_address(snap, ip.src) {
+            return match origin {
+                Origin::Host => Ok(()),
+                _ => Err(DropReason::SpoofedHostSource),
+            };
         }
         match snap.policy.check(ip.src, ip.dst, ip.proto, None) {
             PolicyDecision::Allow => Ok(()),
@@ -388,6 +429,21 @@ impl Worker {
     }
 }
 
+/// Where a packet entered the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    Pod,
+    Uplink,
+    Host,
+}
+
+/// Whether `addr` is one of the node's own addresses (routed to the host stack).
+fn is_host_address(snap: &Snapshot, addr: IpAddr) -> bool {
+    snap.routes
+        .lookup(addr)
+        .is_some_and(|h| h.kind == HopKind::Host)
+}
+
 fn decide(decision: PolicyDecision) -> Result<(), DropReason> {
     match decision {
         PolicyDecision::Allow => Ok(()),
@@ -400,6 +456,17 @@ fn decide(decision: PolicyDecision) -> Result<(), DropReason> {
 fn handle_arp(frame: &mut [u8], meta: &PacketMeta, port: &Port) -> Verdict {
     match port.kind {
         PortKind::Uplink => Verdict::ToHost,
+        // The node's stack asks for the pods it routes to the host port (the agent installs
+        // permanent neighbour entries, so only when one is missing): every answer is the host
+        // port's MAC, and the frame then meets the route and policy as any other.
+        PortKind::Host => match meta.net {
+            Net::Arp(arp)
+                if arp.operation == 1 && rewrite::arp_reply_in_place(frame, meta, port.mac) =>
+            {
+                Verdict::Reply
+            }
+            _ => Verdict::Drop(DropReason::UnsupportedArp),
+        },
         PortKind::Pod { ip4, pod_mac, .. } => {
             let Net::Arp(arp) = meta.net else {
                 return Verdict::Drop(DropReason::UnsupportedArp);
@@ -558,6 +625,9 @@ mod tests {
     const PA: PortId = PortId(0);
     const PB: PortId = PortId(1);
     const PC: PortId = PortId(2);
+    const PH: PortId = PortId(3);
+    const PU: PortId = PortId(4);
+    const HOST_MAC: [u8; 6] = [0xee, 0xee, 0xee, 0xee, 0xee, 0x0];
     const NOW: Nanos = 5_000_000_000;
 
     fn pod(name: &str, ip: Ipv4Addr, app: &str) -> Pod {
@@ -667,6 +737,16 @@ mod tests {
                 },
             });
         }
+        ports.push(Port {
+            name: "ocelot0".into(),
+            mac: HOST_MAC,
+            kind: PortKind::Host,
+        });
+        ports.push(Port {
+            name: "eth0".into(),
+            mac: HOST_MAC,
+            kind: PortKind::Uplink,
+        });
         routes.insert(
             Cidr::host(IpAddr::V4(NODE_IP)),
             NextHop {
@@ -776,6 +856,62 @@ mod tests {
         let drop = snapshot(1, 80, PodToHost::Drop);
         let (v, _) = send(&mut w, &drop, tcp(C_IP, NODE_IP, 40001, 22, SYN), PC);
         assert_eq!(v, Verdict::Drop(DropReason::PodToHostDenied));
+    }
+
+    #[test]
+    fn the_node_reaches_its_pods_whatever_their_policy_and_gets_its_replies() {
+        // b admits only a on port 80; the node is not a pod, and pods cannot block it.
+        let mut w = worker();
+        let drop = snapshot(1, 80, PodToHost::Drop);
+        let (v, out) = send(&mut w, &drop, tcp(NODE_IP, B_IP, 50000, 81, SYN), PH);
+        assert_eq!(v, Verdict::Forward(PB));
+        let meta = parse::parse(&out).unwrap();
+        assert_eq!((meta.src_mac, meta.dst_mac), (GW_B, B_MAC));
+        // The reply goes to the host even though new pod → node connections are dropped.
+        let (v, _) = send(&mut w, &drop, tcp(B_IP, NODE_IP, 81, 50000, SYNACK), PB);
+        assert_eq!(v, Verdict::ToHost);
+        let (v, _) = send(&mut w, &drop, tcp(B_IP, NODE_IP, 40000, 22, SYN), PB);
+        assert_eq!(v, Verdict::Drop(DropReason::PodToHostDenied));
+        // A policy change revalidates the connection: the node's still passes.
+        let later = snapshot(2, 8080, PodToHost::Drop);
+        let (v, _) = send(&mut w, &later, tcp(NODE_IP, B_IP, 50000, 81, ACK), PH);
+        assert_eq!(v, Verdict::Forward(PB));
+        let (v, _) = send(&mut w, &later, tcp(B_IP, NODE_IP, 81, 50000, ACK), PB);
+        assert_eq!(v, Verdict::ToHost);
+    }
+
+    #[test]
+    fn only_the_host_port_speaks_for_the_node() {
+        let snap = snapshot(1, 80, PodToHost::Drop);
+        let mut w = worker();
+        // The node's address arriving on the uplink is spoofed: no policy bypass.
+        let (v, _) = send(&mut w, &snap, tcp(NODE_IP, B_IP, 50000, 81, SYN), PU);
+        assert_eq!(v, Verdict::Drop(DropReason::SpoofedHostSource));
+        // Another source the kernel forwards to the host port meets b's policy.
+        let outsider = Ipv4Addr::new(192, 0, 2, 9);
+        let (v, _) = send(&mut w, &snap, tcp(outsider, B_IP, 50000, 80, SYN), PH);
+        assert_eq!(v, Verdict::Drop(DropReason::PolicyIngress));
+        assert_eq!(w.counters().ct_created, 0);
+    }
+
+    #[test]
+    fn multicast_from_pods_and_the_node_is_dropped_and_arp_from_the_node_answered() {
+        let snap = snapshot(1, 80, PodToHost::Accept);
+        let mut w = worker();
+        let mcast = Ipv4Addr::new(224, 0, 0, 251);
+        let (v, _) = send(&mut w, &snap, tcp(A_IP, mcast, 5353, 5353, SYN), PA);
+        assert_eq!(v, Verdict::Drop(DropReason::NotUnicast));
+        let (v, _) = send(&mut w, &snap, tcp(NODE_IP, mcast, 5353, 5353, SYN), PH);
+        assert_eq!(v, Verdict::Drop(DropReason::NotUnicast));
+        let (v, out) = send(&mut w, &snap, arp_request(HOST_MAC, NODE_IP, B_IP), PH);
+        assert_eq!(v, Verdict::Reply);
+        let Net::Arp(arp) = parse::parse(&out).unwrap().net else {
+            panic!("not ARP")
+        };
+        assert_eq!(
+            (arp.operation, arp.sender_ip, arp.sender_mac),
+            (2, B_IP, HOST_MAC)
+        );
     }
 
     #[test]

@@ -33,6 +33,12 @@ pub enum PortKind {
     },
     /// The node's uplink towards other nodes and the outside world.
     Uplink,
+    /// The node's own stack, through the agent's tap device: frames the kernel sends to local
+    /// pods arrive here, and `ToHost` frames leave here. A new connection from one of the
+    /// node's own addresses (a [`HopKind::Host`] route) to a pod is admitted without policy,
+    /// as Kubernetes specifies ("pods cannot block access from their resident node"); any
+    /// other source the kernel forwards this way meets policy as usual.
+    Host,
 }
 
 /// One interface of the node, as the packet path sees it.

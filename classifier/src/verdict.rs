@@ -72,6 +72,9 @@ drop_reasons! {
     PolicyEgress = "policy_egress",
     /// The destination pod's ingress policy does not allow the connection.
     PolicyIngress = "policy_ingress",
+    /// A new connection claims one of the node's own addresses as its source but did not come
+    /// from the node's stack (e.g. spoofed on the uplink).
+    SpoofedHostSource = "spoofed_host_source",
     /// Traffic from a pod to its own node, refused by the node's configured default.
     PodToHostDenied = "pod_to_host_denied",
     /// A packet that cannot start a connection and belongs to none (e.g. a TCP ACK with no
@@ -85,6 +88,9 @@ drop_reasons! {
     /// The frame is addressed to a reserved or impossible destination (multicast source,
     /// broadcast IP to a pod, IPv4 martian).
     Martian = "martian",
+    /// A multicast or broadcast packet from a pod or the node's stack: ocelot routes unicast
+    /// only, and such packets must not reach the host unfiltered.
+    NotUnicast = "not_unicast",
     /// The egress port has no room (transmit ring or cross-worker hand-off full).
     TxFull = "tx_full",
     /// The next hop's MAC is not yet known.

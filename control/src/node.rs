@@ -44,6 +44,9 @@ pub enum PortRole {
         /// The next hop's MAC for routes off the node.
         gateway_mac: Option<[u8; 6]>,
     },
+    /// The agent's tap device into the node's own stack: where `ToHost` frames go and the
+    /// kernel's frames to local pods come from.
+    Host,
 }
 
 /// One port of the node, indexed by its [`PortId`] (the position in the slice given to
@@ -68,7 +71,7 @@ pub struct NodeOptions {
     pub node_name: Option<String>,
     /// Settings the packet path reads.
     pub path: PathConfig,
-    /// The node's own addresses (on the uplink): host routes to the node's stack.
+    /// The node's own addresses (every interface's): host routes to the node's stack.
     pub host_addresses: Vec<IpAddr>,
     /// The default gateway on the uplink, if any (its MAC from `neighbors`, unless the
     /// uplink's `gateway_mac` is set).
@@ -202,20 +205,9 @@ pub fn build_snapshot(
                         }
                     }
                 }
-                // The node's own addresses: its stack.
-                for ip in &opts.host_addresses {
-                    routes.insert(
-                        Cidr::host(*ip),
-                        NextHop {
-                            kind: HopKind::Host,
-                            port: id,
-                            src_mac: spec.mac,
-                            dst_mac: [0; 6],
-                        },
-                    );
-                }
                 PortKind::Uplink
             }
+            PortRole::Host => PortKind::Host,
             PortRole::Pod {
                 namespace,
                 name,
@@ -277,6 +269,19 @@ pub fn build_snapshot(
             mac: spec.mac,
             kind,
         });
+    }
+    // The node's own addresses: its stack (whatever ports there are: a pod's traffic to them
+    // is `ToHost`, or `pod_to_host_denied`, never routed elsewhere).
+    for ip in &opts.host_addresses {
+        routes.insert(
+            Cidr::host(*ip),
+            NextHop {
+                kind: HopKind::Host,
+                port: PortId(0),
+                src_mac: [0; 6],
+                dst_mac: [0; 6],
+            },
+        );
     }
     for pod in &manifests.cluster.pods {
         let local = match &opts.local_node {
@@ -383,7 +388,7 @@ status: {podIPs: [{ip: 10.1.0.3}]}
                 assert!(endpoint.is_some());
                 assert_eq!(ip4, Some("10.1.0.1".parse().unwrap()));
             }
-            PortKind::Uplink => panic!("pod port"),
+            PortKind::Uplink | PortKind::Host => panic!("pod port"),
         }
         assert!(matches!(
             snap.ports[1].kind,

@@ -21,7 +21,7 @@ pub struct LiveCounters {
     publications: AtomicU64,
 }
 
-const IO_FIELDS: usize = 8;
+const IO_FIELDS: usize = 9;
 const CLASS_FIELDS: usize = 6;
 
 impl Default for LiveCounters {
@@ -55,7 +55,8 @@ impl LiveCounters {
                 io.rx,
                 io.tx,
                 io.not_local,
-                io.to_host_unsupported,
+                io.to_host_dropped,
+                io.to_host,
                 io.handoff_out,
                 io.handoff_in,
                 io.handoff_dropped,
@@ -86,7 +87,8 @@ impl LiveCounters {
             rx,
             tx,
             not_local,
-            to_host_unsupported,
+            to_host_dropped,
+            to_host,
             handoff_out,
             handoff_in,
             handoff_dropped,
@@ -96,7 +98,8 @@ impl LiveCounters {
             rx,
             tx,
             not_local,
-            to_host_unsupported,
+            to_host_dropped,
+            to_host,
             handoff_out,
             handoff_in,
             handoff_dropped,
@@ -134,7 +137,8 @@ mod tests {
             rx: 1,
             tx: 2,
             not_local: 3,
-            to_host_unsupported: 4,
+            to_host_dropped: 4,
+            to_host: 9,
             handoff_out: 5,
             handoff_in: 6,
             handoff_dropped: 7,

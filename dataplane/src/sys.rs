@@ -1890,6 +1890,127 @@ impl EventFd {
     }
 }
 
+/// A TAP device: an Ethernet interface of this process's network namespace whose frames
+/// the process reads and writes (the agent's path into and out of the node's own stack).
+/// The interface exists while the descriptor is open: dropping the `Tap` (or the process
+/// dying, even by SIGKILL) removes it, and with it the kernel's routes and neighbour entries
+/// through it.
+#[derive(Debug)]
+pub struct Tap {
+    fd: std::os::fd::OwnedFd,
+    name: String,
+}
+
+impl Tap {
+    /// Creates the TAP interface `name` (down; bring it up with `ip link`), non-blocking,
+    /// without packet-information headers: reads and writes are whole Ethernet frames.
+    pub fn open(name: &str) -> Result<Tap, Error> {
+        let fail = |syscall: &'static str, source: io::Error| Error::SocketIo {
+            syscall,
+            interface: name.to_owned(),
+            source,
+        };
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
+            return Err(fail(
+                "open",
+                io::Error::new(io::ErrorKind::InvalidInput, "not an interface name"),
+            ));
+        }
+        let path = c"/dev/net/tun";
+        // SAFETY: `path` is a NUL-terminated string that outlives the call; the result is
+        // checked before use.
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(fail("open /dev/net/tun", io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just returned by open(2) and is owned by nothing else.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: `ifreq` is plain old data (a name array and a union of integers, arrays and
+        // pointers); all zeroes is a valid value of it.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        // SAFETY: TUNSETIFF reads and writes one `ifreq`, which `req` is and which outlives
+        // the call; the name is NUL-terminated (shorter than IFNAMSIZ, zero-filled).
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &raw mut req) };
+        if rc < 0 {
+            return Err(fail("ioctl TUNSETIFF", io::Error::last_os_error()));
+        }
+        Ok(Tap {
+            fd,
+            name: name.to_owned(),
+        })
+    }
+
+    /// The interface's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads one frame into `buf`: `Ok(None)` when none is waiting. A frame longer than
+    /// `buf` is truncated by the kernel (the interface's MTU keeps frames shorter).
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        // SAFETY: read(2) writes at most `buf.len()` bytes into `buf`, which is exclusively
+        // borrowed for the call.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    }
+
+    /// Hands one frame to the kernel, as if received on the interface. `Ok(false)` when the
+    /// kernel would block (its queue is full): the frame is not sent.
+    pub fn write(&self, frame: &[u8]) -> io::Result<bool> {
+        // SAFETY: write(2) reads `frame.len()` bytes from `frame`, borrowed for the call.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+        if n >= 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            Ok(false)
+        } else {
+            Err(e)
+        }
+    }
+
+    /// The descriptor, to poll on.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Waits until one of `fds` is readable or `timeout_ms` passes; returns which are readable.
+/// Interrupted waits count as a timeout.
+pub fn poll_fds(fds: &[BorrowedFd<'_>], timeout_ms: i32, readable: &mut Vec<bool>) {
+    let mut set: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `set` is a valid array of `set.len()` pollfds that outlives the call; the
+    // descriptors are borrowed (open) for its duration.
+    let rc = unsafe { libc::poll(set.as_mut_ptr(), set.len() as libc::nfds_t, timeout_ms) };
+    readable.clear();
+    readable.extend(set.iter().map(|p| rc > 0 && p.revents != 0));
+}
+
 #[cfg(test)]
 mod tests {
 

@@ -12,9 +12,10 @@
 //!   otherwise dropped and counted as `not_local`. An idle worker sleeps on its rx sockets
 //!   only, so a hand-off can wait up to the idle timeout when its receiver is idle.
 //! - `Reply`: back out of the ingress port (proxy-ARP answers).
-//! - `ToHost`: AF_XDP alone cannot give a frame back to the kernel's stack (that takes an
-//!   `XDP_PASS` decision in the XDP program, or a tap); dropped and counted as
-//!   `to_host_unsupported` for now.
+//! - `ToHost`: AF_XDP cannot give a frame back to the kernel's stack, so it is copied into
+//!   the host hand-off ([`Worker::set_to_host`]): the agent's host path writes it into its
+//!   tap device. Without a host path, or when that hand-off is full, dropped and counted as
+//!   `to_host_dropped`.
 //! - `Drop(reason)`: back to the free list, counted under the reason.
 //!
 //! Frames the egress tx ring has no room for are counted as [`DropReason::TxFull`]. The loop
@@ -119,8 +120,10 @@ pub struct WorkerCounters {
     pub tx: u64,
     /// `Forward` to a port another worker owns (no hand-off yet).
     pub not_local: u64,
-    /// `ToHost` verdicts (no path to the host stack yet).
-    pub to_host_unsupported: u64,
+    /// `ToHost` verdicts dropped: no host path, or its hand-off full.
+    pub to_host_dropped: u64,
+    /// `ToHost` frames copied into the host hand-off.
+    pub to_host: u64,
     /// Frames copied to another worker for a port it owns.
     pub handoff_out: u64,
     /// Frames copied in from another worker and queued on a local port.
@@ -140,7 +143,8 @@ impl Default for WorkerCounters {
             rx: 0,
             tx: 0,
             not_local: 0,
-            to_host_unsupported: 0,
+            to_host_dropped: 0,
+            to_host: 0,
             handoff_out: 0,
             handoff_in: 0,
             handoff_dropped: 0,
@@ -156,7 +160,8 @@ impl WorkerCounters {
         self.drops.get(reason.index()).copied().unwrap_or(0)
     }
 
-    fn drop(&mut self, reason: DropReason, n: u64) {
+    /// Counts `n` drops for `reason`.
+    pub fn add_drops(&mut self, reason: DropReason, n: u64) {
         if let Some(c) = self.drops.get_mut(reason.index()) {
             *c += n;
         }
@@ -194,6 +199,7 @@ pub struct Worker<M: FrameMem, R, T, C> {
     remote: Vec<Option<usize>>,
     handoff_out: Vec<HandoffTx>,
     handoff_in: Vec<HandoffRx>,
+    to_host: Option<HandoffTx>,
     free: Vec<M::Frame>,
     burst: Vec<M::Frame>,
     verdicts: [Verdict; BURST],
@@ -246,6 +252,7 @@ where
             local,
             remote: Vec::new(),
             handoff_out: Vec::new(),
+            to_host: None,
             handoff_in: Vec::new(),
             free,
             burst: Vec::with_capacity(BURST),
@@ -403,6 +410,12 @@ where
         }
     }
 
+    /// Sends `ToHost` frames into `tx` (copied; the buffer's port is the ingress port), for
+    /// the agent's host path to hand to the kernel.
+    pub fn set_to_host(&mut self, tx: HandoffTx) {
+        self.to_host = Some(tx);
+    }
+
     /// Takes frames other workers hand over through `rx` and sends them on local ports.
     pub fn add_handoff_in(&mut self, rx: HandoffRx) {
         // Each poll may queue up to a burst from every inbound hand-off on one port.
@@ -478,11 +491,25 @@ where
                     },
                     Verdict::Reply => Some(i),
                     Verdict::ToHost => {
-                        self.counters.to_host_unsupported += 1;
+                        match &self.to_host {
+                            Some(out) => {
+                                let mut frame = frame;
+                                let pushed = self
+                                    .mem
+                                    .with_bytes_mut(&mut frame, |b| out.push(ingress, b));
+                                match pushed {
+                                    Ok(()) => self.counters.to_host += 1,
+                                    Err(_) => self.counters.to_host_dropped += 1,
+                                }
+                                self.free.push(frame);
+                                continue;
+                            }
+                            None => self.counters.to_host_dropped += 1,
+                        }
                         None
                     }
                     Verdict::Drop(reason) => {
-                        self.counters.drop(reason, 1);
+                        self.counters.add_drops(reason, 1);
                         None
                     }
                 };
@@ -498,7 +525,7 @@ where
                 let sent = p.tx.send(&mut p.pending)?;
                 self.counters.tx += sent as u64;
                 self.counters
-                    .drop(DropReason::TxFull, p.pending.len() as u64);
+                    .add_drops(DropReason::TxFull, p.pending.len() as u64);
                 self.free.append(&mut p.pending);
             }
             p.tx.flush()?;
@@ -741,8 +768,33 @@ mod tests {
         check(FORWARD_TO_0, 1, 0, |c| c.tx);
         check(REPLY, 1, 0, |c| c.tx);
         check(DROP_POLICY, 0, 0, |c| c.dropped(DropReason::PolicyIngress));
-        check(TO_HOST, 0, 0, |c| c.to_host_unsupported);
+        check(TO_HOST, 0, 0, |c| c.to_host_dropped);
         check(FORWARD_TO_9, 0, 0, |c| c.not_local);
+    }
+
+    #[test]
+    fn to_host_frames_are_copied_into_the_host_hand_off_until_it_is_full() {
+        let (mut w, w0, w1) = worker(ByteVerdict::default(), 64);
+        let (tx, rx) = crate::handoff::channel(2, 2048);
+        w.set_to_host(tx);
+        w.poll_once().unwrap();
+        for _ in 0..3 {
+            w0.inject(&frame(TO_HOST));
+        }
+        w.poll_once().unwrap();
+        assert_eq!((w.counters().to_host, w.counters().to_host_dropped), (2, 1));
+        let mut got = Vec::new();
+        while rx.pop(|b| got.push((b.egress(), b.bytes().to_vec()))) {}
+        assert_eq!(got.len(), 2);
+        for (ingress, bytes) in got {
+            assert_eq!(ingress, PortId(0), "tagged with the ingress port");
+            assert_eq!(bytes.get(14), Some(&TO_HOST));
+        }
+        // Every frame went back to the free list.
+        assert_eq!(
+            w.free_frames() + w0.frames_in_kernel() + w1.frames_in_kernel(),
+            w.total_frames()
+        );
     }
 
     #[test]
@@ -975,7 +1027,10 @@ mod tests {
         let c = *w.counters();
         let dropped: u64 = c.drops.iter().sum();
         assert_eq!(c.rx, 80);
-        assert_eq!(c.rx, c.tx + dropped + c.not_local + c.to_host_unsupported);
+        assert_eq!(
+            c.rx,
+            c.tx + dropped + c.not_local + c.to_host_dropped + c.to_host
+        );
         assert_eq!(w.classify_mut().worker.counters().rx, 80);
         assert_eq!(
             w.free_frames() + w0.frames_in_kernel() + w1.frames_in_kernel(),

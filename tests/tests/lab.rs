@@ -141,6 +141,7 @@ fn three_by_three_policy_shapes_apply_live_and_traffic_matches_verdicts() {
         outside: Vec::new(),
         nodes: 1,
         uplink_queues: 1,
+        pod_to_host_accept: false,
     })
     .expect("lab starts");
     let cases: Vec<(&str, String)> = vec![
@@ -273,6 +274,7 @@ fn sctp_spoofing_and_two_workers() {
         outside: Vec::new(),
         nodes: 1,
         uplink_queues: 1,
+        pod_to_host_accept: false,
     })
     .expect("lab starts");
     lab.wait_applied(Duration::from_secs(20)).expect("applied");
@@ -414,6 +416,7 @@ fn pods_are_attached_and_retired_live() {
         outside: Vec::new(),
         nodes: 1,
         uplink_queues: 1,
+        pod_to_host_accept: false,
     })
     .expect("lab starts");
     lab.wait_applied(Duration::from_secs(20)).expect("applied");

@@ -57,6 +57,107 @@ fn seed_demo_on_two_nodes_equals_policy_verdicts() {
     );
 }
 
+/// The host path: a pod's new connections to its own node follow `--pod-to-host` after the
+/// pod's egress policy; a node reaches its own pods whatever their ingress policy (and gets
+/// the replies, also with "drop"); another node does not.
+#[test]
+fn pods_and_their_node_through_the_host_path() {
+    let _serial = serial();
+    let dir = TempDir::new("ocelot-lab-hostpath").expect("temp dir");
+    for f in ["namespaces.yaml", "pods.yaml", "policies.yaml"] {
+        std::fs::copy(
+            PathBuf::from(repo("examples/seed-demo")).join(f),
+            dir.path().join(f),
+        )
+        .expect("copy the seed demo");
+    }
+    // The client may talk to pods only: its egress policy refuses every node address.
+    std::fs::write(
+        dir.path().join("client-egress.yaml"),
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {name: pods-only, namespace: client}\n\
+         spec:\n  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n\
+         \x20 - to: [{ipBlock: {cidr: 10.65.0.0/16}}]\n",
+    )
+    .expect("write the policy");
+    let probes = dir.path().join("probes.jsonl");
+    let lines = [
+        // (probe, verdict with drop, verdict with accept)
+        (
+            r#""src": "default/frontend", "dst": "node:node-1", "port": 22, "protocol": "TCP""#,
+            "deny",
+            "allow",
+        ),
+        (
+            r#""src": "default/frontend", "dst": "node:node-1", "port": 53, "protocol": "UDP""#,
+            "deny",
+            "allow",
+        ),
+        (
+            r#""src": "client/client", "dst": "node:node-2", "port": 22, "protocol": "TCP""#,
+            "deny",
+            "deny",
+        ),
+        (
+            r#""src": "node:node-1", "dst": "default/frontend", "port": 8080, "protocol": "TCP""#,
+            "allow",
+            "allow",
+        ),
+        (
+            r#""src": "node:node-1", "dst": "default/backend", "port": 6379, "protocol": "TCP""#,
+            "allow",
+            "allow",
+        ),
+        (
+            r#""src": "node:node-1", "dst": "default/frontend", "port": 80, "protocol": "UDP""#,
+            "allow",
+            "allow",
+        ),
+        (
+            r#""src": "node:node-2", "dst": "default/frontend", "port": 8080, "protocol": "TCP""#,
+            "deny",
+            "deny",
+        ),
+        (
+            r#""src": "client/client", "dst": "default/frontend", "port": 80, "protocol": "TCP""#,
+            "allow",
+            "allow",
+        ),
+    ];
+    let text: String = lines.iter().map(|(p, _, _)| format!("{{{p}}}\n")).collect();
+    std::fs::write(&probes, &text).expect("write the probes");
+    for (mode, column) in [("drop", 1), ("accept", 2)] {
+        let out = run(
+            "ocelot",
+            &[
+                "lab",
+                "--manifests",
+                &dir.path().display().to_string(),
+                "--probes",
+                &probes.display().to_string(),
+                "--nodes",
+                "2",
+                "--pod-to-host",
+                mode,
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "--pod-to-host {mode}: {stderr}");
+        let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+                v["verdict"].as_str().unwrap_or("?").to_owned()
+            })
+            .collect();
+        let want: Vec<&str> = lines
+            .iter()
+            .map(|l| if column == 1 { l.1 } else { l.2 })
+            .collect();
+        assert_eq!(got, want, "--pod-to-host {mode}: {stderr}");
+    }
+}
+
 /// The model's pods spread over three nodes; policy shapes applied live to all agents.
 #[test]
 fn three_by_three_across_three_nodes() {
@@ -76,6 +177,7 @@ fn three_by_three_across_three_nodes() {
         outside: Vec::new(),
         nodes: 3,
         uplink_queues: 1,
+        pod_to_host_accept: false,
     })
     .expect("lab starts");
     assert_eq!(lab.more_nodes.len(), 2);
@@ -173,6 +275,7 @@ fn nodes_stay_reachable_and_survive_link_flaps() {
         outside: Vec::new(),
         nodes: 2,
         uplink_queues: 1,
+        pod_to_host_accept: false,
     })
     .expect("lab starts");
     let router = lab.outside.as_ref().expect("router").name().to_owned();
@@ -229,7 +332,18 @@ fn nodes_stay_reachable_and_survive_link_flaps() {
     // XSKMAP. Pod traffic to node-1 now reaches node-1's kernel, which has no route to the
     // pods, and is lost until the agent is started again (the next start removes the stale
     // program, as the single-node crash test shows).
+    // The host path: node-1 routes its pods into the agent's tap.
+    let route = lab
+        .node
+        .ip(&["route", "get", &frontend.to_string()])
+        .expect("ip route get");
+    assert!(route.contains("dev ocelot0"), "{route}");
     lab.kill_agent(0).expect("SIGKILL");
+    // The kernel removed the tap with the process, and every route through it.
+    assert!(
+        lab.node.ip(&["link", "show", "ocelot0"]).is_err(),
+        "the host path's tap outlived a SIGKILLed agent"
+    );
     assert!(
         ping(&router, "192.168.0.11"),
         "node-1 unreachable after the crash"
@@ -266,6 +380,7 @@ fn two_queue_uplinks_with_two_workers() {
         outside: Vec::new(),
         nodes: 2,
         uplink_queues: 2,
+        pod_to_host_accept: false,
     })
     .expect("lab starts");
     let status = lab.status().expect("status");
@@ -346,6 +461,7 @@ fn cross_node_pps() {
         outside: Vec::new(),
         nodes: 2,
         uplink_queues: 1,
+        pod_to_host_accept: false,
     })
     .expect("lab starts");
     let a = lab.pod("x/a").expect("x/a");

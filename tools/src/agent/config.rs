@@ -3,7 +3,8 @@
 //! ```toml
 //! [node]
 //! name = "node-1"            # default: $NODE_NAME, then the host name
-//! pod_to_host = "drop"       # Calico's default; "accept" is refused until the host path exists
+//! pod_to_host = "drop"       # Calico's default; or "accept" (after the pod's egress policy)
+//! host_interface = "ocelot0" # the tap into the node's own stack; "" for none (no pod ↔ node)
 //! conntrack_capacity = 262144
 //!
 //! [xdp]
@@ -96,6 +97,14 @@ pub struct NodeConfig {
     /// Conntrack entries (shared by all workers).
     #[serde(default = "default_ct_capacity")]
     pub conntrack_capacity: usize,
+    /// The tap device through which the node's own stack reaches its pods and they reach
+    /// it; empty: no host path (the node cannot reach its pods, pod → node traffic drops).
+    #[serde(default = "default_host_interface")]
+    pub host_interface: String,
+}
+
+fn default_host_interface() -> String {
+    "ocelot0".to_owned()
 }
 
 impl Default for NodeConfig {
@@ -104,6 +113,7 @@ impl Default for NodeConfig {
             name: None,
             pod_to_host: PodToHostConfig::default(),
             conntrack_capacity: default_ct_capacity(),
+            host_interface: default_host_interface(),
         }
     }
 }
@@ -280,13 +290,25 @@ impl Config {
                 format!("{} is not in 64..=1048576", self.xdp.frames_per_worker),
             ));
         }
-        if self.node.pod_to_host == PodToHostConfig::Accept {
+        let host = &self.node.host_interface;
+        if host.len() > 15 || host.contains(|c: char| c == '/' || c.is_whitespace()) {
+            return Err(err(
+                "node.host_interface".into(),
+                format!(
+                    "{host:?} is not an interface name (at most 15 characters, no '/' or spaces)"
+                ),
+            ));
+        }
+        if host.is_empty() && self.node.pod_to_host == PodToHostConfig::Accept {
             return Err(err(
                 "node.pod_to_host".into(),
-                "\"accept\" needs a path from the dataplane into the node's own stack, which \
-                 this version does not have yet (frames would be dropped as \
-                 to_host_unsupported); use \"drop\", Calico's default"
-                    .into(),
+                "\"accept\" needs the host path, and node.host_interface is empty".into(),
+            ));
+        }
+        if !host.is_empty() && machine.rx_queues(host).is_some() {
+            return Err(err(
+                "node.host_interface".into(),
+                format!("{host:?} already exists: another agent, or another program's interface"),
             ));
         }
         if self.node.conntrack_capacity < 1024 {
@@ -544,7 +566,19 @@ mod tests {
         check("[xdp]\nmode = \"turbo\"\n", Err("unknown variant `turbo`"));
         check(
             "[node]\npod_to_host = \"accept\"\n",
-            Err("node.pod_to_host: \"accept\" needs a path"),
+            Ok(vec![(1, vec!["vA:0", "vB:0", "vC:0"])]),
+        );
+        check(
+            "[node]\npod_to_host = \"accept\"\nhost_interface = \"\"\n",
+            Err("node.pod_to_host: \"accept\" needs the host path"),
+        );
+        check(
+            "[node]\nhost_interface = \"eth0\"\n",
+            Err("node.host_interface: \"eth0\" already exists"),
+        );
+        check(
+            "[node]\nhost_interface = \"a/b\"\n",
+            Err("node.host_interface: \"a/b\" is not an interface name"),
         );
         check(
             "[uplink]\ninterface = \"eth0\"\n[[workers]]\ncore = 0\n[[workers]]\ncore = 1\n",

@@ -18,6 +18,7 @@
 //! workers, whose sockets detach the XDP programs as they are dropped.
 
 pub mod config;
+pub mod hostpath;
 pub mod ports;
 pub mod source;
 pub mod status;
@@ -46,6 +47,7 @@ use dataplane::sys::{self, UmemOpts};
 use dataplane::worker::{Pipeline, Worker, WorkerPort};
 
 use self::config::{Config, Host, Layout};
+use self::hostpath::{HostLinks, HostPath, HostTap, HostThread};
 use self::status::Status;
 
 /// The line printed on stderr once every worker polls.
@@ -226,6 +228,25 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
             );
         }
     }
+    // The host path's tap: a port id like any other, owned by no worker.
+    let host_tap = match config.node.host_interface.as_str() {
+        "" => None,
+        name => {
+            let tap = HostTap::open(name)?;
+            ports.push(AgentPort {
+                spec: PortSpec {
+                    name: name.to_owned(),
+                    mac: hostpath::HOST_PATH_MAC,
+                    role: PortRole::Host,
+                },
+                worker: NO_WORKER,
+                queue: 0,
+                more_queues: Vec::new(),
+                ifindex: sys::ifindex(name)?,
+            });
+            Some((tap, PortId((ports.len() - 1) as u16)))
+        }
+    };
     let mut specs: Vec<Option<PortSpec>> = ports.iter().map(|p| Some(p.spec.clone())).collect();
     let mut uplink = match &config.uplink {
         Some(up) => Some(uplink::Uplink::attach(
@@ -244,7 +265,13 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         path: PathConfig {
             pod_to_host: config.node.pod_to_host.into(),
         },
-        host_addresses: view.host_addresses.clone(),
+        host_addresses: {
+            let mut all = view.host_addresses.clone();
+            all.extend(ports::node_addresses());
+            all.sort();
+            all.dedup();
+            all
+        },
         gateway: view.gateway,
         neighbors: view.neighbors.clone(),
     };
@@ -263,7 +290,11 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
     ));
 
     let uplink_name = uplink.as_ref().map(|u| u.interface.clone());
-    let (workers, handles) = start_workers(
+    let host_bell = match host_tap {
+        Some(_) => Some(Doorbell::new().context("creating the host path's doorbell")?),
+        None => None,
+    };
+    let (workers, handles, links) = start_workers(
         &config,
         &layout,
         &ports,
@@ -271,16 +302,38 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         &published,
         &ct,
         stop,
+        host_bell.as_ref(),
     )?;
+    let mut host = match (host_tap, host_bell) {
+        (Some((tap, id)), Some(doorbell)) => {
+            let mut host = HostPath::start(HostThread {
+                tap,
+                id,
+                links,
+                doorbell,
+                published: Arc::clone(&published),
+                ct: Arc::clone(&ct),
+                stop: Arc::clone(stop),
+            })?;
+            host.set_owners(owners(&ports, &specs));
+            host.sync_routes(&local_pod_ips(&published.load()));
+            Some(host)
+        }
+        _ => None,
+    };
     if let Some(up) = uplink.as_mut() {
         up.register(&handles)?;
         up.sync_local_pods(&local_pod_ips(&published.load()));
     }
     say(format_args!(
-        "{READY_LINE} (node {node_name}, epoch {epoch}, {} ports, {} workers on cores {:?})",
-        ports.len(),
+        "{READY_LINE} (node {node_name}, epoch {epoch}, {} ports, {} workers on cores {:?}{})",
+        ports.iter().filter(|p| p.worker != NO_WORKER).count(),
         workers.len(),
-        workers.iter().map(|w| w.core).collect::<Vec<_>>()
+        workers.iter().map(|w| w.core).collect::<Vec<_>>(),
+        match &host {
+            Some(h) => format!(", host path {}", h.name()),
+            None => String::new(),
+        }
     ));
 
     let mut status = Status::new(
@@ -300,6 +353,10 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         }
         if let Some(dead) = workers.iter().position(|w| w.thread.is_finished()) {
             result = Err(anyhow!("worker {dead} stopped unexpectedly"));
+            break;
+        }
+        if host.as_ref().is_some_and(HostPath::is_finished) {
+            result = Err(anyhow!("the host path stopped unexpectedly"));
             break;
         }
         ct.sweep(now(), SWEEP_SLOTS);
@@ -369,12 +426,18 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
             }
         }
         if let Some(up) = uplink.as_mut() {
-            let fresh = up.refresh(&manifests, &node_name);
-            if fresh != view {
-                view = fresh;
-                node_opts = node_options(&view);
-                changed = true;
-            }
+            view = up.refresh(&manifests, &node_name);
+        }
+        let fresh = node_options(&view);
+        if (&fresh.host_addresses, &fresh.gateway, &fresh.neighbors)
+            != (
+                &node_opts.host_addresses,
+                &node_opts.gateway,
+                &node_opts.neighbors,
+            )
+        {
+            node_opts = fresh;
+            changed = true;
         }
         // Pods whose MAC could not be read yet: retry (their route appears when it can).
         for spec in specs.iter_mut().flatten() {
@@ -397,6 +460,10 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
             if let Some(up) = uplink.as_mut() {
                 up.sync_local_pods(&local_ips);
             }
+            if let Some(host) = host.as_mut() {
+                host.set_owners(owners(&ports, &specs));
+                host.sync_routes(&local_ips);
+            }
             tracing::info!("epoch {epoch} published");
             status.set_ports(&ports_summary_live(&ports, &specs));
             status.applied(epoch, source.digest(), &report);
@@ -407,6 +474,7 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
                 status.datastore = source.status();
                 status.uplink = uplink.as_ref().map(uplink::Uplink::status);
                 status.workers = workers.iter().map(|w| (w.core, w.live.load())).collect();
+                status.host = host.as_ref().map(|h| (h.name().to_owned(), h.live.load()));
                 if let Err(e) = status.write(path) {
                     tracing::warn!("writing status {}: {e}", path.display());
                 }
@@ -432,6 +500,14 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         }
         totals.push((w.core, w.live.load()));
     }
+    if let Some(h) = host.as_mut() {
+        if let Err(e) = h.join()
+            && result.is_ok()
+        {
+            result = Err(e.context("host path"));
+        }
+        status.host = Some((h.name().to_owned(), h.live.load()));
+    }
     if let Some(path) = &opts.status {
         status.workers = totals.clone();
         status.stopped = true;
@@ -450,8 +526,23 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
     result
 }
 
+/// `AgentPort::worker` of a port no worker owns (the host path's tap).
+const NO_WORKER: usize = usize::MAX;
+
+/// Port id → owning worker (`u16::MAX`: none, or retired), for the host path.
+fn owners(ports: &[AgentPort], specs: &[Option<PortSpec>]) -> Vec<u16> {
+    ports
+        .iter()
+        .zip(specs)
+        .map(|(p, s)| match s {
+            Some(_) if p.worker != NO_WORKER => u16::try_from(p.worker).unwrap_or(u16::MAX),
+            _ => u16::MAX,
+        })
+        .collect()
+}
+
 /// The addresses of the local pods a snapshot has ports for: what the uplink program
-/// redirects.
+/// redirects and the host path routes.
 fn local_pod_ips(snapshot: &Snapshot) -> std::collections::BTreeSet<std::net::IpAddr> {
     snapshot
         .ports
@@ -612,6 +703,7 @@ fn assign_ports(
 fn ports_summary(ports: &[AgentPort]) -> Vec<(String, usize)> {
     ports
         .iter()
+        .filter(|p| p.worker != NO_WORKER)
         .map(|p| (p.spec.name.clone(), p.worker))
         .collect()
 }
@@ -620,7 +712,7 @@ fn ports_summary_live(ports: &[AgentPort], specs: &[Option<PortSpec>]) -> Vec<(S
     ports
         .iter()
         .zip(specs)
-        .filter(|(_, s)| s.is_some())
+        .filter(|(p, s)| s.is_some() && p.worker != NO_WORKER)
         .map(|(p, _)| (p.spec.name.clone(), p.worker))
         .collect()
 }
@@ -632,6 +724,7 @@ struct WorkerSetup {
     outs: Vec<(HandoffTx, Vec<PortId>)>,
     out_index: Vec<Option<usize>>,
     ins: Vec<HandoffRx>,
+    to_host: Option<HandoffTx>,
     live: Arc<LiveCounters>,
     doorbell: Arc<Doorbell>,
 }
@@ -645,7 +738,8 @@ fn start_workers(
     published: &Arc<ArcSwap<Snapshot>>,
     ct: &Arc<Conntrack>,
     stop: &Arc<AtomicBool>,
-) -> Result<(Vec<WorkerHandle>, Vec<sys::SocketHandle>)> {
+    host_bell: Option<&Arc<Doorbell>>,
+) -> Result<(Vec<WorkerHandle>, Vec<sys::SocketHandle>, HostLinks)> {
     let n = layout.workers.len();
     let doorbells = (0..n)
         .map(|_| Doorbell::new())
@@ -672,6 +766,7 @@ fn start_workers(
             outs: Vec::new(),
             out_index: vec![None; n],
             ins: Vec::new(),
+            to_host: None,
             live: Arc::new(LiveCounters::default()),
         })
         .collect();
@@ -711,6 +806,20 @@ fn start_workers(
             if let Some(s) = setups.get_mut(to) {
                 s.ins.push(rx);
             }
+        }
+    }
+    // The host path: a hand-off each way between it and every worker.
+    let mut links = HostLinks::default();
+    if let Some(bell) = host_bell {
+        for (setup, worker_bell) in setups.iter_mut().zip(&doorbells) {
+            let (tx, rx) = handoff::channel(capacity, 2048);
+            links
+                .to_workers
+                .push(tx.with_doorbell(Arc::clone(worker_bell)));
+            setup.ins.push(rx);
+            let (tx, rx) = handoff::channel(capacity, 2048);
+            setup.to_host = Some(tx.with_doorbell(Arc::clone(bell)));
+            links.from_workers.push(rx);
         }
     }
     let socket = config.xdp.socket_opts();
@@ -779,6 +888,9 @@ fn start_workers(
                     }
                     for rx in setup.ins {
                         worker.add_handoff_in(rx);
+                    }
+                    if let Some(tx) = setup.to_host {
+                        worker.set_to_host(tx);
                     }
                     worker.publish_to(setup.live);
                     worker.set_doorbell(setup.doorbell);
@@ -863,7 +975,7 @@ fn start_workers(
         }
         return Err(e);
     }
-    Ok((handles, sockets))
+    Ok((handles, sockets, links))
 }
 
 /// Per-reason drop totals of a set of workers, by reason name.

@@ -88,6 +88,21 @@ pub fn interface_addresses(interface: &str) -> Vec<(std::net::IpAddr, u8)> {
         .collect()
 }
 
+/// The node's own addresses: the global addresses of every interface in the agent's
+/// namespace (the uplink's, a loopback service address, any other NIC's).
+pub fn node_addresses() -> Vec<std::net::IpAddr> {
+    let infos: Vec<AddrInfo> = ip_json(&["-j", "addr", "show"]).unwrap_or_default();
+    let mut out: Vec<std::net::IpAddr> = infos
+        .into_iter()
+        .flat_map(|i| i.addr_info)
+        .filter(|a| a.scope.as_deref() == Some("global"))
+        .filter_map(|a| a.local.parse().ok())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 #[derive(Debug, Deserialize)]
 struct RouteEntry {
     #[serde(default)]

@@ -44,8 +44,8 @@ fn drops_map(io: &WorkerCounters, class: &Counters) -> BTreeMap<&'static str, u6
     if io.not_local > 0 {
         out.insert("not_local", io.not_local);
     }
-    if io.to_host_unsupported > 0 {
-        out.insert("to_host_unsupported", io.to_host_unsupported);
+    if io.to_host_dropped > 0 {
+        out.insert("to_host_dropped", io.to_host_dropped);
     }
     if io.handoff_dropped > 0 {
         out.insert("handoff_full", io.handoff_dropped);
@@ -73,6 +73,8 @@ pub struct Status {
     pub datastore: Value,
     /// The uplink program's counters, if there is an uplink.
     pub uplink: Option<Value>,
+    /// The host path: its tap's name and the host thread's counters.
+    pub host: Option<(String, (WorkerCounters, Counters))>,
 }
 
 fn report_json(r: &BuildReport) -> Value {
@@ -106,6 +108,7 @@ impl Status {
             stopped: false,
             datastore: Value::Null,
             uplink: None,
+            host: None,
         }
     }
 
@@ -138,10 +141,26 @@ impl Status {
                     "ct_created": class.ct_created,
                     "handoff_out": io.handoff_out,
                     "handoff_in": io.handoff_in,
+                    "to_host_path": io.to_host,
                     "drops": drops_map(io, class),
                 })
             })
             .collect();
+        // Its rx are the kernel's frames for pods, `handoff_out` those it passed to workers,
+        // `handoff_in` the pods' frames for the node and `tx` what it wrote into the tap.
+        let host = self.host.as_ref().map(|(name, (io, class))| {
+            json!({
+                "interface": name,
+                "rx": io.rx,
+                "tx": io.tx,
+                "forwarded": class.forwarded,
+                "replied": class.replied,
+                "ct_created": class.ct_created,
+                "handoff_out": io.handoff_out,
+                "handoff_in": io.handoff_in,
+                "drops": drops_map(io, class),
+            })
+        });
         json!({
             "node": self.node,
             "epoch": self.epoch,
@@ -154,6 +173,7 @@ impl Status {
             "stopped": self.stopped,
             "datastore": self.datastore,
             "uplink": self.uplink,
+            "host_path": host,
         })
     }
 

@@ -70,9 +70,22 @@ pub struct LabArgs {
     /// Queues of each node's uplink (with --nodes 2 or more); spread over the workers.
     #[arg(long, default_value_t = 1)]
     pub uplink_queues: u32,
+    /// The agents' treatment of a pod's new connections to its own node (after the pod's
+    /// egress policy): `drop` (Calico's default) or `accept`.
+    #[arg(long, value_enum, default_value_t = PodToHostArg::Drop)]
+    pub pod_to_host: PodToHostArg,
     /// Show the agent's log.
     #[arg(long)]
     pub verbose: bool,
+}
+
+/// `--pod-to-host`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PodToHostArg {
+    /// Calico's default.
+    Drop,
+    /// After the pod's egress policy.
+    Accept,
 }
 
 /// Runs `ocelot lab`.
@@ -80,6 +93,7 @@ pub fn run(args: &LabArgs, stop: &Arc<AtomicBool>) -> Result<()> {
     let started = Instant::now();
     let mut manifests = load_dir(&args.manifests)
         .with_context(|| format!("loading manifests from {}", args.manifests.display()))?;
+    // (pod address, its node's address).
     let mut own_node: Vec<(IpAddr, IpAddr)> = Vec::new();
     if args.nodes > 1 {
         // Expected verdicts come from the same objects the agents read: the user's manifests
@@ -90,7 +104,7 @@ pub fn run(args: &LabArgs, stop: &Arc<AtomicBool>) -> Result<()> {
             texts.push((f.clone(), std::fs::read_to_string(&f)?));
         }
         // A pod's traffic to its own node's address meets the node's pod-to-host setting
-        // (the lab's agents keep Calico's default, drop) after policy.
+        // after policy; the node's traffic to its own pods is always allowed.
         for p in &manifests.cluster.pods {
             if let Some(k) = plan.pod_node.get(&format!("{}/{}", p.namespace, p.name)) {
                 for ip in &p.ips {
@@ -127,17 +141,28 @@ pub fn run(args: &LabArgs, stop: &Arc<AtomicBool>) -> Result<()> {
         .map(|p| evaluator.probe(p))
         .collect::<Result<Vec<_>, _>>()
         .context("probes")?;
-    let mut to_own_node = 0;
+    let accept = args.pod_to_host == PodToHostArg::Accept;
+    let (mut to_own_node, mut from_own_node) = (0, 0);
     for e in &mut expected {
-        if own_node.contains(&(e.src_ip, e.dst_ip)) && e.verdict == Verdict::Allow {
+        if own_node.contains(&(e.src_ip, e.dst_ip)) && e.verdict == Verdict::Allow && !accept {
             e.verdict = Verdict::Deny;
             to_own_node += 1;
+        }
+        if own_node.contains(&(e.dst_ip, e.src_ip)) && e.verdict == Verdict::Deny {
+            e.verdict = Verdict::Allow;
+            from_own_node += 1;
         }
     }
     if to_own_node > 0 {
         eprintln!(
             "note: {to_own_node} probes go from a pod to its own node's address: policy allows \
              them, and the node's pod-to-host default (drop, as Calico's) refuses them"
+        );
+    }
+    if from_own_node > 0 {
+        eprintln!(
+            "note: {from_own_node} probes go from a node to its own pods, which Kubernetes \
+             always allows (pods cannot block their node); policy alone would refuse them"
         );
     }
     let ports = probe::ports_to_serve(&manifests, &probes);
@@ -151,6 +176,7 @@ pub fn run(args: &LabArgs, stop: &Arc<AtomicBool>) -> Result<()> {
         outside,
         nodes: args.nodes.max(1),
         uplink_queues: args.uplink_queues.max(1),
+        pod_to_host_accept: accept,
     })?;
     if probes.iter().any(|p| p.protocol == Protocol::Sctp) {
         eprintln!(

@@ -235,7 +235,7 @@ pub fn start(opts: &LabOptions) -> Result<Lab> {
     for (k, ns) in nodes.iter().enumerate() {
         let name = names.get(k).map_or("lab", String::as_str);
         let config = dir.join(format!("ocelot-{}.toml", k + 1));
-        let mut text = agent_config(opts.workers, None)?;
+        let mut text = agent_config(opts, None)?;
         text = text.replacen("name = \"lab\"", &format!("name = \"{name}\""), 1);
         text.push_str(&format!("\n[uplink]\ninterface = \"{UPLINK}\"\n"));
         std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;

@@ -43,6 +43,9 @@ pub struct LabOptions {
     pub nodes: usize,
     /// Receive/transmit queues of each node's uplink (with several nodes).
     pub uplink_queues: u32,
+    /// The agents' `node.pod_to_host`: accept a pod's traffic to its own node (after its
+    /// egress policy) instead of Calico's default, drop.
+    pub pod_to_host_accept: bool,
 }
 
 /// Where the lab sends from and serves on: a pod, or an address of the outside host.
@@ -224,7 +227,7 @@ impl Lab {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let workdir = TempDir(dir.clone());
         let config = dir.join("ocelot.toml");
-        std::fs::write(&config, agent_config(opts.workers, uplink)?)
+        std::fs::write(&config, agent_config(opts, uplink)?)
             .with_context(|| format!("writing {}", config.display()))?;
         let status_path = dir.join("status.json");
         let servers = Servers::start(&endpoints, &opts.serve)?;
@@ -428,14 +431,18 @@ fn summarize(status: &serde_json::Value) -> String {
     )
 }
 
-/// The agent's config for `workers` workers: cores from the last one down, so one worker
-/// on a two-core machine leaves core 0 to the lab's own threads.
-pub(super) fn agent_config(workers: usize, uplink_gateway: Option<[u8; 6]>) -> Result<String> {
+/// The agent's config for `opts.workers` workers: cores from the last one down, so one
+/// worker on a two-core machine leaves core 0 to the lab's own threads.
+pub(super) fn agent_config(opts: &LabOptions, uplink_gateway: Option<[u8; 6]>) -> Result<String> {
+    let workers = opts.workers;
     let cores = core_affinity::get_core_ids().map_or(1, |ids| ids.len());
     if workers == 0 || workers > cores {
         bail!("--workers {workers}: this machine has {cores} cores");
     }
     let mut text = String::from("[node]\nname = \"lab\"\n");
+    if opts.pod_to_host_accept {
+        text.push_str("pod_to_host = \"accept\"\n");
+    }
     if let Some(mac) = uplink_gateway {
         text.push_str(&format!(
             "\n[uplink]\ninterface = \"{UPLINK}\"\ngateway_mac = \"{}\"\n",
