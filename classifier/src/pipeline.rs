@@ -212,9 +212,7 @@ impl Worker {
             } => {
                 check_pod_source(meta, ip, *ip4, *ip6, *pod_mac)?;
                 if is_neighbor_discovery(ip) {
-                    // Pods resolve the gateway with NDP; the host stack answers (proxy NDP on
-                    // the host-side veth), as with Calico.
-                    return Ok(Verdict::ToHost);
+                    return answer_ndp(frame, meta, ip, port.mac, *ip6);
                 }
                 Origin::Pod
             }
@@ -488,6 +486,24 @@ fn handle_arp(frame: &mut [u8], meta: &PacketMeta, port: &Port) -> Verdict {
                 Verdict::Drop(DropReason::UnsupportedArp)
             }
         }
+    }
+}
+
+/// A pod's neighbour discovery: solicitations are answered with the host side's MAC
+/// (whatever address they ask for, as proxy-ARP does); the rest — router solicitations,
+/// advertisements, duplicate-address probes — has no one to go to on a routed veth.
+#[inline(never)]
+fn answer_ndp(
+    frame: &mut [u8],
+    meta: &PacketMeta,
+    ip: &IpMeta,
+    our_mac: [u8; 6],
+    own: Option<Ipv6Addr>,
+) -> Result<Verdict, DropReason> {
+    if rewrite::ndp_advert_in_place(frame, meta, ip, our_mac, own) {
+        Ok(Verdict::Reply)
+    } else {
+        Err(DropReason::NdpUnanswered)
     }
 }
 

@@ -12,7 +12,7 @@
 //! header length, and a checksum that was wrong on arrival stays wrong, so the receiving
 //! host still drops a corrupt packet.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::parse::{IpMeta, Net, PacketMeta};
 use crate::verdict::DropReason;
@@ -228,6 +228,123 @@ pub fn arp_reply_in_place(frame: &mut [u8], meta: &PacketMeta, our_mac: [u8; 6])
     true
 }
 
+/// ICMPv6 neighbour solicitation and advertisement (RFC 4861).
+const NDP_SOLICIT: u8 = 135;
+const NDP_ADVERT: u8 = 136;
+/// A solicitation's and an advertisement's body: type, code, checksum, flags/reserved,
+/// target address.
+const NDP_BODY_LEN: usize = 24;
+/// One link-layer address option for Ethernet: type, length (in 8-byte units), MAC.
+const NDP_LLADDR_OPT_LEN: usize = 8;
+
+/// Turns a pod's neighbour solicitation into the advertisement "`target` is at `our_mac`",
+/// in place: the IPv6 counterpart of [`arp_reply_in_place`] (Calico's pods resolve their
+/// IPv6 gateway, a link-local address of the host side, this way, and the kernel that would
+/// answer on a veth does not see frames AF_XDP takes).
+///
+/// The answer goes from the target address to the solicitation's source, with the Router,
+/// Solicited and Override flags and a target link-layer address option; the solicitation's
+/// option (its source link-layer address, as Linux always sends it) is overwritten, so the
+/// frame keeps its length (any bytes after the 32-byte answer are Ethernet padding: the IPv6
+/// payload length says where the packet ends).
+///
+/// Returns `false`, leaving the frame unchanged, for anything else — not a solicitation, a
+/// hop limit other than 255 (RFC 4861 requires it: the packet crossed a router), extension
+/// headers, a solicitation without room for the option, a duplicate-address probe (from the
+/// unspecified address: answering would make the pod see a conflict), a multicast target,
+/// or one of `own` (the pod's own address).
+pub fn ndp_advert_in_place(
+    frame: &mut [u8],
+    meta: &PacketMeta,
+    ip: &IpMeta,
+    our_mac: [u8; 6],
+    own: Option<Ipv6Addr>,
+) -> bool {
+    let IpAddr::V6(src) = ip.src else {
+        return false;
+    };
+    if !matches!(
+        ip.l4,
+        crate::parse::L4::Icmp {
+            ty: NDP_SOLICIT,
+            code: 0,
+            ..
+        }
+    ) || ip.ttl != 255
+        || src.is_unspecified()
+    {
+        return false;
+    }
+    let l3 = usize::from(meta.l3_offset);
+    let l4 = usize::from(meta.l4_offset);
+    let end = l4 + NDP_BODY_LEN + NDP_LLADDR_OPT_LEN;
+    // No extension headers, and room for the answer: checked before anything is written.
+    if l3 < 12 || l4 != l3 + IPV6_LEN || frame.len() < end || frame.get(l3 + 6) != Some(&58) {
+        return false;
+    }
+    let payload_len = frame
+        .get(l3 + 4..l3 + 6)
+        .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+    if payload_len < NDP_BODY_LEN + NDP_LLADDR_OPT_LEN {
+        return false;
+    }
+    let Some(target) = frame
+        .get(l4 + 8..l4 + 24)
+        .and_then(|b| <[u8; 16]>::try_from(b).ok())
+        .map(Ipv6Addr::from)
+    else {
+        return false;
+    };
+    if target.is_multicast() || target.is_unspecified() || Some(target) == own {
+        return false;
+    }
+    if !set_macs(frame, our_mac, meta.src_mac) {
+        return false;
+    }
+    let answer_len = (NDP_BODY_LEN + NDP_LLADDR_OPT_LEN) as u16;
+    if let Some(h) = frame.get_mut(l3 + 4..l3 + IPV6_LEN) {
+        h[0..2].copy_from_slice(&answer_len.to_be_bytes());
+        h[3] = 255;
+        h[4..20].copy_from_slice(&target.octets());
+        h[20..36].copy_from_slice(&src.octets());
+    }
+    let Some(body) = frame.get_mut(l4..end) else {
+        return false;
+    };
+    body[0] = NDP_ADVERT;
+    body[1] = 0;
+    body[2..4].copy_from_slice(&[0, 0]);
+    // Router, Solicited, Override.
+    body[4..8].copy_from_slice(&[0xe0, 0, 0, 0]);
+    body[24] = 2;
+    body[25] = 1;
+    body[26..32].copy_from_slice(&our_mac);
+    let csum = icmpv6_checksum(target, src, body);
+    body[2..4].copy_from_slice(&csum.to_be_bytes());
+    true
+}
+
+/// The ICMPv6 checksum of `body` (its checksum field zero) from `src` to `dst`.
+pub fn icmpv6_checksum(src: Ipv6Addr, dst: Ipv6Addr, body: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            let hi = u32::from(pair.first().copied().unwrap_or(0));
+            let lo = u32::from(pair.get(1).copied().unwrap_or(0));
+            sum += (hi << 8) | lo;
+        }
+    };
+    add(&src.octets());
+    add(&dst.octets());
+    add(&(body.len() as u32).to_be_bytes());
+    add(&[0, 0, 0, 58]);
+    add(body);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,6 +386,88 @@ mod tests {
             .write(&mut frame, &[1, 2, 3, 4])
             .unwrap();
         frame
+    }
+
+    const POD6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+    const POD_LL: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0xaa, 0, 0, 0, 0, 0, 1];
+    const GW6: [u8; 16] = [
+        0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0xec, 0xee, 0xee, 0xff, 0xfe, 0xee, 0xee, 0xee,
+    ];
+
+    /// A neighbour solicitation from `src` for `target` (to its solicited-node group), with
+    /// the source link-layer option when `option`.
+    fn solicitation(src: [u8; 16], target: [u8; 16], hop_limit: u8, option: bool) -> Vec<u8> {
+        let mut group = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 0];
+        group[13..].copy_from_slice(&target[13..]);
+        let mut payload = target.to_vec();
+        if option {
+            payload.extend_from_slice(&[1, 1]);
+            payload.extend_from_slice(&POD_MAC);
+        }
+        let mut frame = Vec::new();
+        PacketBuilder::ethernet2(POD_MAC, [0x33, 0x33, 0xff, 0xee, 0xee, 0xee])
+            .ipv6(src, group, hop_limit)
+            .icmpv6(etherparse::Icmpv6Type::Unknown {
+                type_u8: 135,
+                code_u8: 0,
+                bytes5to8: [0; 4],
+            })
+            .write(&mut frame, &payload)
+            .unwrap();
+        frame
+    }
+
+    fn ndp(frame: &mut [u8]) -> bool {
+        let meta = parse(frame).unwrap();
+        let ip = *meta.ip().unwrap();
+        ndp_advert_in_place(frame, &meta, &ip, HOST_MAC, Some(Ipv6Addr::from(POD6)))
+    }
+
+    #[test]
+    fn neighbour_solicitation_becomes_a_checksummed_advertisement() {
+        let mut frame = solicitation(POD_LL, GW6, 255, true);
+        assert!(ndp(&mut frame));
+        let sliced = etherparse::SlicedPacket::from_ethernet(&frame).unwrap();
+        let Some(etherparse::LinkSlice::Ethernet2(eth)) = sliced.link else {
+            panic!("not Ethernet")
+        };
+        assert_eq!((eth.source(), eth.destination()), (HOST_MAC, POD_MAC));
+        let Some(etherparse::NetSlice::Ipv6(ip)) = sliced.net else {
+            panic!("not IPv6")
+        };
+        let h = ip.header();
+        assert_eq!((h.source(), h.destination()), (GW6, POD_LL));
+        assert_eq!(h.hop_limit(), 255);
+        let Some(etherparse::TransportSlice::Icmpv6(icmp)) = sliced.transport else {
+            panic!("not ICMPv6")
+        };
+        let body = icmp.slice();
+        assert_eq!(body[0], 136);
+        assert_eq!(body[4], 0xe0, "router, solicited, override");
+        assert_eq!(&body[8..24], &GW6);
+        assert_eq!(&body[24..32], &[2, 1, 0xee, 0xee, 0xee, 0xee, 0xee, 0xee]);
+        // etherparse's own checksum of what we wrote.
+        let want = icmp
+            .icmp_type()
+            .calc_checksum(GW6, POD_LL, icmp.payload())
+            .unwrap();
+        assert_eq!(icmp.checksum(), want);
+    }
+
+    #[test]
+    fn what_proxy_ndp_must_not_answer() {
+        // Duplicate-address detection (unspecified source), the pod's own address, a hop
+        // limit that crossed a router, no room for the option.
+        for mut frame in [
+            solicitation([0; 16], GW6, 255, false),
+            solicitation(POD_LL, POD6, 255, true),
+            solicitation(POD_LL, GW6, 254, true),
+            solicitation(POD_LL, GW6, 255, false),
+        ] {
+            let before = frame.clone();
+            assert!(!ndp(&mut frame));
+            assert_eq!(frame, before, "left unchanged");
+        }
     }
 
     fn arp_frame(op: ArpOperation, sender_ip: [u8; 4], target_ip: [u8; 4]) -> Vec<u8> {

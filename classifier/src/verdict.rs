@@ -91,6 +91,9 @@ drop_reasons! {
     /// A multicast or broadcast packet from a pod or the node's stack: ocelot routes unicast
     /// only, and such packets must not reach the host unfiltered.
     NotUnicast = "not_unicast",
+    /// IPv6 neighbour discovery from a pod that the dataplane does not answer: router
+    /// solicitations, advertisements, duplicate-address probes (solicitations are answered).
+    NdpUnanswered = "ndp_unanswered",
     /// The egress port has no room (transmit ring or cross-worker hand-off full).
     TxFull = "tx_full",
     /// The next hop's MAC is not yet known.

@@ -303,6 +303,11 @@ impl Drop for VethPair {
 /// The link-local gateway every pod routes through, as in Calico.
 pub const GATEWAY: &str = "169.254.1.1";
 
+/// The link-local next hop of a pod's IPv6 default route: Calico's, the EUI-64 address of
+/// the host side's MAC `ee:ee:ee:ee:ee:ee`. Whatever runs on the node answers its neighbour
+/// solicitations (ocelot's dataplane does).
+pub const GATEWAY6: &str = "fe80::ecee:eeff:feee:eeee";
+
 /// One pod of a [`VirtualNode`].
 #[derive(Debug)]
 pub struct Pod {
@@ -325,6 +330,38 @@ impl Pod {
         let pod = Pod::configure_proxy_arp(ns, ip, host_dev)?;
         pod.ns.neigh_add("eth0", GATEWAY, node.mac(host_dev)?)?;
         Ok(pod)
+    }
+
+    /// Gives the pod's `eth0` an IPv6 address too (/128, no duplicate-address detection)
+    /// and the IPv6 default route via [`GATEWAY6`], which the pod resolves with neighbour
+    /// discovery.
+    pub fn add_ipv6(&self, ip: &str) -> Result<(), Error> {
+        let addr: std::net::Ipv6Addr = ip.parse().map_err(|e| Error::Command {
+            command: format!("configure pod {ip}"),
+            detail: format!("not an IPv6 address: {e}"),
+        })?;
+        // DAD off first, so the link-local address is usable at once.
+        for key in [
+            "net.ipv6.conf.eth0.accept_dad=0",
+            "net.ipv6.conf.all.disable_ipv6=0",
+            "net.ipv6.conf.eth0.disable_ipv6=0",
+        ] {
+            self.ns.exec_ok(&["sysctl", "-q", "-w", key])?;
+        }
+        self.ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        self.ns
+            .ip(&[
+                "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0",
+            ])
+            .map(drop)
     }
 
     /// As [`Pod::configure`], without the static neighbour entry: the pod resolves the

@@ -61,6 +61,9 @@ pub struct HostTap {
     tap: Tap,
     /// The tap's own MAC (the kernel's side): the destination of frames written into it.
     pub mac: [u8; 6],
+    /// Whether the node's stack has IPv6 on the tap (a node with IPv6 disabled gets IPv4
+    /// routes only).
+    pub ipv6: bool,
 }
 
 impl HostTap {
@@ -80,7 +83,10 @@ impl HostTap {
         ])?;
         let mac =
             ports::interface_mac(name).ok_or_else(|| anyhow!("cannot read the MAC of {name}"))?;
-        Ok(HostTap { tap, mac })
+        // `/proc/sys/net` is the calling thread's namespace's: the tap's.
+        let ipv6 = std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"))
+            .is_ok_and(|v| v.trim() == "0");
+        Ok(HostTap { tap, mac, ipv6 })
     }
 
     /// The interface name.
@@ -102,6 +108,7 @@ pub struct HostLinks {
 #[derive(Debug)]
 pub struct HostPath {
     name: String,
+    ipv6: bool,
     /// Port id → index of the worker that owns it (`u16::MAX`: none), as the control
     /// thread last published it.
     owners: Arc<ArcSwap<Vec<u16>>>,
@@ -137,6 +144,7 @@ impl HostPath {
     /// Starts the host thread.
     pub fn start(setup: HostThread) -> Result<HostPath> {
         let name = setup.tap.name().to_owned();
+        let ipv6 = setup.tap.ipv6;
         let owners = Arc::new(ArcSwap::from_pointee(Vec::new()));
         let live = Arc::new(LiveCounters::default());
         let thread_owners = Arc::clone(&owners);
@@ -147,6 +155,7 @@ impl HostPath {
             .context("spawning the host path thread")?;
         Ok(HostPath {
             name,
+            ipv6,
             owners,
             live,
             thread: Some(thread),
@@ -168,6 +177,12 @@ impl HostPath {
     /// Routes exactly `pods` (the local pods' addresses) into the tap: new ones get a
     /// permanent neighbour entry and a host route, gone ones lose both.
     pub fn sync_routes(&mut self, pods: &BTreeSet<IpAddr>) {
+        let pods: BTreeSet<IpAddr> = pods
+            .iter()
+            .filter(|ip| self.ipv6 || ip.is_ipv4())
+            .copied()
+            .collect();
+        let pods = &pods;
         let mut batch = String::new();
         let mac = ports::format_mac(HOST_PATH_MAC);
         // `ip` tells the family from the address (a batch line takes no `-4`/`-6`).

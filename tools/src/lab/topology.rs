@@ -404,6 +404,11 @@ pub(super) fn build_pod(
     let host = veth_name(&p.namespace, &p.name);
     let veth = VethPair::new(&ns, "eth0", node, &host)?;
     let pod = Pod::configure_proxy_arp(ns, &ip.to_string(), &host)?;
+    // A dual-stack pod: its IPv6 address too (probes use IPv4; IPv6 is for tests and for
+    // whoever runs traffic in the pod's namespace).
+    if let Some(ip6) = p.ips.iter().find(|a| a.is_ipv6()) {
+        pod.add_ipv6(&ip6.to_string())?;
+    }
     Ok((veth, pod))
 }
 
