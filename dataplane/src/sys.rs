@@ -189,11 +189,49 @@ impl XskFrame {
     }
 }
 
+/// Which socket of a UMEM holds each frame the kernel has (on a fill, rx, tx or completion
+/// ring), so the frames of a closed socket can be taken back: the kernel returns a frame only
+/// through the rings of the socket it was given to, and a retired pod's socket has none left.
+/// Shared by a UMEM and its sockets (one thread: `XskUmem` is not `Send`).
+#[derive(Debug)]
+struct Ledger {
+    frame_size: usize,
+    /// By frame index: the socket holding it (0: user space) and its descriptor as given.
+    slots: Vec<(u32, FrameDesc)>,
+}
+
+impl Ledger {
+    fn index(&self, desc: &FrameDesc) -> usize {
+        desc.addr() / self.frame_size.max(1)
+    }
+
+    fn given(&mut self, socket: u32, descs: &[FrameDesc]) {
+        for d in descs {
+            let i = self.index(d);
+            if let Some(slot) = self.slots.get_mut(i) {
+                *slot = (socket, *d);
+            }
+        }
+    }
+
+    fn returned(&mut self, descs: &[FrameDesc]) {
+        for d in descs {
+            let i = self.index(d);
+            if let Some(slot) = self.slots.get_mut(i) {
+                slot.0 = 0;
+            }
+        }
+    }
+}
+
 /// A UMEM: the frame memory one worker shares with the kernel and with all its sockets.
 #[derive(Debug)]
 pub struct XskUmem {
     umem: Umem,
     id: u32,
+    ledger: Rc<std::cell::RefCell<Ledger>>,
+    /// The id of the next socket opened on this UMEM (0 is "user space" in the ledger).
+    next_socket: u32,
     opts: UmemOpts,
     /// (ifindex, queue) pairs bound on this UMEM; binding one twice would share its fill and
     /// completion rings, which the port model does not allow.
@@ -226,6 +264,10 @@ impl XskUmem {
             .ok_or_else(|| Error::Config("a UMEM needs at least one frame".into()))?;
         let (umem, descs) = Umem::new(config, count, false).map_err(|e| umem_err(Box::new(e)))?;
         let id = NEXT_UMEM_ID.fetch_add(1, Ordering::Relaxed);
+        let ledger = Ledger {
+            frame_size: opts.frame_size as usize,
+            slots: vec![(0, FrameDesc::default()); descs.len()],
+        };
         let frames = descs
             .into_iter()
             .map(|desc| XskFrame { desc, umem: id })
@@ -233,6 +275,8 @@ impl XskUmem {
         let umem = XskUmem {
             umem,
             id,
+            ledger: Rc::new(std::cell::RefCell::new(ledger)),
+            next_socket: 1,
             opts,
             bound: Vec::new(),
             guards: Vec::new(),
@@ -243,15 +287,30 @@ impl XskUmem {
 
     /// Closes a socket of this UMEM (its port was retired): the (interface, queue) can be
     /// bound again, and the XDP program is detached when it was the interface's last socket.
-    /// Frames still in the socket's rings are not recovered (see `Worker::retire_port`).
-    pub fn release(&mut self, rx: XskRx, tx: XskTx) {
+    /// Returns the frames that were still in the socket's rings: once the socket is closed
+    /// the kernel cannot touch them, so they are the caller's again (`Worker::recover_frames`).
+    pub fn release(&mut self, rx: XskRx, tx: XskTx) -> Vec<XskFrame> {
         let bound = rx.bound;
+        let socket = rx.socket;
         drop(tx);
         drop(rx);
         self.bound.retain(|b| *b != bound);
         // The UMEM's own reference is the last one once no socket uses the interface.
         self.guards
             .retain(|g| g.ifindex != bound.0 || Rc::strong_count(g) > 1);
+        let mut ledger = self.ledger.borrow_mut();
+        ledger
+            .slots
+            .iter_mut()
+            .filter(|slot| slot.0 == socket)
+            .map(|slot| {
+                slot.0 = 0;
+                XskFrame {
+                    desc: slot.1,
+                    umem: self.id,
+                }
+            })
+            .collect()
     }
 
     /// This UMEM's id, carried by each of its frames.
@@ -396,9 +455,13 @@ impl XskUmem {
             }
         }
         self.bound.push((ifindex, queue));
+        let socket = self.next_socket;
+        self.next_socket = self.next_socket.wrapping_add(1).max(1);
         let rx = XskRx {
             rxq,
             fq,
+            socket,
+            ledger: Rc::clone(&self.ledger),
             umem: self.id,
             need_wakeup: opts.need_wakeup,
             interface: interface.into(),
@@ -410,6 +473,8 @@ impl XskUmem {
         let tx = XskTx {
             txq,
             cq,
+            socket,
+            ledger: Rc::clone(&self.ledger),
             umem: self.id,
             need_wakeup: opts.need_wakeup,
             in_flight: 0,
@@ -496,6 +561,9 @@ pub struct KernelStats {
 pub struct XskRx {
     rxq: RxQueue,
     fq: FillQueue,
+    /// This socket's id in its UMEM's ledger.
+    socket: u32,
+    ledger: Rc<std::cell::RefCell<Ledger>>,
     umem: u32,
     need_wakeup: bool,
     interface: String,
@@ -593,6 +661,10 @@ impl Rx for XskRx {
             // that the caller owned; they leave the caller's hands by the truncate below, so
             // no frame is given to the kernel while user space can still reach it.
             let produced = unsafe { self.fq.produce(self.scratch.get(..n).unwrap_or_default()) };
+            self.ledger.borrow_mut().given(
+                self.socket,
+                self.scratch.get(..produced).unwrap_or_default(),
+            );
             free.truncate(free.len() - produced);
             total += produced;
             self.in_kernel += produced;
@@ -622,6 +694,9 @@ impl Rx for XskRx {
         // consumed are of frames the kernel hands back to user space, wrapped below into
         // `XskFrame`s tagged with this UMEM.
         let got = unsafe { self.rxq.consume(scratch) };
+        self.ledger
+            .borrow_mut()
+            .returned(scratch.get(..got).unwrap_or_default());
         out.extend(scratch.iter().take(got).map(|&desc| XskFrame {
             desc,
             umem: self.umem,
@@ -647,6 +722,9 @@ impl Rx for XskRx {
 pub struct XskTx {
     txq: TxQueue,
     cq: CompQueue,
+    /// This socket's id in its UMEM's ledger.
+    socket: u32,
+    ledger: Rc<std::cell::RefCell<Ledger>>,
     umem: u32,
     need_wakeup: bool,
     in_flight: usize,
@@ -686,6 +764,10 @@ impl Tx for XskTx {
             // ones produced are drained from `frames` below, before user space can touch them
             // again.
             let produced = unsafe { self.txq.produce(self.scratch.get(..n).unwrap_or_default()) };
+            self.ledger.borrow_mut().given(
+                self.socket,
+                self.scratch.get(..produced).unwrap_or_default(),
+            );
             total += produced;
             if produced < n {
                 break;
@@ -707,6 +789,9 @@ impl Tx for XskTx {
             // that it was given through this socket's tx ring; they are wrapped into
             // `XskFrame`s tagged with this UMEM below.
             let got = unsafe { self.cq.consume(scratch) };
+            self.ledger
+                .borrow_mut()
+                .returned(scratch.get(..got).unwrap_or_default());
             free.extend(scratch.iter().take(got).map(|&desc| XskFrame {
                 desc,
                 umem: self.umem,

@@ -130,7 +130,8 @@ pub struct WorkerCounters {
     pub handoff_in: u64,
     /// Frames for another worker dropped because its hand-off was full.
     pub handoff_dropped: u64,
-    /// UMEM frames given up with retired ports (they sat in the closed sockets' rings).
+    /// UMEM frames that sat in retired ports' rings and have not been given back yet
+    /// ([`Worker::recover_frames`] takes them off again).
     pub frames_retired: u64,
     /// Drops by classifier reason, plus [`DropReason::TxFull`] for full tx rings; indexed by
     /// [`DropReason::index`].
@@ -328,9 +329,20 @@ where
         Ok(())
     }
 
+    /// Gives back frames that were in a retired port's kernel rings (the frame memory
+    /// returns them once the socket is closed: `XskUmem::release`), so pod churn does not
+    /// shrink the worker's pool. They were counted in [`WorkerCounters::frames_retired`] and
+    /// are taken off it again.
+    pub fn recover_frames(&mut self, frames: Vec<M::Frame>) {
+        let n = frames.len();
+        self.free.extend(frames);
+        self.frames += n;
+        self.counters.frames_retired = self.counters.frames_retired.saturating_sub(n as u64);
+    }
+
     /// Removes a port (its pod is gone) and returns its two sides, so the caller decides
-    /// when the socket closes. Frames still in the port's kernel rings are not recovered:
-    /// they are counted in [`WorkerCounters::frames_retired`].
+    /// when the socket closes. Frames still in the port's kernel rings are counted in
+    /// [`WorkerCounters::frames_retired`] until [`Worker::recover_frames`] gives them back.
     pub fn retire_port(&mut self, id: PortId) -> Option<(R, T)> {
         let slot = id.0 as usize;
         let index = self.local.get(slot).copied().flatten()?;

@@ -177,3 +177,82 @@ fn two_pinned_workers_forward_across_the_handoff() {
         assert!(!vn.node.has_xdp(dev).unwrap(), "XDP program left on {dev}");
     }
 }
+
+/// Pod churn does not shrink a worker's frame pool: the frames a retired port's socket held
+/// (its fill ring's share, and anything on its rings) come back when the socket is closed,
+/// also after traffic went through it.
+#[test]
+fn retired_ports_give_their_frames_back() {
+    let vn =
+        VirtualNode::new(&[("pod-a", "10.68.0.1", "vA"), ("pod-b", "10.68.0.2", "vB")]).unwrap();
+    let macs = [
+        (vn.pods[0].mac, vn.node.mac("vA").unwrap()),
+        (vn.pods[1].mac, vn.node.mac("vB").unwrap()),
+    ];
+    let node = vn.node.name().to_owned();
+    let (tx_done, rx_done) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        sys::enter_netns(&node).expect("enter node");
+        let opts = UmemOpts {
+            frames: 512,
+            ..UmemOpts::default()
+        };
+        let (mut umem, frames) = sys::XskUmem::new(opts).expect("umem");
+        let mut ports = Vec::new();
+        for (dev, id) in [("vA", PortId(0)), ("vB", PortId(1))] {
+            let (rx, tx) = umem.open(dev, 0, &SocketOpts::default()).expect("socket");
+            ports.push(WorkerPort { id, rx, tx });
+        }
+        let mut worker = Worker::new(umem, frames, ports, CrossConnect { macs }).expect("worker");
+        let mut lost_without_recovery = 0;
+        for round in 0..8 {
+            // Fill rings get their shares; let traffic (the pods' own IPv6/ARP chatter and
+            // the test's pings) pass for a moment.
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(100);
+            while std::time::Instant::now() < until {
+                worker.poll_once().expect("poll");
+            }
+            let (rx, tx) = worker.retire_port(PortId(1)).expect("port 1 retired");
+            lost_without_recovery += worker.counters().frames_retired;
+            let back = worker.mem_mut().release(rx, tx);
+            assert!(!back.is_empty(), "round {round}: the fill ring held frames");
+            worker.recover_frames(back);
+            assert_eq!(worker.total_frames(), 512, "round {round}");
+            assert_eq!(worker.counters().frames_retired, 0, "round {round}");
+            // The kernel releases the closed socket's binding asynchronously: the same queue
+            // is busy for a moment.
+            let mut again = None;
+            for _ in 0..100 {
+                match worker.mem_mut().open("vB", 0, &SocketOpts::default()) {
+                    Ok(pair) => {
+                        again = Some(pair);
+                        break;
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                }
+            }
+            let (rx, tx) = again.expect("socket again");
+            worker
+                .add_port(WorkerPort {
+                    id: PortId(1),
+                    rx,
+                    tx,
+                })
+                .expect("port 1 again");
+        }
+        let _ = tx_done.send(lost_without_recovery);
+        worker.counters().rx
+    });
+    let out = vn.pods[0]
+        .ns
+        .exec(&["ping", "-c", "5", "-i", "0.15", "-W", "1", "10.68.0.2"])
+        .unwrap();
+    let lost = rx_done.recv().expect("worker finished");
+    let rx = thread.join().expect("worker thread");
+    assert!(lost > 0, "the retired sockets held frames each round");
+    assert!(
+        rx > 0,
+        "traffic went through the ports: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -930,7 +930,8 @@ fn start_workers(
                             }
                             WorkerCmd::Retire { id } => {
                                 if let Some((rx, tx)) = worker.retire_port(id) {
-                                    worker.mem_mut().release(rx, tx);
+                                    let back = worker.mem_mut().release(rx, tx);
+                                    worker.recover_frames(back);
                                 }
                                 Ok(())
                             }
