@@ -21,7 +21,7 @@ pub struct LiveCounters {
     publications: AtomicU64,
 }
 
-const IO_FIELDS: usize = 9;
+const IO_FIELDS: usize = 13;
 const CLASS_FIELDS: usize = 6;
 
 impl Default for LiveCounters {
@@ -61,6 +61,10 @@ impl LiveCounters {
                 io.handoff_in,
                 io.handoff_dropped,
                 io.frames_retired,
+                io.xsk_rx_dropped,
+                io.xsk_rx_ring_full,
+                io.xsk_fill_ring_empty,
+                io.xsk_invalid_descs,
             ],
         );
         store_all(&self.io_drops, &io.drops);
@@ -93,6 +97,10 @@ impl LiveCounters {
             handoff_in,
             handoff_dropped,
             frames_retired,
+            xsk_rx_dropped,
+            xsk_rx_ring_full,
+            xsk_fill_ring_empty,
+            xsk_invalid_descs,
         ] = load_all(&self.io);
         let io = WorkerCounters {
             rx,
@@ -104,6 +112,10 @@ impl LiveCounters {
             handoff_in,
             handoff_dropped,
             frames_retired,
+            xsk_rx_dropped,
+            xsk_rx_ring_full,
+            xsk_fill_ring_empty,
+            xsk_invalid_descs,
             drops: load_all(&self.io_drops),
         };
         let [rx, forwarded, to_host, replied, ct_hits, ct_created] = load_all(&self.class);
@@ -143,6 +155,10 @@ mod tests {
             handoff_in: 6,
             handoff_dropped: 7,
             frames_retired: 16,
+            xsk_rx_dropped: 17,
+            xsk_rx_ring_full: 18,
+            xsk_fill_ring_empty: 19,
+            xsk_invalid_descs: 20,
             ..WorkerCounters::default()
         };
         io.drops[DropReason::TxFull.index()] = 8;

@@ -67,6 +67,12 @@ pub trait Rx {
     /// or rx ring). Used to account for frames when a port is retired.
     fn in_kernel(&self) -> usize;
 
+    /// The kernel's counters for the socket (frames it dropped before user space saw them),
+    /// if it keeps any. Read between polls, not per burst: it is a system call.
+    fn socket_stats(&self) -> Option<crate::sys::KernelStats> {
+        None
+    }
+
     /// A descriptor that polls readable when frames are waiting, so an idle loop can sleep in
     /// `poll` instead of spinning. `None` (the default) for ports that have none.
     fn fd(&self) -> Option<BorrowedFd<'_>> {

@@ -556,6 +556,18 @@ pub struct KernelStats {
     pub tx_ring_empty: u64,
 }
 
+impl KernelStats {
+    /// Adds another socket's counters.
+    pub fn add(&mut self, other: &KernelStats) {
+        self.rx_dropped += other.rx_dropped;
+        self.rx_ring_full += other.rx_ring_full;
+        self.rx_fill_ring_empty += other.rx_fill_ring_empty;
+        self.rx_invalid_descs += other.rx_invalid_descs;
+        self.tx_invalid_descs += other.tx_invalid_descs;
+        self.tx_ring_empty += other.tx_ring_empty;
+    }
+}
+
 /// The receive side of one AF_XDP socket: its rx ring and its (interface, queue)'s fill ring.
 #[derive(Debug)]
 pub struct XskRx {
@@ -707,6 +719,10 @@ impl Rx for XskRx {
 
     fn in_kernel(&self) -> usize {
         self.in_kernel
+    }
+
+    fn socket_stats(&self) -> Option<KernelStats> {
+        self.kernel_stats().ok()
     }
 
     fn fd(&self) -> Option<BorrowedFd<'_>> {

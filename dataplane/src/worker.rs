@@ -133,6 +133,17 @@ pub struct WorkerCounters {
     /// UMEM frames that sat in retired ports' rings and have not been given back yet
     /// ([`Worker::recover_frames`] takes them off again).
     pub frames_retired: u64,
+    /// Frames the kernel dropped on the worker's sockets before user space saw them: too big
+    /// for a frame, or no frame to receive into (`XDP_STATISTICS` rx_dropped), summed over its
+    /// ports, retired ones included.
+    pub xsk_rx_dropped: u64,
+    /// Frames the kernel dropped because a socket's rx ring was full (the worker fell behind).
+    pub xsk_rx_ring_full: u64,
+    /// Times the kernel found a fill ring empty (frame starvation; its drops are in
+    /// `xsk_rx_dropped`).
+    pub xsk_fill_ring_empty: u64,
+    /// Invalid descriptors the kernel saw on the worker's rings (a dataplane bug if non-zero).
+    pub xsk_invalid_descs: u64,
     /// Drops by classifier reason, plus [`DropReason::TxFull`] for full tx rings; indexed by
     /// [`DropReason::index`].
     pub drops: [u64; DropReason::COUNT],
@@ -150,6 +161,10 @@ impl Default for WorkerCounters {
             handoff_in: 0,
             handoff_dropped: 0,
             frames_retired: 0,
+            xsk_rx_dropped: 0,
+            xsk_rx_ring_full: 0,
+            xsk_fill_ring_empty: 0,
+            xsk_invalid_descs: 0,
             drops: [0; DropReason::COUNT],
         }
     }
@@ -208,6 +223,8 @@ pub struct Worker<M: FrameMem, R, T, C> {
     frames: usize,
     live: Option<Arc<LiveCounters>>,
     doorbell: Option<Arc<Doorbell>>,
+    /// Socket counters of retired ports (their sockets are gone; their counts stay).
+    xsk_retired: sys::KernelStats,
 }
 
 impl<M, R, T, C> Worker<M, R, T, C>
@@ -262,6 +279,7 @@ where
             frames: count,
             live: None,
             doorbell: None,
+            xsk_retired: sys::KernelStats::default(),
         })
     }
 
@@ -353,6 +371,9 @@ where
             return None;
         }
         let mut port = self.ports.remove(index);
+        if let Some(stats) = port.rx.socket_stats() {
+            self.xsk_retired.add(&stats);
+        }
         // Ports after it moved down by one.
         for l in self.local.iter_mut().flatten() {
             if *l > index {
@@ -420,6 +441,20 @@ where
         if let Some(live) = &self.live {
             live.store(&self.counters, self.classify.counters());
         }
+    }
+
+    /// Reads the kernel's counters of every socket into [`WorkerCounters`]'s `xsk_*`.
+    pub fn refresh_socket_stats(&mut self) {
+        let mut sum = self.xsk_retired;
+        for p in &self.ports {
+            if let Some(s) = p.rx.socket_stats() {
+                sum.add(&s);
+            }
+        }
+        self.counters.xsk_rx_dropped = sum.rx_dropped;
+        self.counters.xsk_rx_ring_full = sum.rx_ring_full;
+        self.counters.xsk_fill_ring_empty = sum.rx_fill_ring_empty;
+        self.counters.xsk_invalid_descs = sum.rx_invalid_descs + sum.tx_invalid_descs;
     }
 
     /// Sends `ToHost` frames into `tx` (copied; the buffer's port is the ingress port), for
@@ -602,6 +637,7 @@ where
         idle: Idle,
     ) -> Result<(), Error> {
         let result = self.run_loop(stop, attention, idle);
+        self.refresh_socket_stats();
         self.publish();
         result
     }
@@ -617,6 +653,7 @@ where
         while !stop.load(Ordering::Relaxed) && !attention.load(Ordering::Relaxed) {
             polls = polls.wrapping_add(1);
             if polls.is_multiple_of(PUBLISH_EVERY_POLLS) {
+                self.refresh_socket_stats();
                 self.publish();
             }
             if self.poll_once()? > 0 {
@@ -632,6 +669,7 @@ where
                 let in_flight = self.ports.iter().any(|p| p.tx.in_flight() > 0);
                 if empty >= after_empty_polls && !in_flight {
                     if empty == after_empty_polls {
+                        self.refresh_socket_stats();
                         self.publish();
                     }
                     if let Some(bell) = &self.doorbell {

@@ -256,3 +256,55 @@ fn retired_ports_give_their_frames_back() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Frames the kernel drops before the worker sees them are counted too: a frame larger than
+/// a UMEM frame (a pod whose MTU is above what the frame size holds) is `xsk_rx_dropped`.
+#[test]
+fn frames_too_big_for_a_umem_frame_are_counted() {
+    let vn =
+        VirtualNode::new(&[("pod-a", "10.69.0.1", "vA"), ("pod-b", "10.69.0.2", "vB")]).unwrap();
+    // A pod with a 3,000-byte MTU (veth allows native XDP up to ~3,500): 2,500-byte pings
+    // do not fit 2,048-byte frames.
+    vn.pods[0]
+        .ns
+        .ip(&["link", "set", "eth0", "mtu", "3000"])
+        .unwrap();
+    vn.node.ip(&["link", "set", "vA", "mtu", "3000"]).unwrap();
+    let macs = [
+        (vn.pods[0].mac, vn.node.mac("vA").unwrap()),
+        (vn.pods[1].mac, vn.node.mac("vB").unwrap()),
+    ];
+    let worker = WorkerThread::start(
+        &vn,
+        CrossConnect { macs },
+        WorkerSetup {
+            ports: vec![("vA".into(), PortId(0)), ("vB".into(), PortId(1))],
+            core: None,
+            outs: Vec::new(),
+            ins: Vec::new(),
+        },
+    );
+    let small = vn.pods[0]
+        .ns
+        .exec(&["ping", "-c", "2", "-i", "0.2", "-W", "1", "10.69.0.2"])
+        .unwrap();
+    assert!(small.status.success(), "small pings pass");
+    let big = vn.pods[0]
+        .ns
+        .exec(&[
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-s",
+            "2500",
+            "10.69.0.2",
+        ])
+        .unwrap();
+    assert!(!big.status.success(), "2,500-byte pings cannot pass");
+    let c = worker.stop();
+    assert!(c.xsk_rx_dropped >= 3, "{c:?}");
+}

@@ -247,6 +247,9 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
             Some((tap, PortId((ports.len() - 1) as u16)))
         }
     };
+    for p in ports.iter().filter(|p| p.worker != NO_WORKER) {
+        ports::check_mtu(&p.spec.name, UmemOpts::default().frame_size);
+    }
     let mut specs: Vec<Option<PortSpec>> = ports.iter().map(|p| Some(p.spec.clone())).collect();
     let mut uplink = match &config.uplink {
         Some(up) => Some(uplink::Uplink::attach(
@@ -583,6 +586,7 @@ fn attach(
         .context("no workers")?;
     let id = PortId(ports.len() as u16);
     let mac = ports::interface_mac(name).ok_or_else(|| anyhow!("cannot read its MAC"))?;
+    ports::check_mtu(name, UmemOpts::default().frame_size);
     workers
         .get(owner)
         .context("worker index")?

@@ -18,6 +18,8 @@ pub use dataplane::netns::{format_mac, parse_mac};
 struct Link {
     ifindex: u32,
     #[serde(default)]
+    mtu: Option<u32>,
+    #[serde(default)]
     address: Option<String>,
     #[serde(default)]
     link_index: Option<u32>,
@@ -44,6 +46,32 @@ fn ip_json<T: for<'de> Deserialize<'de>>(args: &[&str]) -> Option<T> {
 pub fn interface_mac(interface: &str) -> Option<[u8; 6]> {
     let links: Vec<Link> = ip_json(&["-j", "link", "show", "dev", interface])?;
     links.first()?.address.as_deref().and_then(parse_mac)
+}
+
+/// The MTU of an interface in the agent's namespace.
+pub fn interface_mtu(interface: &str) -> Option<u32> {
+    let links: Vec<Link> = ip_json(&["-j", "link", "show", "dev", interface])?;
+    links.first()?.mtu
+}
+
+/// The largest MTU whose frames (with an Ethernet header and one VLAN tag) fit a UMEM frame
+/// of `frame_size` bytes after the kernel's 256 bytes of XDP headroom.
+pub fn max_mtu(frame_size: u32) -> u32 {
+    frame_size.saturating_sub(256 + 14 + 4)
+}
+
+/// Warns when `interface`'s MTU lets through frames a UMEM frame cannot hold: the kernel
+/// drops them before the dataplane sees them (counted as `xsk_rx_dropped`).
+pub fn check_mtu(interface: &str, frame_size: u32) {
+    if let Some(mtu) = interface_mtu(interface)
+        && mtu > max_mtu(frame_size)
+    {
+        tracing::warn!(
+            "{interface}: MTU {mtu} is larger than a {frame_size}-byte UMEM frame holds ({}); \
+             larger frames are dropped by the kernel and counted as xsk_rx_dropped",
+            max_mtu(frame_size)
+        );
+    }
 }
 
 /// The MAC of the other end of veth `interface`, if it lives in a named namespace.

@@ -50,6 +50,13 @@ fn drops_map(io: &WorkerCounters, class: &Counters) -> BTreeMap<&'static str, u6
     if io.handoff_dropped > 0 {
         out.insert("handoff_full", io.handoff_dropped);
     }
+    // Dropped by the kernel before the worker saw them (AF_XDP socket statistics).
+    if io.xsk_rx_dropped > 0 {
+        out.insert("xsk_rx_dropped", io.xsk_rx_dropped);
+    }
+    if io.xsk_rx_ring_full > 0 {
+        out.insert("xsk_rx_ring_full", io.xsk_rx_ring_full);
+    }
     out
 }
 
@@ -142,6 +149,8 @@ impl Status {
                     "handoff_out": io.handoff_out,
                     "handoff_in": io.handoff_in,
                     "to_host_path": io.to_host,
+                    "xsk_fill_ring_empty": io.xsk_fill_ring_empty,
+                    "xsk_invalid_descs": io.xsk_invalid_descs,
                     "drops": drops_map(io, class),
                 })
             })
