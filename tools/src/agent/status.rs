@@ -9,6 +9,9 @@
 //!   directory contents that epoch was built from, see [`dir_digest`]), `load_errors` and
 //!   `last_error` (manifest directories that failed to load: the previous epoch stayed);
 //! - `ports`: interface → worker; `report`: what the last build could not wire;
+//! - `unknown_pods`: attached pod interfaces that match no pod of the datastore, pending
+//!   their pod object: interface, port, treatment (`isolate` | `allow`), the addresses
+//!   learned from the kernel's host routes, the pod's MAC, seconds pending;
 //! - `workers`: per worker its core, I/O counters and classifier counters, with drops by
 //!   reason name; `stopped` once the agent has stopped.
 
@@ -73,6 +76,8 @@ pub struct Status {
     pub datastore: Value,
     /// The uplink program's counters, if there is an uplink.
     pub uplink: Option<Value>,
+    /// Attached pod interfaces that match no pod of the datastore (pending their pod).
+    pub unknown_pods: Value,
 }
 
 fn report_json(r: &BuildReport) -> Value {
@@ -106,6 +111,7 @@ impl Status {
             stopped: false,
             datastore: Value::Null,
             uplink: None,
+            unknown_pods: Value::Array(Vec::new()),
         }
     }
 
@@ -154,6 +160,7 @@ impl Status {
             "stopped": self.stopped,
             "datastore": self.datastore,
             "uplink": self.uplink,
+            "unknown_pods": self.unknown_pods,
         })
     }
 
