@@ -85,7 +85,7 @@ struct Running {
 impl Running {
     /// Starts `ocelot run --datastore kubernetes` in `node` against `api` with `config`,
     /// and waits for its ready line.
-    fn start(node: &Netns, api: &ApiServer, config: &str) -> Running {
+    fn start(node: &Netns, api: &ApiServer, config: &str, extra: &[&str]) -> Running {
         let dir = TempDir::new("ocelot-kube-agent").expect("temp dir");
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(
@@ -110,6 +110,7 @@ impl Running {
             .arg(&config_file)
             .arg("--status")
             .arg(&status_file)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -171,6 +172,33 @@ fn wait_ping(from: &Pod, to: &str, expected: bool, what: &str, log: &mut Running
     }
 }
 
+/// Where the agent of the unknown-pod tests serves metrics, inside the node's namespace.
+const METRICS: &str = "127.0.0.1:9464";
+
+/// Scrapes the agent's metrics from inside `node`: `name{labels}` → value.
+fn scrape(node: &Netns) -> std::collections::BTreeMap<String, f64> {
+    use std::io::{Read, Write};
+    let mut stream =
+        dataplane::sys::in_netns(node.name(), || std::net::TcpStream::connect(METRICS))
+            .expect("enter node")
+            .expect("connect to the metrics endpoint");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: ocelot\r\n\r\n")
+        .expect("send");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read");
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
 /// Drops counted under `reason` by every worker.
 fn drops(s: &Value, reason: &str) -> u64 {
     s["workers"]
@@ -219,7 +247,7 @@ fn agent_follows_the_api_server_and_keeps_forwarding_without_it() {
     other["spec"]["nodeName"] = json!("n2");
     api.apply(&other);
 
-    let mut agent = Running::start(&node, &api, "[[workers]]\ncore = 0\n");
+    let mut agent = Running::start(&node, &api, "[[workers]]\ncore = 0\n", &[]);
     let status_file = agent.status_file.clone();
     assert!(
         agent.log().contains("2 ports"),
@@ -312,7 +340,8 @@ fn unknown_pod_interface(treatment: &str) {
                  "ingress": [{"from": [{"ipBlock": {"cidr": "10.1.1.3/32"}}]}]}}),
     );
     let config = format!("[datastore]\nunknown_pods = \"{treatment}\"\n[[workers]]\ncore = 0\n");
-    let mut agent = Running::start(&node, &api, &config);
+    // Metrics on the node namespace's loopback only.
+    let mut agent = Running::start(&node, &api, &config, &["--metrics", METRICS]);
     let status_file = agent.status_file.clone();
 
     api.stop();
@@ -353,6 +382,48 @@ fn unknown_pod_interface(treatment: &str) {
                 drops(s, "unknown_pod") > before
             });
             assert_eq!(s["unknown_pods"][0]["interface"], host.as_str());
+            // The same, scraped (the metrics follow the status file's second).
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let m = loop {
+                let m = scrape(&node);
+                let dropped = m
+                    .get("ocelot_drops_total{worker=\"0\",core=\"0\",reason=\"unknown_pod\"}")
+                    .copied()
+                    .unwrap_or(0.0);
+                if dropped > 0.0 || Instant::now() > deadline {
+                    break m;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            };
+            for (name, expected) in [
+                (
+                    "ocelot_unknown_pod_interfaces{treatment=\"isolate\"}",
+                    Some(1.0),
+                ),
+                (
+                    "ocelot_datastore_connected{datastore=\"kubernetes\"}",
+                    Some(0.0),
+                ),
+                (
+                    "ocelot_drops_total{worker=\"0\",core=\"0\",reason=\"unknown_pod\"}",
+                    None,
+                ),
+                (
+                    "ocelot_datastore_stale_seconds{datastore=\"kubernetes\"}",
+                    None,
+                ),
+                ("ocelot_snapshot_epoch", None),
+                (
+                    "ocelot_worker_rx_frames_total{worker=\"0\",core=\"0\"}",
+                    None,
+                ),
+            ] {
+                let got = m.get(name).copied();
+                match expected {
+                    Some(v) => assert_eq!(got, Some(v), "{name} in {m:?}"),
+                    None => assert!(got.is_some_and(|v| v > 0.0), "{name} in {m:?}"),
+                }
+            }
         }
         _ => {
             wait_status(&status_file, "the pod's MAC", |s| {
@@ -392,6 +463,22 @@ fn unknown_pod_interface(treatment: &str) {
         .filter(|p| p["interface"] == host.as_str())
         .collect();
     assert_eq!(ports.len(), 1, "{s}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = scrape(&node);
+        let unknown = m.get(&format!(
+            "ocelot_unknown_pod_interfaces{{treatment=\"{treatment}\"}}"
+        ));
+        let connected = m.get("ocelot_datastore_connected{datastore=\"kubernetes\"}");
+        if unknown == Some(&0.0) && connected == Some(&1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics after the pod arrived: {m:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     wait_ping(
         c,
         "10.1.1.2",

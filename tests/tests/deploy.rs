@@ -232,8 +232,32 @@ fn the_daemon_set_runs_the_agent_as_the_node_needs() {
             "--config",
             "/etc/ocelot/ocelot.toml",
             "--status",
-            "/run/ocelot/status.json"
+            "/run/ocelot/status.json",
+            "--metrics",
+            "0.0.0.0:9471"
         ]
+    );
+    // The metrics port is declared, and announced to Prometheus, as the agent binds it.
+    let port = c
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("metrics"))
+        .expect("a metrics port");
+    assert_eq!(port.container_port, 9471);
+    let annotations = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.as_ref())
+        .expect("pod annotations");
+    assert_eq!(
+        annotations.get("prometheus.io/port").map(String::as_str),
+        Some("9471")
+    );
+    assert_eq!(
+        annotations.get("prometheus.io/scrape").map(String::as_str),
+        Some("true")
     );
     let node_name = c
         .env

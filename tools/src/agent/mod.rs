@@ -18,6 +18,7 @@
 //! workers, whose sockets detach the XDP programs as they are dropped.
 
 pub mod config;
+pub mod metrics;
 pub mod ports;
 pub mod source;
 pub mod status;
@@ -76,6 +77,8 @@ pub struct RunOptions {
     pub datastore: source::Datastore,
     /// Where to write the status JSON (atomically, every second and after each change).
     pub status: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// One port the agent attached to.
@@ -183,6 +186,17 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         sys::quiet_libxdp();
     }
     let config = Config::load(&opts.config)?;
+    // Bound first: a bad address stops the start-up before anything is attached, and the
+    // endpoint answers while the agent waits for its first sync.
+    let metrics = match opts.metrics {
+        Some(addr) => {
+            let m = Arc::new(metrics::Metrics::new());
+            let server = metrics::serve(addr, Arc::clone(&m), Arc::clone(stop))?;
+            tracing::info!("metrics at http://{addr}/metrics");
+            Some((m, server))
+        }
+        None => None,
+    };
     let node_name = config
         .node
         .name
@@ -473,12 +487,25 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
             last_status = Instant::now() - Duration::from_secs(10);
         }
         if last_status.elapsed() >= Duration::from_secs(1) {
+            status.unknown_pods =
+                unknown_pods_status(&specs, &unknown_since, config.datastore.unknown_pods);
+            status.datastore = source.status();
+            status.workers = workers.iter().map(|w| (w.core, w.live.load())).collect();
+            if let Some((m, _)) = &metrics {
+                let ds = &status.datastore;
+                m.update(&metrics::Sample {
+                    workers: &status.workers,
+                    epoch,
+                    datastore: ds["datastore"].as_str().unwrap_or("manifests"),
+                    connected: ds["connected"].as_bool().unwrap_or(true),
+                    stale_seconds: ds["stale_seconds"].as_f64().unwrap_or(0.0),
+                    load_errors: status.load_errors,
+                    unknown_pods: status.unknown_pods.as_array().map_or(0, Vec::len),
+                    treatment: config.datastore.unknown_pods.name(),
+                });
+            }
             if let Some(path) = &opts.status {
-                status.unknown_pods =
-                    unknown_pods_status(&specs, &unknown_since, config.datastore.unknown_pods);
-                status.datastore = source.status();
                 status.uplink = uplink.as_ref().map(uplink::Uplink::status);
-                status.workers = workers.iter().map(|w| (w.core, w.live.load())).collect();
                 if let Err(e) = status.write(path) {
                     tracing::warn!("writing status {}: {e}", path.display());
                 }
@@ -508,6 +535,10 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         status.workers = totals.clone();
         status.stopped = true;
         let _ = status.write(path);
+    }
+    if let Some((_, server)) = metrics {
+        // It polls the stop flag, set above.
+        let _ = server.join();
     }
     for (core, (io, class)) in &totals {
         say(format_args!(

@@ -36,7 +36,9 @@ pub fn drops_line(io: &WorkerCounters, class: &Counters) -> String {
     }
 }
 
-fn drops_map(io: &WorkerCounters, class: &Counters) -> BTreeMap<&'static str, u64> {
+/// Non-zero drops of one worker by reason name, including the dataplane's own (`not_local`,
+/// `to_host_unsupported`, `handoff_full`).
+pub fn drops_map(io: &WorkerCounters, class: &Counters) -> BTreeMap<&'static str, u64> {
     let mut out = BTreeMap::new();
     for reason in DropReason::ALL {
         let n = io.dropped(*reason) + class.drops.get(reason.index()).copied().unwrap_or(0);
