@@ -578,11 +578,15 @@ fn follow_unknown_pods(
     let mut changed = false;
     let mut routes: Option<BTreeMap<String, Vec<std::net::IpAddr>>> = None;
     let interfaces = unknown::pod_interfaces();
+    let present: std::collections::HashSet<&str> = interfaces.iter().map(String::as_str).collect();
     retired.retain(|name, ifindex| {
-        interfaces.contains(name) && sys::ifindex(name).ok() == Some(*ifindex)
+        present.contains(name.as_str()) && sys::ifindex(name).ok() == Some(*ifindex)
     });
-    for name in interfaces {
-        let attached = specs.iter().flatten().any(|s| s.name == name);
+    // Once per tick, not per interface: a node may have thousands of pods.
+    let attached_names: std::collections::HashSet<String> =
+        specs.iter().flatten().map(|s| s.name.clone()).collect();
+    for name in interfaces.iter().cloned() {
+        let attached = attached_names.contains(&name);
         let waiting = retry_after.get(&name).is_some_and(|t| Instant::now() < *t);
         if attached
             || waiting
