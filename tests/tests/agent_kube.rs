@@ -511,3 +511,26 @@ fn an_unknown_pod_interface_is_isolated_until_its_pod_arrives() {
 fn an_unknown_pod_interface_may_be_allowed_without_identity() {
     unknown_pod_interface("allow");
 }
+
+#[test]
+fn a_wrong_unknown_pods_value_is_refused_naming_the_entry() {
+    let node = Netns::new("kcfg").expect("netns");
+    let dir = TempDir::new("ocelot-kube-cfg").expect("temp dir");
+    let config = dir.path().join("ocelot.toml");
+    std::fs::write(&config, "[datastore]\nunknown_pods = \"open\"\n").expect("config");
+    let out = Command::new("ip")
+        .args(["netns", "exec", node.name(), "env", "NODE_NAME=n1"])
+        .arg(binary("ocelot"))
+        .args(["run", "--datastore", "kubernetes", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted: {stderr}");
+    assert!(
+        stderr.contains("datastore.unknown_pods: \"open\" is neither \"isolate\" nor \"allow\""),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(tools::agent::READY_LINE), "{stderr}");
+}
