@@ -228,13 +228,16 @@ impl Worker {
         // Held by reference: a copy of the 16-byte hop lived in registers spilled across the
         // conntrack call.
         let hop = snap.routes.lookup(ip.dst).ok_or(DropReason::NoRoute)?;
-        if hop.kind == HopKind::Unresolved {
-            return Err(DropReason::NeighborUnresolved);
+        match hop.kind {
+            HopKind::Unresolved => return Err(DropReason::NeighborUnresolved),
+            HopKind::Isolated => return Err(DropReason::UnknownPod),
+            HopKind::Port | HopKind::Host => {}
         }
         self.admit(snap, frame, meta, ip, ct, now, (origin, hop.kind))?;
         match hop.kind {
             HopKind::Host => Ok(Verdict::ToHost),
             HopKind::Unresolved => Err(DropReason::NeighborUnresolved),
+            HopKind::Isolated => Err(DropReason::UnknownPod),
             HopKind::Port => {
                 rewrite::route_in_place(frame, ip, meta.l3_offset, hop.src_mac, hop.dst_mac)?;
                 Ok(Verdict::Forward(hop.port))
@@ -465,10 +468,16 @@ fn handle_arp(frame: &mut [u8], meta: &PacketMeta, port: &Port) -> Verdict {
             }
             _ => Verdict::Drop(DropReason::UnsupportedArp),
         },
-        PortKind::Pod { ip4, pod_mac, .. } => {
+        PortKind::Pod {
+            ip4, ip6, pod_mac, ..
+        } => {
             let Net::Arp(arp) = meta.net else {
                 return Verdict::Drop(DropReason::UnsupportedArp);
             };
+            if ip4.is_none() && ip6.is_none() {
+                // No address: a port whose pod the datastore does not know (or no longer).
+                return Verdict::Drop(DropReason::UnknownPod);
+            }
             if Some(arp.sender_ip) != ip4 && !arp.sender_ip.is_unspecified() {
                 return Verdict::Drop(DropReason::SpoofedSourceIp);
             }
@@ -517,10 +526,18 @@ fn check_pod_source(
     let ok = match ip.src {
         IpAddr::V4(a) => Some(a) == ip4,
         // Link-local sources are how NDP works; they are never routed.
-        IpAddr::V6(a) => Some(a) == ip6 || (a.segments()[0] & 0xffc0 == 0xfe80),
+        IpAddr::V6(a) => {
+            Some(a) == ip6
+                || ((ip4.is_some() || ip6.is_some()) && a.segments()[0] & 0xffc0 == 0xfe80)
+        }
     };
     if !ok {
-        return Err(DropReason::SpoofedSourceIp);
+        // A port with no address at all has no pod behind it that the datastore knows.
+        return Err(if ip4.is_none() && ip6.is_none() {
+            DropReason::UnknownPod
+        } else {
+            DropReason::SpoofedSourceIp
+        });
     }
     if pod_mac.is_some_and(|m| m != meta.src_mac) {
         return Err(DropReason::SpoofedSourceMac);
@@ -947,6 +964,40 @@ mod tests {
         let (v, _) = send(&mut w, &snap, tcp(C_IP, remote, 40000, 80, SYN), PC);
         assert_eq!(v, Verdict::Drop(DropReason::NeighborUnresolved));
         assert_eq!(w.counters().ct_created, 0);
+    }
+
+    #[test]
+    fn unknown_pod_ports_and_isolated_routes_drop_as_unknown_pod() {
+        let mut snap = snapshot(1, 80, PodToHost::Drop);
+        // c's interface as the agent holds one whose pod it does not know: no address, no
+        // endpoint, and its address routed to an isolated hop.
+        if let Some(p) = snap.ports.get_mut(PC.0 as usize) {
+            p.kind = PortKind::Pod {
+                endpoint: None,
+                ip4: None,
+                ip6: None,
+                pod_mac: None,
+            };
+        }
+        snap.routes.insert(
+            Cidr::host(IpAddr::V4(C_IP)),
+            NextHop {
+                kind: HopKind::Isolated,
+                port: PC,
+                src_mac: GW_C,
+                dst_mac: [0; 6],
+            },
+        );
+        let mut w = worker();
+        let (v, _) = send(&mut w, &snap, tcp(C_IP, A_IP, 40000, 80, SYN), PC);
+        assert_eq!(v, Verdict::Drop(DropReason::UnknownPod));
+        let (v, _) = send(&mut w, &snap, tcp(A_IP, C_IP, 40000, 80, SYN), PA);
+        assert_eq!(v, Verdict::Drop(DropReason::UnknownPod));
+        assert_eq!(w.counters().drops_for(DropReason::UnknownPod), 2);
+        assert_eq!(w.counters().ct_created, 0);
+        // A known pod's spoofed source keeps its own reason.
+        let (v, _) = send(&mut w, &snap, tcp(C_IP, B_IP, 40000, 80, SYN), PA);
+        assert_eq!(v, Verdict::Drop(DropReason::SpoofedSourceIp));
     }
 
     #[test]

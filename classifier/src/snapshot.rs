@@ -64,6 +64,9 @@ pub enum HopKind {
     /// being resolved): dropped as `neighbor_unresolved` until the control plane publishes
     /// the MAC.
     Unresolved,
+    /// To a local pod interface the datastore does not know (yet), held isolated: dropped as
+    /// `unknown_pod`, so that neither ocelot nor the kernel delivers to it.
+    Isolated,
 }
 
 /// A resolved next hop: everything needed to rewrite and transmit.

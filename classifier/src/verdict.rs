@@ -103,6 +103,10 @@ drop_reasons! {
     UnknownIngress = "unknown_ingress",
     /// An ICMP error (unreachable, time exceeded, …) that refers to no tracked connection.
     IcmpUnrelated = "icmp_unrelated",
+    /// To or from a pod interface the datastore has no pod for: an interface that appeared
+    /// while the agent did not know its pod, held isolated until the pod object arrives (the
+    /// agent's `unknown_pods = "isolate"`), or a port whose pod is gone.
+    UnknownPod = "unknown_pod",
 }
 
 impl fmt::Display for DropReason {

@@ -38,6 +38,21 @@ pub enum PortRole {
         /// (its route is left out) and the source-MAC check is skipped.
         pod_mac: Option<[u8; 6]>,
     },
+    /// The host side of a pod veth that matches no pod of the datastore: one that appeared
+    /// while the agent did not know its pod (the API server unreachable, or the pod object
+    /// not arrived yet). Its addresses are what the kernel routes to the interface (the host
+    /// routes a CNI plugin installs).
+    UnknownPod {
+        /// The learned addresses.
+        ips: Vec<IpAddr>,
+        /// The MAC of the pod's `eth0`, if resolved.
+        pod_mac: Option<[u8; 6]>,
+        /// `true`: forwarded as a pod no policy selects, with no identity (no labels, so no
+        /// selector of any policy matches it; ipBlock rules do), source address and MAC
+        /// still checked. `false`: isolated — every frame from it and every packet routed to
+        /// its addresses drops as `unknown_pod`.
+        allow: bool,
+    },
     /// The node's uplink. With a gateway MAC, the default routes (`0.0.0.0/0`, `::/0`) lead
     /// out of it to that MAC: everything that is not a local pod.
     Uplink {
@@ -263,6 +278,20 @@ pub fn build_snapshot(
                     pod_mac: *pod_mac,
                 }
             }
+            PortRole::UnknownPod {
+                ips,
+                pod_mac,
+                allow,
+            } => {
+                // An address the datastore gives to a pod stays that pod's: an unknown
+                // interface never takes over its identity or its route.
+                let ips: Vec<IpAddr> = ips
+                    .iter()
+                    .copied()
+                    .filter(|ip| policy.endpoint(*ip).is_none())
+                    .collect();
+                unknown_pod_port(id, spec, &ips, *pod_mac, *allow, &mut routes)
+            }
         };
         out.push(Port {
             name: spec.name.clone(),
@@ -306,6 +335,62 @@ pub fn build_snapshot(
         config: opts.path,
     };
     (snapshot, report)
+}
+
+/// The port, and routes, of an interface whose pod the datastore does not know.
+///
+/// Allowed: the port has the learned addresses for the source check and no policy endpoint;
+/// the policy table, which resolves endpoints by address, finds none for it, so its egress
+/// and ingress are not isolated and other pods' rules match it only through ipBlocks.
+/// Isolated: the port has no address (every frame from it fails the source check as
+/// `unknown_pod`) and its addresses route to an isolated hop, so traffic to it drops in the
+/// dataplane instead of reaching it through the kernel.
+fn unknown_pod_port(
+    id: PortId,
+    spec: &PortSpec,
+    ips: &[IpAddr],
+    pod_mac: Option<[u8; 6]>,
+    allow: bool,
+    routes: &mut RouteTable,
+) -> PortKind {
+    let hop = match (allow, pod_mac) {
+        (true, Some(mac)) => Some((HopKind::Port, mac)),
+        (true, None) => None,
+        (false, _) => Some((HopKind::Isolated, [0; 6])),
+    };
+    if let Some((kind, dst_mac)) = hop {
+        for ip in ips {
+            routes.insert(
+                Cidr::host(*ip),
+                NextHop {
+                    kind,
+                    port: id,
+                    src_mac: spec.mac,
+                    dst_mac,
+                },
+            );
+        }
+    }
+    if !allow {
+        return PortKind::Pod {
+            endpoint: None,
+            ip4: None,
+            ip6: None,
+            pod_mac: None,
+        };
+    }
+    PortKind::Pod {
+        endpoint: None,
+        ip4: ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        }),
+        ip6: ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
+        }),
+        pod_mac,
+    }
 }
 
 #[cfg(test)]
@@ -401,6 +486,68 @@ status: {podIPs: [{ip: 10.1.0.3}]}
         assert_eq!(report.orphan_ports, vec!["cali-gone".to_owned()]);
         assert_eq!(report.pods_without_mac, vec!["x/c".to_owned()]);
         assert!(report.pods_without_port.is_empty());
+    }
+
+    #[test]
+    fn unknown_pod_interfaces_are_isolated_or_allowed_without_identity() {
+        let unknown = |allow: bool, ips: &[&str]| {
+            Some(PortSpec {
+                name: "cali-unknown".into(),
+                mac: [0xee; 6],
+                role: PortRole::UnknownPod {
+                    ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+                    pod_mac: Some([2, 0, 0, 0, 0, 9]),
+                    allow,
+                },
+            })
+        };
+        // 10.1.0.1 is pod a's: never taken by an unknown interface.
+        let learned = ["10.1.0.9", "fd00::9", "10.1.0.1"];
+        let ports = vec![
+            pod_port("a", 1, Some([2, 0, 0, 0, 0, 1])),
+            unknown(true, &learned),
+        ];
+        let (snap, report) = build_snapshot(&manifests(), &ports, &NodeOptions::default(), 1);
+        assert!(report.orphan_ports.is_empty());
+        assert_eq!(
+            snap.ports[1].kind,
+            PortKind::Pod {
+                endpoint: None,
+                ip4: Some("10.1.0.9".parse().unwrap()),
+                ip6: Some("fd00::9".parse().unwrap()),
+                pod_mac: Some([2, 0, 0, 0, 0, 9]),
+            }
+        );
+        for ip in ["10.1.0.9", "fd00::9"] {
+            let hop = snap.routes.lookup(ip.parse().unwrap()).unwrap();
+            assert_eq!((hop.kind, hop.port), (HopKind::Port, PortId(1)), "{ip}");
+        }
+        assert_eq!(
+            snap.routes
+                .lookup("10.1.0.1".parse().unwrap())
+                .unwrap()
+                .port,
+            PortId(0)
+        );
+
+        let ports = vec![
+            pod_port("a", 1, Some([2, 0, 0, 0, 0, 1])),
+            unknown(false, &learned),
+        ];
+        let (snap, _) = build_snapshot(&manifests(), &ports, &NodeOptions::default(), 1);
+        assert_eq!(
+            snap.ports[1].kind,
+            PortKind::Pod {
+                endpoint: None,
+                ip4: None,
+                ip6: None,
+                pod_mac: None,
+            }
+        );
+        let hop = snap.routes.lookup("10.1.0.9".parse().unwrap()).unwrap();
+        assert_eq!((hop.kind, hop.port), (HopKind::Isolated, PortId(1)));
+        let a = snap.routes.lookup("10.1.0.1".parse().unwrap()).unwrap();
+        assert_eq!((a.kind, a.port), (HopKind::Port, PortId(0)));
     }
 
     #[test]

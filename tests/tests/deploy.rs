@@ -5,8 +5,10 @@
 //! API server would reject or, worse, silently drop), so it fails the test. Then the parts
 //! that must agree with the code are checked: the ClusterRole grants get/list/watch on
 //! exactly the resources `control::kube` watches, the DaemonSet gives the agent its node's
-//! name and the command the agent understands, and the ConfigMap's TOML parses with the
-//! agent's own config parser.
+//! name and the command the agent understands, the ConfigMap's TOML parses with the
+//! agent's own config parser, the probes are `ocelotctl status` commands that the real
+//! `ocelotctl` accepts and answers correctly against real status files, and the image
+//! (`deploy/Dockerfile`) installs every program the DaemonSet runs.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -230,8 +232,32 @@ fn the_daemon_set_runs_the_agent_as_the_node_needs() {
             "--config",
             "/etc/ocelot/ocelot.toml",
             "--status",
-            "/run/ocelot/status.json"
+            "/run/ocelot/status.json",
+            "--metrics",
+            "0.0.0.0:9471"
         ]
+    );
+    // The metrics port is declared, and announced to Prometheus, as the agent binds it.
+    let port = c
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("metrics"))
+        .expect("a metrics port");
+    assert_eq!(port.container_port, 9471);
+    let annotations = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.as_ref())
+        .expect("pod annotations");
+    assert_eq!(
+        annotations.get("prometheus.io/port").map(String::as_str),
+        Some("9471")
+    );
+    assert_eq!(
+        annotations.get("prometheus.io/scrape").map(String::as_str),
+        Some("true")
     );
     let node_name = c
         .env
@@ -319,6 +345,158 @@ fn the_config_map_is_a_valid_agent_config() {
         .unwrap_or_else(|e| panic!("the ConfigMap's ocelot.toml: {e}"));
     // The node's name must come from NODE_NAME, not be fixed for every node.
     assert_eq!(config.node.name, None);
+    // Pods the agent does not know stay isolated (the documented default, said explicitly).
+    assert_eq!(
+        config.datastore.unknown_pods,
+        tools::agent::config::UnknownPods::Isolate
+    );
     // And the parser does refuse a typo, so the check above means something.
     assert!(tools::agent::config::Config::parse(&format!("{text}\n[xdp2]\n")).is_err());
+}
+
+/// The argv of a probe's exec command.
+fn probe_argv(probe: Option<&k8s_openapi::api::core::v1::Probe>, which: &str) -> Vec<String> {
+    probe
+        .and_then(|p| p.exec.as_ref())
+        .and_then(|e| e.command.clone())
+        .unwrap_or_else(|| panic!("the {which} probe is an exec probe"))
+}
+
+/// A status file as the agent writes it, `age` seconds old.
+fn write_status(
+    path: &std::path::Path,
+    stale_seconds: f64,
+    stopped: bool,
+    age: std::time::Duration,
+) {
+    let mut s =
+        tools::agent::status::Status::new("n1", &[], 3, 0, &control::node::BuildReport::default());
+    s.datastore = serde_json::json!({
+        "datastore": "kubernetes",
+        "connected": stale_seconds <= 0.0,
+        "stale_seconds": stale_seconds,
+    });
+    s.stopped = stopped;
+    s.write(path).expect("write status");
+    let mtime = std::time::SystemTime::now() - age;
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(mtime))
+        .expect("set mtime");
+}
+
+/// Runs a probe's argv with the real `ocelotctl`, its status file replaced by `file`.
+fn run_probe(argv: &[String], file: &std::path::Path) -> bool {
+    let (program, args) = argv.split_first().expect("a command");
+    assert_eq!(program, "ocelotctl", "probes run ocelotctl");
+    let mut args = args.to_vec();
+    let at = args
+        .iter()
+        .position(|a| a == "--file")
+        .expect("the probe names the status file");
+    let named = args.get_mut(at + 1).expect("a value for --file");
+    assert_eq!(
+        named, "/run/ocelot/status.json",
+        "the probe reads the file the agent writes (--status)"
+    );
+    *named = file.display().to_string();
+    let out = std::process::Command::new(ocelot_tests::bins::binary("ocelotctl"))
+        .args(&args)
+        .output()
+        .expect("ocelotctl runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("Usage:"),
+        "ocelotctl refused the probe's arguments {argv:?}: {stderr}"
+    );
+    out.status.success()
+}
+
+#[test]
+fn the_probes_are_ocelotctl_status_commands_that_answer_right() {
+    let d = deploy();
+    let pod = d.daemon_sets[0]
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .expect("pod spec");
+    let c = &pod.containers[0];
+    let live = probe_argv(c.liveness_probe.as_ref(), "liveness");
+    let ready = probe_argv(c.readiness_probe.as_ref(), "readiness");
+    let dir = ocelot_tests::TempDir::new("ocelot-deploy-probe").expect("temp dir");
+    let file = dir.path().join("status.json");
+    let fresh = std::time::Duration::ZERO;
+    // A fresh, current agent: alive and ready.
+    write_status(&file, 0.0, false, fresh);
+    assert!(run_probe(&live, &file) && run_probe(&ready, &file));
+    // Cut off from the API server for 10 minutes: still alive (fail-static; a restart would
+    // lose its view), no longer ready.
+    write_status(&file, 600.0, false, fresh);
+    assert!(
+        run_probe(&live, &file),
+        "liveness must not depend on the API server"
+    );
+    assert!(!run_probe(&ready, &file), "readiness ignores a stale view");
+    // A wedged agent (the file stopped changing) and a stopped one: neither.
+    write_status(&file, 0.0, false, std::time::Duration::from_secs(120));
+    assert!(!run_probe(&live, &file) && !run_probe(&ready, &file));
+    write_status(&file, 0.0, true, fresh);
+    assert!(!run_probe(&live, &file) && !run_probe(&ready, &file));
+    // No file yet (the first sync is not done): not ready.
+    std::fs::remove_file(&file).expect("remove");
+    assert!(!run_probe(&ready, &file));
+}
+
+#[test]
+fn the_image_installs_every_program_the_daemon_set_runs() {
+    let dockerfile = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/Dockerfile"),
+    )
+    .expect("deploy/Dockerfile");
+    // The final stage: after the last FROM.
+    let lines: Vec<&str> = dockerfile.lines().collect();
+    let last = lines
+        .iter()
+        .rposition(|l| l.starts_with("FROM "))
+        .expect("a FROM line");
+    let installed: BTreeSet<String> = lines
+        .iter()
+        .skip(last)
+        .filter(|l| l.starts_with("COPY ") && l.trim_end().ends_with(" /usr/local/bin/"))
+        .flat_map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .filter_map(|w| w.rsplit('/').next().map(str::to_owned))
+        .collect();
+    let d = deploy();
+    let pod = d.daemon_sets[0]
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .expect("pod spec");
+    let c = &pod.containers[0];
+    let programs = [
+        c.command.as_ref().and_then(|c| c.first()).cloned(),
+        probe_argv(c.liveness_probe.as_ref(), "liveness")
+            .first()
+            .cloned(),
+        probe_argv(c.readiness_probe.as_ref(), "readiness")
+            .first()
+            .cloned(),
+    ];
+    for program in programs.into_iter().flatten() {
+        assert!(
+            installed.contains(&program),
+            "{program} is run by the DaemonSet but not installed in /usr/local/bin by \
+             deploy/Dockerfile (installed: {installed:?})"
+        );
+    }
+    // And the build stage builds them.
+    for bin in ["ocelot", "ocelotctl"] {
+        assert!(
+            dockerfile.contains(&format!("--bin {bin}")),
+            "the image does not build {bin}"
+        );
+    }
 }

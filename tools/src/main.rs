@@ -213,6 +213,27 @@ fn status(file: &Path, max_age: u64, max_stale: Option<f64>) -> Result<()> {
             writeln!(out, "{key}: {}", serde_json::Value::Array(list.clone()))?;
         }
     }
+    for u in s["unknown_pods"].as_array().into_iter().flatten() {
+        let addresses: Vec<&str> = u["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str())
+            .collect();
+        writeln!(
+            out,
+            "unknown pod interface {} (port {}, {}, addresses: {}): pending its pod for {:.0} s",
+            u["interface"].as_str().unwrap_or("?"),
+            u["port"],
+            u["treatment"].as_str().unwrap_or("?"),
+            if addresses.is_empty() {
+                "none".to_owned()
+            } else {
+                addresses.join(" ")
+            },
+            u["pending_seconds"].as_f64().unwrap_or(0.0)
+        )?;
+    }
     if s["stopped"] == true {
         anyhow::bail!("the agent has stopped");
     }

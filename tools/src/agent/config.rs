@@ -18,6 +18,9 @@
 //! gateway = "192.168.0.1"   # default: the kernel's default route on the interface
 //! gateway_mac = "02:00:00:00:00:01"   # optional static MAC; default: the kernel's neighbour table
 //!
+//! [datastore]
+//! unknown_pods = "isolate"  # or "allow": pod interfaces that match no pod of the datastore
+//!
 //! [[workers]]
 //! core = 1
 //! interfaces = ["calic440f455693", "cali0123456789a:0"]   # "name" (queue 0) or "name:queue"
@@ -55,6 +58,61 @@ pub struct Config {
     pub workers: Vec<WorkerConfig>,
     /// The uplink, if any.
     pub uplink: Option<UplinkConfig>,
+    /// Datastore settings.
+    #[serde(default)]
+    pub datastore: DatastoreConfig,
+}
+
+/// `[datastore]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DatastoreConfig {
+    /// What happens to a pod interface that matches no pod of the datastore.
+    #[serde(default)]
+    pub unknown_pods: UnknownPods,
+}
+
+/// `unknown_pods`: the treatment of a host-side pod interface (`cali` + 11 hex digits) that
+/// matches no pod the agent knows — created while the API server was unreachable, or before
+/// the pod object arrived. Either way it takes the pod's identity and policy at the first
+/// snapshot after the pod object arrives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum UnknownPods {
+    /// Attached, every frame from it and every packet to its addresses dropped (counted as
+    /// `unknown_pod`), listed as pending in the status file. The default: no policy is
+    /// known to hold for it, and Calico's CNI plugin would not have created the pod at all
+    /// without its datastore.
+    #[default]
+    Isolate,
+    /// Attached and forwarded as a pod no policy selects, with no labels (only ipBlock
+    /// rules of other pods' policies match it); its source address and MAC still checked.
+    Allow,
+}
+
+impl UnknownPods {
+    /// The value as written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            UnknownPods::Isolate => "isolate",
+            UnknownPods::Allow => "allow",
+        }
+    }
+}
+
+impl TryFrom<String> for UnknownPods {
+    type Error = ConfigError;
+
+    fn try_from(s: String) -> Result<UnknownPods, ConfigError> {
+        match s.as_str() {
+            "isolate" => Ok(UnknownPods::Isolate),
+            "allow" => Ok(UnknownPods::Allow),
+            _ => Err(ConfigError {
+                entry: "datastore.unknown_pods".into(),
+                why: format!("{s:?} is neither \"isolate\" nor \"allow\""),
+            }),
+        }
+    }
 }
 
 /// `[uplink]`.
@@ -564,6 +622,24 @@ mod tests {
             Err("xdp.frames_per_worker: 1 is not in 64..=1048576"),
         );
         check("[xdp]\nmode = \"turbo\"\n", Err("unknown variant `turbo`"));
+        check(
+            "[datastore]\nunknown_pods = \"open\"\n",
+            Err("datastore.unknown_pods: \"open\" is neither \"isolate\" nor \"allow\""),
+        );
+        check(
+            "[datastore]\nunknwon_pods = \"allow\"\n",
+            Err("unknown field `unknwon_pods`"),
+        );
+        assert_eq!(
+            Config::parse("[datastore]\nunknown_pods = \"allow\"\n")
+                .ok()
+                .map(|c| c.datastore.unknown_pods),
+            Some(UnknownPods::Allow)
+        );
+        assert_eq!(
+            Config::parse("").ok().map(|c| c.datastore.unknown_pods),
+            Some(UnknownPods::Isolate)
+        );
         check(
             "[node]\npod_to_host = \"accept\"\n",
             Ok(vec![(1, vec!["vA:0", "vB:0", "vC:0"])]),

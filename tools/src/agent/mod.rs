@@ -19,9 +19,11 @@
 
 pub mod config;
 pub mod hostpath;
+pub mod metrics;
 pub mod ports;
 pub mod source;
 pub mod status;
+pub mod unknown;
 pub mod uplink;
 
 use std::collections::BTreeMap;
@@ -46,7 +48,7 @@ use dataplane::rawfwd::Idle;
 use dataplane::sys::{self, UmemOpts};
 use dataplane::worker::{Pipeline, Worker, WorkerPort};
 
-use self::config::{Config, Host, Layout};
+use self::config::{Config, Host, Layout, UnknownPods};
 use self::hostpath::{HostLinks, HostPath, HostTap, HostThread};
 use self::status::Status;
 
@@ -77,6 +79,8 @@ pub struct RunOptions {
     pub datastore: source::Datastore,
     /// Where to write the status JSON (atomically, every second and after each change).
     pub status: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// One port the agent attached to.
@@ -184,6 +188,17 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         sys::quiet_libxdp();
     }
     let config = Config::load(&opts.config)?;
+    // Bound first: a bad address stops the start-up before anything is attached, and the
+    // endpoint answers while the agent waits for its first sync.
+    let metrics = match opts.metrics {
+        Some(addr) => {
+            let m = Arc::new(metrics::Metrics::new());
+            let server = metrics::serve(addr, Arc::clone(&m), Arc::clone(stop))?;
+            tracing::info!("metrics at http://{addr}/metrics");
+            Some((m, server))
+        }
+        None => None,
+    };
     let node_name = config
         .node
         .name
@@ -319,14 +334,14 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
                 stop: Arc::clone(stop),
             })?;
             host.set_owners(owners(&ports, &specs));
-            host.sync_routes(&local_pod_ips(&published.load()));
+            host.sync_routes(&local_pod_ips(&published.load(), &specs));
             Some(host)
         }
         _ => None,
     };
     if let Some(up) = uplink.as_mut() {
         up.register(&handles)?;
-        up.sync_local_pods(&local_pod_ips(&published.load()));
+        up.sync_local_pods(&local_pod_ips(&published.load(), &specs));
     }
     say(format_args!(
         "{READY_LINE} (node {node_name}, epoch {epoch}, {} ports, {} workers on cores {:?}{})",
@@ -348,6 +363,11 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
     );
     let mut last_status = Instant::now() - Duration::from_secs(10);
     let mut retry_after: BTreeMap<String, Instant> = BTreeMap::new();
+    // Interfaces retired because their pod was deleted (name → ifindex): not adopted as
+    // unknown while that same interface lives.
+    let mut retired: BTreeMap<String, u32> = BTreeMap::new();
+    // Unknown pod interfaces attached, and since when.
+    let mut unknown_since: BTreeMap<String, Instant> = BTreeMap::new();
     let mut result = Ok(());
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(WATCH_INTERVAL);
@@ -376,25 +396,67 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
             }
             None => {}
         }
-        // Ports follow the pods: retire those whose pod or veth is gone, attach new ones.
+        // Ports follow the pods: retire those whose pod or veth is gone, give an unknown
+        // interface whose pod arrived that pod's identity, attach new ones.
         let wanted = wanted_pods(&manifests, &node_name, cluster_view);
         for (id, port) in ports.iter().enumerate() {
             let Some(spec) = specs.get(id).and_then(Option::as_ref) else {
                 continue;
             };
-            if !matches!(spec.role, PortRole::Pod { .. }) {
+            let name = spec.name.clone();
+            let here = sys::ifindex(&name).ok() == Some(port.ifindex);
+            let adopt = match (&spec.role, wanted.get(&name)) {
+                (PortRole::UnknownPod { pod_mac, .. }, Some((namespace, pod))) if here => {
+                    Some(PortRole::Pod {
+                        namespace: namespace.clone(),
+                        name: pod.clone(),
+                        pod_mac: *pod_mac,
+                    })
+                }
+                _ => None,
+            };
+            let gone = match &spec.role {
+                PortRole::Uplink { .. } | PortRole::Host => false,
+                PortRole::Pod { .. } => !here || !wanted.contains_key(&name),
+                PortRole::UnknownPod { .. } => !here,
+            };
+            if let Some(role) = adopt {
+                // Same port, same socket: the pod's identity and policy from the next
+                // snapshot on.
+                let pending = unknown_since
+                    .remove(&name)
+                    .map_or(0.0, |t| t.elapsed().as_secs_f64());
+                if let PortRole::Pod {
+                    namespace,
+                    name: pod,
+                    ..
+                } = &role
+                {
+                    tracing::info!(
+                        "{name}: pod {namespace}/{pod} arrived after {pending:.1} s as an \
+                         unknown interface; its identity and policy apply from the next snapshot"
+                    );
+                }
+                if let Some(Some(s)) = specs.get_mut(id) {
+                    s.role = role;
+                }
+                changed = true;
                 continue;
             }
-            let gone = !wanted.contains_key(&spec.name)
-                || sys::ifindex(&spec.name).ok() != Some(port.ifindex);
             if gone {
+                if here {
+                    // Its pod was deleted: not an unknown interface to adopt (the CNI plugin
+                    // is about to remove it).
+                    retired.insert(name.clone(), port.ifindex);
+                }
                 let owner = workers.get(port.worker).context("worker index")?;
                 if let Err(e) = owner.command(vec![WorkerCmd::Retire {
                     id: PortId(id as u16),
                 }]) {
-                    tracing::error!("retiring {}: {e:#}", spec.name);
+                    tracing::error!("retiring {name}: {e:#}");
                 }
-                tracing::info!("retired port {id} ({})", spec.name);
+                tracing::info!("retired port {id} ({name})");
+                unknown_since.remove(&name);
                 if let Some(slot) = specs.get_mut(id) {
                     *slot = None;
                 }
@@ -410,7 +472,12 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
             if attached || waiting {
                 continue;
             }
-            match attach(&workers, &ports, name, namespace, pod, ifindex) {
+            let role = PortRole::Pod {
+                namespace: namespace.clone(),
+                name: pod.clone(),
+                pod_mac: ports::peer_mac(name),
+            };
+            match attach(&workers, &ports, name, role, ifindex) {
                 Ok(port) => {
                     tracing::info!(
                         "attached {name} ({namespace}/{pod}) as port {} on worker {}",
@@ -428,6 +495,19 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
                 }
             }
         }
+        changed |= follow_unknown_pods(
+            &workers,
+            &mut ports,
+            &mut specs,
+            &UnknownState {
+                wanted: &wanted,
+                uplink: uplink_name.as_deref(),
+                treatment: config.datastore.unknown_pods,
+            },
+            &mut retired,
+            &mut retry_after,
+            &mut unknown_since,
+        );
         if let Some(up) = uplink.as_mut() {
             view = up.refresh(&manifests, &node_name);
         }
@@ -447,6 +527,10 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
             if let PortRole::Pod {
                 pod_mac: mac @ None,
                 ..
+            }
+            | PortRole::UnknownPod {
+                pod_mac: mac @ None,
+                ..
             } = &mut spec.role
                 && let Some(found) = ports::peer_mac(&spec.name)
             {
@@ -458,7 +542,7 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
             epoch += 1;
             let (snapshot, report) = build_snapshot(&manifests, &specs, &node_opts, epoch);
             log_report(&report);
-            let local_ips = local_pod_ips(&snapshot);
+            let local_ips = local_pod_ips(&snapshot, &specs);
             published.store(Arc::new(snapshot));
             if let Some(up) = uplink.as_mut() {
                 up.sync_local_pods(&local_ips);
@@ -473,10 +557,25 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
             last_status = Instant::now() - Duration::from_secs(10);
         }
         if last_status.elapsed() >= Duration::from_secs(1) {
+            status.unknown_pods =
+                unknown_pods_status(&specs, &unknown_since, config.datastore.unknown_pods);
+            status.datastore = source.status();
+            status.workers = workers.iter().map(|w| (w.core, w.live.load())).collect();
+            if let Some((m, _)) = &metrics {
+                let ds = &status.datastore;
+                m.update(&metrics::Sample {
+                    workers: &status.workers,
+                    epoch,
+                    datastore: ds["datastore"].as_str().unwrap_or("manifests"),
+                    connected: ds["connected"].as_bool().unwrap_or(true),
+                    stale_seconds: ds["stale_seconds"].as_f64().unwrap_or(0.0),
+                    load_errors: status.load_errors,
+                    unknown_pods: status.unknown_pods.as_array().map_or(0, Vec::len),
+                    treatment: config.datastore.unknown_pods.name(),
+                });
+            }
             if let Some(path) = &opts.status {
-                status.datastore = source.status();
                 status.uplink = uplink.as_ref().map(uplink::Uplink::status);
-                status.workers = workers.iter().map(|w| (w.core, w.live.load())).collect();
                 status.host = host.as_ref().map(|h| (h.name().to_owned(), h.live.load()));
                 if let Err(e) = status.write(path) {
                     tracing::warn!("writing status {}: {e}", path.display());
@@ -516,6 +615,10 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         status.stopped = true;
         let _ = status.write(path);
     }
+    if let Some((_, server)) = metrics {
+        // It polls the stop flag, set above.
+        let _ = server.join();
+    }
     for (core, (io, class)) in &totals {
         say(format_args!(
             "ocelot: worker on core {core}: rx {} tx {} forwarded {} replied {} drops {}",
@@ -544,27 +647,172 @@ fn owners(ports: &[AgentPort], specs: &[Option<PortSpec>]) -> Vec<u16> {
         .collect()
 }
 
-/// The addresses of the local pods a snapshot has ports for: what the uplink program
-/// redirects and the host path routes.
-fn local_pod_ips(snapshot: &Snapshot) -> std::collections::BTreeSet<std::net::IpAddr> {
-    snapshot
-        .ports
+/// What [`follow_unknown_pods`] needs to know besides the ports.
+struct UnknownState<'a> {
+    /// The pods that should have a port here, by interface name.
+    wanted: &'a BTreeMap<String, (String, String)>,
+    /// The uplink's name: never a pod.
+    uplink: Option<&'a str>,
+    /// What is done with an unknown pod interface.
+    treatment: UnknownPods,
+}
+
+/// Attaches pod interfaces that match no known pod (isolated or allowed, as configured) and
+/// keeps the addresses of those attached in step with the kernel's host routes. Returns
+/// whether a port changed. An attach that fails is logged and retried after 5 s.
+fn follow_unknown_pods(
+    workers: &[WorkerHandle],
+    ports: &mut Vec<AgentPort>,
+    specs: &mut Vec<Option<PortSpec>>,
+    state: &UnknownState<'_>,
+    retired: &mut BTreeMap<String, u32>,
+    retry_after: &mut BTreeMap<String, Instant>,
+    unknown_since: &mut BTreeMap<String, Instant>,
+) -> bool {
+    let mut changed = false;
+    let mut routes: Option<BTreeMap<String, Vec<std::net::IpAddr>>> = None;
+    let interfaces = unknown::pod_interfaces();
+    let present: std::collections::HashSet<&str> = interfaces.iter().map(String::as_str).collect();
+    retired.retain(|name, ifindex| {
+        present.contains(name.as_str()) && sys::ifindex(name).ok() == Some(*ifindex)
+    });
+    // Once per tick, not per interface: a node may have thousands of pods.
+    let attached_names: std::collections::HashSet<String> =
+        specs.iter().flatten().map(|s| s.name.clone()).collect();
+    for name in interfaces.iter().cloned() {
+        let attached = attached_names.contains(&name);
+        let waiting = retry_after.get(&name).is_some_and(|t| Instant::now() < *t);
+        if attached
+            || waiting
+            || state.wanted.contains_key(&name)
+            || state.uplink == Some(name.as_str())
+            || retired.contains_key(&name)
+        {
+            continue;
+        }
+        let Ok(ifindex) = sys::ifindex(&name) else {
+            continue;
+        };
+        let ips = routes
+            .get_or_insert_with(unknown::host_routes)
+            .get(&name)
+            .cloned()
+            .unwrap_or_default();
+        let role = PortRole::UnknownPod {
+            ips: ips.clone(),
+            pod_mac: ports::peer_mac(&name),
+            allow: state.treatment == UnknownPods::Allow,
+        };
+        match attach(workers, ports, &name, role, ifindex) {
+            Ok(port) => {
+                let what = match state.treatment {
+                    UnknownPods::Isolate => {
+                        "isolated: its traffic drops as unknown_pod until its pod object arrives"
+                    }
+                    UnknownPods::Allow => {
+                        "allowed as a pod without labels or policy until its pod object arrives"
+                    }
+                };
+                tracing::warn!(
+                    "pod interface {name} ({}) matches no pod of the datastore; attached as \
+                     port {} and {what} (datastore.unknown_pods = \"{}\")",
+                    if ips.is_empty() {
+                        "no host route yet".to_owned()
+                    } else {
+                        ips.iter()
+                            .map(|i| i.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    },
+                    ports.len(),
+                    state.treatment.name(),
+                );
+                specs.push(Some(port.spec.clone()));
+                ports.push(port);
+                retry_after.remove(&name);
+                unknown_since.insert(name, Instant::now());
+                changed = true;
+            }
+            Err(e) => {
+                tracing::error!("attaching unknown pod interface {name}: {e:#}; retrying in 5 s");
+                retry_after.insert(name, Instant::now() + Duration::from_secs(5));
+            }
+        }
+    }
+    // The CNI plugin adds the host routes after it creates the veth: follow them.
+    if specs
         .iter()
-        .filter_map(|p| match p.kind {
-            classifier::snapshot::PortKind::Pod {
-                endpoint: Some(_),
-                ip4,
-                ip6,
-                ..
-            } => Some(
-                ip4.map(std::net::IpAddr::V4)
-                    .into_iter()
-                    .chain(ip6.map(std::net::IpAddr::V6)),
-            ),
-            _ => None,
-        })
         .flatten()
+        .any(|s| matches!(s.role, PortRole::UnknownPod { .. }))
+    {
+        let routes = routes.get_or_insert_with(unknown::host_routes);
+        for spec in specs.iter_mut().flatten() {
+            if let PortRole::UnknownPod { ips, .. } = &mut spec.role {
+                let now = routes.get(&spec.name).cloned().unwrap_or_default();
+                if *ips != now {
+                    tracing::info!("unknown pod interface {}: addresses now {now:?}", spec.name);
+                    *ips = now;
+                    changed = true;
+                }
+            }
+        }
+    }
+    changed
+}
+
+/// The status file's `unknown_pods`: every attached interface that matches no known pod.
+fn unknown_pods_status(
+    specs: &[Option<PortSpec>],
+    since: &BTreeMap<String, Instant>,
+    treatment: UnknownPods,
+) -> serde_json::Value {
+    specs
+        .iter()
+        .enumerate()
+        .filter_map(|(id, s)| {
+            let s = s.as_ref()?;
+            let PortRole::UnknownPod { ips, pod_mac, .. } = &s.role else {
+                return None;
+            };
+            Some(serde_json::json!({
+                "interface": s.name,
+                "port": id,
+                "treatment": treatment.name(),
+                "addresses": ips.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+                "pod_mac": pod_mac.map(ports::format_mac),
+                "pending_seconds": since.get(&s.name).map_or(0.0, |t| t.elapsed().as_secs_f64()),
+            }))
+        })
         .collect()
+}
+
+/// The addresses of the local pods a snapshot has ports for: what the uplink program
+/// redirects and the host path routes into its tap. That includes unknown pod interfaces: an allowed one is forwarded to, and the
+/// traffic of an isolated one must reach the dataplane (which drops it) rather than the
+/// kernel (which would route it to the pod past any policy).
+fn local_pod_ips(
+    snapshot: &Snapshot,
+    specs: &[Option<PortSpec>],
+) -> std::collections::BTreeSet<std::net::IpAddr> {
+    let ports = snapshot.ports.iter().filter_map(|p| match p.kind {
+        classifier::snapshot::PortKind::Pod { ip4, ip6, .. } => Some(
+            ip4.map(std::net::IpAddr::V4)
+                .into_iter()
+                .chain(ip6.map(std::net::IpAddr::V6)),
+        ),
+        classifier::snapshot::PortKind::Uplink | classifier::snapshot::PortKind::Host => None,
+    });
+    let isolated = specs.iter().flatten().filter_map(|s| match &s.role {
+        PortRole::UnknownPod {
+            ips, allow: false, ..
+        } => Some(
+            ips.iter()
+                .copied()
+                .filter(|ip| snapshot.policy.endpoint(*ip).is_none()),
+        ),
+        _ => None,
+    });
+    ports.flatten().chain(isolated.flatten()).collect()
 }
 
 /// Attaches a new pod veth to the worker with the fewest ports and routes the other workers'
@@ -573,8 +821,7 @@ fn attach(
     workers: &[WorkerHandle],
     ports: &[AgentPort],
     name: &str,
-    namespace: &str,
-    pod: &str,
+    role: PortRole,
     ifindex: u32,
 ) -> Result<AgentPort> {
     if ports.len() >= usize::from(u16::MAX) {
@@ -607,11 +854,7 @@ fn attach(
         spec: PortSpec {
             name: name.to_owned(),
             mac,
-            role: PortRole::Pod {
-                namespace: namespace.to_owned(),
-                name: pod.to_owned(),
-                pod_mac: ports::peer_mac(name),
-            },
+            role,
         },
         worker: owner,
         queue: 0,

@@ -9,6 +9,9 @@
 //!   directory contents that epoch was built from, see [`dir_digest`]), `load_errors` and
 //!   `last_error` (manifest directories that failed to load: the previous epoch stayed);
 //! - `ports`: interface → worker; `report`: what the last build could not wire;
+//! - `unknown_pods`: attached pod interfaces that match no pod of the datastore, pending
+//!   their pod object: interface, port, treatment (`isolate` | `allow`), the addresses
+//!   learned from the kernel's host routes, the pod's MAC, seconds pending;
 //! - `workers`: per worker its core, I/O counters and classifier counters, with drops by
 //!   reason name; `stopped` once the agent has stopped.
 
@@ -33,7 +36,9 @@ pub fn drops_line(io: &WorkerCounters, class: &Counters) -> String {
     }
 }
 
-fn drops_map(io: &WorkerCounters, class: &Counters) -> BTreeMap<&'static str, u64> {
+/// Non-zero drops of one worker by reason name, including the dataplane's own (`not_local`,
+/// `to_host_unsupported`, `handoff_full`).
+pub fn drops_map(io: &WorkerCounters, class: &Counters) -> BTreeMap<&'static str, u64> {
     let mut out = BTreeMap::new();
     for reason in DropReason::ALL {
         let n = io.dropped(*reason) + class.drops.get(reason.index()).copied().unwrap_or(0);
@@ -82,6 +87,8 @@ pub struct Status {
     pub uplink: Option<Value>,
     /// The host path: its tap's name and the host thread's counters.
     pub host: Option<(String, (WorkerCounters, Counters))>,
+    /// Attached pod interfaces that match no pod of the datastore (pending their pod).
+    pub unknown_pods: Value,
 }
 
 fn report_json(r: &BuildReport) -> Value {
@@ -116,6 +123,7 @@ impl Status {
             datastore: Value::Null,
             uplink: None,
             host: None,
+            unknown_pods: Value::Array(Vec::new()),
         }
     }
 
@@ -183,6 +191,7 @@ impl Status {
             "datastore": self.datastore,
             "uplink": self.uplink,
             "host_path": host,
+            "unknown_pods": self.unknown_pods,
         })
     }
 

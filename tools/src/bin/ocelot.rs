@@ -39,6 +39,9 @@ enum Command {
         /// Writes the status JSON (epoch, counters) here every second.
         #[arg(long)]
         status: Option<PathBuf>,
+        /// Serves Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9464).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Builds a virtual node with the manifests' pods and probes it with real traffic.
     Lab(tools::lab::LabArgs),
@@ -79,6 +82,7 @@ fn run(cli: Cli) -> Result<()> {
             manifests,
             datastore,
             status,
+            metrics,
         } => {
             use tools::agent::source::Datastore;
             let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
@@ -95,6 +99,7 @@ fn run(cli: Cli) -> Result<()> {
                     config,
                     datastore,
                     status,
+                    metrics,
                 },
                 &stop,
             )

@@ -387,7 +387,9 @@ pub(super) fn first_ipv4(p: &classifier::policy::model::Pod) -> Option<Ipv4Addr>
 }
 
 /// A pod's namespace, wired to `node` the Calico way: `eth0` the peer of the host-side veth
-/// named after the pod, its /32 address, the link-local gateway resolved by ARP.
+/// named after the pod, its /32 address, the link-local gateway resolved by ARP, and on the
+/// node the host route to the pod's address through its veth that Calico's CNI plugin
+/// installs (the agent learns an unknown pod's addresses from it).
 pub(super) fn build_pod(
     p: &classifier::policy::model::Pod,
     ip: Ipv4Addr,
@@ -409,6 +411,7 @@ pub(super) fn build_pod(
     if let Some(ip6) = p.ips.iter().find(|a| a.is_ipv6()) {
         pod.add_ipv6(&ip6.to_string())?;
     }
+    node.route_add(&[&format!("{ip}/32"), "dev", &host, "scope", "link"])?;
     Ok((veth, pod))
 }
 
