@@ -306,6 +306,25 @@ fn the_daemon_set_runs_the_agent_as_the_node_needs() {
         assert_eq!(m.mount_path, host);
         assert_eq!(m.mount_propagation.as_deref(), Some("HostToContainer"));
     }
+    // The host path's tap is created through the host's /dev/net/tun.
+    let tun = volumes
+        .iter()
+        .find(|v| {
+            v.host_path
+                .as_ref()
+                .is_some_and(|h| h.path == "/dev/net/tun")
+        })
+        .expect("hostPath /dev/net/tun");
+    assert_eq!(
+        tun.host_path.as_ref().and_then(|h| h.type_.as_deref()),
+        Some("CharDevice")
+    );
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.name == tun.name && m.mount_path == "/dev/net/tun"),
+        "/dev/net/tun is not mounted"
+    );
 
     // The config file the command names is the ConfigMap's key.
     let config = volumes

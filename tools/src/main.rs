@@ -213,6 +213,28 @@ fn status(file: &Path, max_age: u64, max_stale: Option<f64>) -> Result<()> {
             writeln!(out, "{key}: {}", serde_json::Value::Array(list.clone()))?;
         }
     }
+    let h = &s["host_path"];
+    if h.is_object() {
+        let drops: Vec<String> = h["drops"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        writeln!(
+            out,
+            "host path {}: node → pods {} (forwarded {}) · pods → node {} · drops: {}",
+            h["interface"].as_str().unwrap_or("?"),
+            h["rx"],
+            h["handoff_out"],
+            h["handoff_in"],
+            if drops.is_empty() {
+                "none".to_owned()
+            } else {
+                drops.join(" ")
+            }
+        )?;
+    }
     for u in s["unknown_pods"].as_array().into_iter().flatten() {
         let addresses: Vec<&str> = u["addresses"]
             .as_array()

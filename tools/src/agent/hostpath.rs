@@ -5,9 +5,11 @@
 //! what pods send to it unless the dataplane gives it a way. The agent creates a tap device
 //! (`node.host_interface`, default `ocelot0`) in the node's namespace and:
 //!
-//! - routes every local pod address into it (`ip route replace 10.x.y.z/32 dev ocelot0`)
-//!   with a permanent neighbour entry (`ee:ee:ee:ee:ee:ee`, Calico's host-side MAC), so the
-//!   kernel writes its frames for pods into the tap without ARP;
+//! - routes every known local pod address into it (`ip route replace 10.x.y.z/32 dev
+//!   ocelot0`, taking over the CNI plugin's `dev caliX` route) with a permanent neighbour
+//!   entry (`ee:ee:ee:ee:ee:ee`, Calico's host-side MAC), so the kernel writes its frames for
+//!   pods into the tap without ARP (an unknown pod interface keeps its CNI route: that is
+//!   where the agent learns its addresses until the pod object arrives);
 //! - a host thread reads them, classifies each with its own classifier worker (the shared
 //!   conntrack, the published snapshot; ingress = the host port, [`PortKind::Host`]) and
 //!   copies what is forwarded into the hand-off of the worker that owns the pod's port;

@@ -334,7 +334,7 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
                 stop: Arc::clone(stop),
             })?;
             host.set_owners(owners(&ports, &specs));
-            host.sync_routes(&local_pod_ips(&published.load(), &specs));
+            host.sync_routes(&host_path_ips(&published.load(), &specs));
             Some(host)
         }
         _ => None,
@@ -549,7 +549,7 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
             }
             if let Some(host) = host.as_mut() {
                 host.set_owners(owners(&ports, &specs));
-                host.sync_routes(&local_ips);
+                host.sync_routes(&host_path_ips(&published.load(), &specs));
             }
             tracing::info!("epoch {epoch} published");
             status.set_ports(&ports_summary_live(&ports, &specs));
@@ -813,6 +813,28 @@ fn local_pod_ips(
         _ => None,
     });
     ports.flatten().chain(isolated.flatten()).collect()
+}
+
+/// The addresses the host path routes into its tap: the known local pods'. An unknown pod
+/// interface keeps the host route its CNI plugin made (`dev caliX`): that route is where the
+/// agent learns the interface's addresses until the pod object arrives.
+fn host_path_ips(
+    snapshot: &Snapshot,
+    specs: &[Option<PortSpec>],
+) -> std::collections::BTreeSet<std::net::IpAddr> {
+    let unknown: std::collections::BTreeSet<std::net::IpAddr> = specs
+        .iter()
+        .flatten()
+        .filter_map(|s| match &s.role {
+            PortRole::UnknownPod { ips, .. } => Some(ips.iter().copied()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    local_pod_ips(snapshot, specs)
+        .difference(&unknown)
+        .copied()
+        .collect()
 }
 
 /// Attaches a new pod veth to the worker with the fewest ports and routes the other workers'
