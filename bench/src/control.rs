@@ -17,7 +17,7 @@
 //! worker seeing it. Events are sequential: the next is written only once the previous is
 //! visible, so every figure is one change's latency, not a queue's.
 //!
-//! Then bursts: `--burst-size` pod label changes written back to back, timed from the first
+//! Then bursts: `--burst-size` pod label changes written `--burst-gap-us` apart, timed from the first
 //! write to the worker seeing them all, with the number of snapshots the datastore sent for
 //! the burst — what the coalescing settings (`--coalesce-quiet-ms`, `--coalesce-ms`) trade.
 //!
@@ -80,6 +80,10 @@ pub struct Args {
     /// Writes per burst.
     #[arg(long, default_value_t = 20)]
     burst_size: usize,
+    /// Pause between two writes of a burst, in µs (0: back to back). A controller's writes
+    /// (a rollout's pods) come spaced like this rather than all at once.
+    #[arg(long, default_value_t = 0)]
+    burst_gap_us: u64,
     /// How long the worker thread waits between two loads of the snapshot (a burst's
     /// period), in µs. It sleeps rather than spins so as not to take a core from the control
     /// path on a small machine; the figures' resolution is this period.
@@ -448,13 +452,17 @@ fn measure_event(
     ds: &control::kube::KubeDatastore,
     shared: &Shared,
     objs: &[Value],
+    gap: Duration,
     expect: Expect,
     timeout: Duration,
 ) -> Result<Sample> {
     *lock(&shared.pending) = Some((expect.clone(), None));
     let updates_before = ds.status().updates;
     let t0 = Instant::now();
-    for obj in objs {
+    for (i, obj) in objs.iter().enumerate() {
+        if i > 0 && !gap.is_zero() {
+            std::thread::sleep(gap);
+        }
         server.apply(obj);
     }
     loop {
@@ -690,7 +698,11 @@ pub fn run(args: &Args) -> Result<()> {
 
     // The initial sync: the first epoch in the worker.
     let first_seen = loop {
-        if let Some(t) = lock(&shared.seen).get(&1).copied() {
+        // The worker may load the snapshot before the control thread has noted its times.
+        let published = lock(&shared.epochs).contains_key(&1);
+        if let Some(t) = lock(&shared.seen).get(&1).copied()
+            && published
+        {
             break t;
         }
         if t_spawn.elapsed() > timeout.max(Duration::from_secs(120)) {
@@ -744,8 +756,16 @@ pub fn run(args: &Args) -> Result<()> {
         };
         for i in 0..s.events {
             let (obj, expect) = event(&s, kind, i);
-            let sample = measure_event(&server, &ds, &shared, &[obj], expect, timeout)
-                .with_context(|| format!("event {kind} #{i}"))?;
+            let sample = measure_event(
+                &server,
+                &ds,
+                &shared,
+                &[obj],
+                Duration::ZERO,
+                expect,
+                timeout,
+            )
+            .with_context(|| format!("event {kind} #{i}"))?;
             r.total.record(sample.total);
             r.to_sent.record(sample.to_sent);
             r.to_manifests.record(sample.to_manifests);
@@ -831,8 +851,9 @@ pub fn run(args: &Args) -> Result<()> {
         let n = burst.snapshots.len();
         let mean = burst.snapshots.iter().sum::<u64>() as f64 / n as f64;
         println!(
-            "bursts of {} pod label changes written back to back ({n} bursts): first write → worker saw all p50 {:.1} ms, p99 {:.1} ms; snapshots per burst mean {mean:.2}, max {}",
+            "bursts of {} pod label changes, {} µs apart ({n} bursts): first write → worker saw all p50 {:.1} ms, p99 {:.1} ms; snapshots per burst mean {mean:.2}, max {}",
             burst.size,
+            args.burst_gap_us,
             burst.total.ms(0.5),
             burst.total.ms(0.99),
             burst.snapshots.iter().max().copied().unwrap_or(0),
@@ -899,6 +920,7 @@ pub fn run(args: &Args) -> Result<()> {
                 "coalesce_ms": args.coalesce_ms,
                 "coalesce_quiet_ms": args.coalesce_quiet_ms,
                 "burst_size": burst.size,
+                "burst_gap_us": args.burst_gap_us,
                 "burst_p50_ms": round2(burst.total.ms(0.5)),
                 "burst_p99_ms": round2(burst.total.ms(0.99)),
                 "burst_snapshots_mean": round2(
@@ -952,7 +974,8 @@ fn measure_bursts(
                 rev: rev.to_string(),
             });
         }
-        let sample = measure_event(server, ds, shared, &objs, Expect::All(expect), timeout)
+        let gap = Duration::from_micros(args.burst_gap_us);
+        let sample = measure_event(server, ds, shared, &objs, gap, Expect::All(expect), timeout)
             .with_context(|| format!("burst #{b}"))?;
         out.total.record(sample.total);
         out.snapshots.push(sample.snapshots);
@@ -1011,6 +1034,7 @@ mod tests {
             coalesce_quiet_ms: 5,
             bursts: 2,
             burst_size: 5,
+            burst_gap_us: 100,
             worker_poll_us: 50,
             timeout_ms: 10_000,
             quick: true,
