@@ -439,7 +439,10 @@ fn refused_warnings<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use classifier::policy::model::{LabelSelector, Labels};
+    use classifier::policy::model::{
+        LabelSelector, Labels, NamespaceScope, Peer, PortRef, PortSpec, Protocol, Rule,
+    };
+    use classifier::policy::{CompileOptions, PolicyTable};
     use proptest::prelude::*;
 
     fn ns(name: &str) -> Namespace {
@@ -710,19 +713,36 @@ mod tests {
             prop::sample::select(NAMESPACES.to_vec()),
             0..3u8,
             labels(),
+            labels(),
+            labels(),
             any::<bool>(),
         )
-            .prop_flat_map(|(ns, i, sel, egress)| {
+            .prop_flat_map(|(ns, i, sel, from_ns, from_pods, egress)| {
+                let selector = |match_labels| LabelSelector {
+                    match_labels,
+                    match_expressions: Vec::new(),
+                };
+                // Ingress from selected pods of selected namespaces on TCP 80, so verdicts
+                // depend on namespace labels, pod labels and the policy alike.
+                let rule = Rule {
+                    peers: vec![Peer::Pods {
+                        namespaces: NamespaceScope::Selector(selector(from_ns)),
+                        pods: selector(from_pods),
+                    }],
+                    ports: vec![PortSpec {
+                        protocol: Protocol::Tcp,
+                        port: Some(PortRef::Number(80)),
+                        end_port: None,
+                    }],
+                };
                 let p = NetworkPolicy {
                     namespace: ns.to_owned(),
                     name: format!("np{i}"),
-                    pod_selector: LabelSelector {
-                        match_labels: sel,
-                        match_expressions: Vec::new(),
-                    },
+                    pod_selector: selector(sel),
                     ingress_isolation: true,
                     egress_isolation: egress,
-                    ..NetworkPolicy::default()
+                    ingress: vec![rule.clone()],
+                    egress: vec![rule],
                 };
                 converted(Just(p)).prop_map(move |v| (format!("{ns}/np{i}"), v))
             })
@@ -829,6 +849,32 @@ mod tests {
                         prop_assert_eq!(&got.cluster, &want.cluster);
                         prop_assert_eq!(&got.nodes, &want.nodes);
                         prop_assert_eq!(&got.warnings, &want.warnings);
+                        // And what the node would enforce: the verdicts of both compiles for
+                        // every pair of addresses the pods can have, per local node.
+                        for node in [None, Some("n0".to_owned())] {
+                            let opts = CompileOptions { local_node: node };
+                            let (a, a_errors) = PolicyTable::compile(&got.cluster, &opts);
+                            let (b, b_errors) = PolicyTable::compile(&want.cluster, &opts);
+                            prop_assert_eq!(a_errors, b_errors);
+                            prop_assert_eq!(
+                                a.endpoints().map(|(_, i)| i.clone()).collect::<Vec<_>>(),
+                                b.endpoints().map(|(_, i)| i.clone()).collect::<Vec<_>>()
+                            );
+                            for src in 0..4u8 {
+                                for dst in 0..4u8 {
+                                    let (s, d) = (
+                                        std::net::IpAddr::from([10, 0, 0, src]),
+                                        std::net::IpAddr::from([10, 0, 0, dst]),
+                                    );
+                                    for dport in [Some(80), None] {
+                                        prop_assert_eq!(
+                                            a.check(s, d, 6, dport),
+                                            b.check(s, d, 6, dport)
+                                        );
+                                    }
+                                }
+                            }
+                        }
                         for r in Resource::ALL {
                             let (ok, bad) = cache.counts(r);
                             let (want_ok, want_bad) = match r {

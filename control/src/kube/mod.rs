@@ -701,6 +701,33 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_waits_for_quiet_but_never_past_the_bound() {
+        let opts = KubeOptions {
+            coalesce: Duration::from_millis(50),
+            coalesce_quiet: Duration::from_millis(5),
+            ..KubeOptions::default()
+        };
+        let t0 = tokio::time::Instant::now();
+        let ms = Duration::from_millis;
+        let mut w = Window::default();
+        assert_eq!(w.deadline(), None, "nothing pending");
+        // (change at, deadline after it): each change pushes the quiet period on, up to the
+        // bound counted from the first.
+        for (at, deadline) in [(0, 5), (3, 8), (7, 12), (44, 49), (48, 50), (49, 50)] {
+            w.change(t0 + ms(at), &opts);
+            assert_eq!(w.deadline(), Some(t0 + ms(deadline)), "change at {at} ms");
+        }
+        // A quiet period longer than the bound is the bound.
+        let long = KubeOptions {
+            coalesce_quiet: Duration::from_millis(80),
+            ..opts
+        };
+        let mut w = Window::default();
+        w.change(t0, &long);
+        assert_eq!(w.deadline(), Some(t0 + ms(50)));
+    }
+
+    #[test]
     fn only_410_is_gone() {
         use ::kube::core::Status;
         let status = |code| Status::failure("x", "Expired").with_code(code).boxed();
