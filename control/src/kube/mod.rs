@@ -9,9 +9,12 @@
 //! The datastore runs on its own thread with a single-threaded tokio runtime: one task per
 //! resource drives a [`::kube::runtime::watcher`] and converts every object on arrival into
 //! the classifier's model (the k8s object is dropped at once; only what policy and routing
-//! need is kept), and one task owns the [`cache::Cache`] and publishes. Bursts of events are
-//! coalesced: a snapshot is sent [`KubeOptions::coalesce`] after the first change that
-//! follows the previous snapshot, whatever arrives in between, so the delay is bounded.
+//! need is kept), and one task owns the [`cache::Cache`] and publishes. The cache applies
+//! each event to sorted vectors in place, so a snapshot costs the events it holds, not a
+//! rebuild of the cluster. Bursts of events are coalesced: a snapshot is sent once no change
+//! has arrived for [`KubeOptions::coalesce_quiet`], and at the latest
+//! [`KubeOptions::coalesce`] after the first change that follows the previous snapshot,
+//! whatever arrives in between, so the delay is bounded.
 //!
 //! Fail-static:
 //! - no [`Manifests`] is sent before every resource has completed its initial list, and a
@@ -108,8 +111,13 @@ pub struct KubeOptions {
     pub config: Option<::kube::Config>,
     /// This node's name (`NODE_NAME`, from the downward API).
     pub node_name: Option<String>,
-    /// How long after the first change a snapshot is sent; changes meanwhile join it.
+    /// The longest a change waits for others to join its snapshot: a snapshot is sent at
+    /// most this long after the first change it holds, however busy the cluster.
     pub coalesce: Duration,
+    /// A snapshot is sent once no change has arrived for this long (and `coalesce` has not
+    /// passed first): one API write's events, and a burst of writes, arrive well inside it,
+    /// so they make one snapshot, while a lone change waits only this long.
+    pub coalesce_quiet: Duration,
     /// The first retry delay after a watch error; doubled per failure up to `backoff_max`.
     pub backoff_min: Duration,
     /// The longest retry delay.
@@ -125,6 +133,7 @@ impl fmt::Debug for KubeOptions {
             .field("cluster_url", &self.config.as_ref().map(|c| &c.cluster_url))
             .field("node_name", &self.node_name)
             .field("coalesce", &self.coalesce)
+            .field("coalesce_quiet", &self.coalesce_quiet)
             .field("backoff_min", &self.backoff_min)
             .field("backoff_max", &self.backoff_max)
             .field("page_size", &self.page_size)
@@ -138,6 +147,7 @@ impl Default for KubeOptions {
             config: None,
             node_name: None,
             coalesce: Duration::from_millis(50),
+            coalesce_quiet: Duration::from_millis(5),
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             page_size: 500,
@@ -428,26 +438,22 @@ async fn run(
         )),
     ];
     let mut cache = Cache::default();
-    let mut deadline: Option<tokio::time::Instant> = None;
-    let mut dirty = false;
+    let mut window = Window::default();
     loop {
         tokio::select! {
             msg = rx.recv() => {
                 let Some(msg) = msg else { break };
-                dirty |= cache.apply(msg);
-                if dirty && deadline.is_none() {
-                    deadline = Some(tokio::time::Instant::now() + opts.coalesce);
+                if cache.apply(msg) {
+                    window.change(tokio::time::Instant::now(), &opts);
                 }
             }
-            () = sleep_until(deadline) => {
-                deadline = None;
-                // Until every resource is listed nothing is sent; the change stays pending
-                // and the list that completes the set is itself a change.
+            () = sleep_until(window.deadline()) => {
+                // Until every resource is listed nothing is sent (the window closes); the
+                // list that completes the set is itself a change and opens it again.
+                window = Window::default();
                 if let Some(m) = cache.build() {
-                    dirty = false;
                     // The status is updated first, so a consumer that has the snapshot sees
-                    // the status that goes with it. Objects are counted once per snapshot,
-                    // not per event: counting walks a store.
+                    // the status that goes with it.
                     {
                         let mut s = status.lock().unwrap_or_else(PoisonError::into_inner);
                         for r in Resource::ALL {
@@ -462,6 +468,9 @@ async fn run(
                     if updates.send(m).is_err() {
                         tracing::debug!("kube datastore: the consumer is gone");
                     }
+                    // The copy for the next snapshot, made now rather than when the next
+                    // change is waiting for it.
+                    cache.prepare();
                 }
             }
             _ = shutdown.changed() => break,
@@ -469,6 +478,28 @@ async fn run(
     }
     for t in tasks {
         t.abort();
+    }
+}
+
+/// When the pending changes are sent: once no change has arrived for `coalesce_quiet`, and
+/// at the latest `coalesce` after the first of them.
+#[derive(Debug, Default)]
+struct Window {
+    /// `(first change + coalesce, last change + coalesce_quiet)`, while a change is pending.
+    pending: Option<(tokio::time::Instant, tokio::time::Instant)>,
+}
+
+impl Window {
+    fn change(&mut self, now: tokio::time::Instant, opts: &KubeOptions) {
+        let quiet = now + opts.coalesce_quiet.min(opts.coalesce);
+        self.pending = Some(match self.pending {
+            None => (now + opts.coalesce, quiet),
+            Some((limit, _)) => (limit, quiet),
+        });
+    }
+
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.pending.map(|(limit, quiet)| limit.min(quiet))
     }
 }
 
@@ -667,6 +698,33 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= min);
+    }
+
+    #[test]
+    fn a_snapshot_waits_for_quiet_but_never_past_the_bound() {
+        let opts = KubeOptions {
+            coalesce: Duration::from_millis(50),
+            coalesce_quiet: Duration::from_millis(5),
+            ..KubeOptions::default()
+        };
+        let t0 = tokio::time::Instant::now();
+        let ms = Duration::from_millis;
+        let mut w = Window::default();
+        assert_eq!(w.deadline(), None, "nothing pending");
+        // (change at, deadline after it): each change pushes the quiet period on, up to the
+        // bound counted from the first.
+        for (at, deadline) in [(0, 5), (3, 8), (7, 12), (44, 49), (48, 50), (49, 50)] {
+            w.change(t0 + ms(at), &opts);
+            assert_eq!(w.deadline(), Some(t0 + ms(deadline)), "change at {at} ms");
+        }
+        // A quiet period longer than the bound is the bound.
+        let long = KubeOptions {
+            coalesce_quiet: Duration::from_millis(80),
+            ..opts
+        };
+        let mut w = Window::default();
+        w.change(t0, &long);
+        assert_eq!(w.deadline(), Some(t0 + ms(50)));
     }
 
     #[test]
