@@ -369,8 +369,16 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
     // Unknown pod interfaces attached, and since when.
     let mut unknown_since: BTreeMap<String, Instant> = BTreeMap::new();
     let mut result = Ok(());
+    let mut last_tick = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(WATCH_INTERVAL);
+        // A datastore update is applied as soon as it arrives (a Kubernetes view wakes this
+        // wait); the rest of the housekeeping — neighbours, addresses, conntrack sweep — runs
+        // once per WATCH_INTERVAL.
+        let polled = source.wait(WATCH_INTERVAL.saturating_sub(last_tick.elapsed()));
+        let tick = last_tick.elapsed() >= WATCH_INTERVAL;
+        if tick {
+            last_tick = Instant::now();
+        }
         if stop.load(Ordering::Relaxed) {
             break;
         }
@@ -382,9 +390,11 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
             result = Err(anyhow!("the host path stopped unexpectedly"));
             break;
         }
-        ct.sweep(now(), SWEEP_SLOTS);
+        if tick {
+            ct.sweep(now(), SWEEP_SLOTS);
+        }
         let mut changed = false;
-        match source.poll() {
+        match polled {
             Some(Ok(m)) => {
                 manifests = m;
                 changed = true;
@@ -508,10 +518,14 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
             &mut retry_after,
             &mut unknown_since,
         );
-        if let Some(up) = uplink.as_mut() {
+        if tick && let Some(up) = uplink.as_mut() {
             view = up.refresh(&manifests, &node_name);
         }
-        let fresh = node_options(&view);
+        let fresh = if tick {
+            node_options(&view)
+        } else {
+            node_opts.clone()
+        };
         if (&fresh.host_addresses, &fresh.gateway, &fresh.neighbors)
             != (
                 &node_opts.host_addresses,

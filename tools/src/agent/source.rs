@@ -203,6 +203,37 @@ impl Source {
         }
     }
 
+    /// As [`Source::poll`], waiting up to `timeout` for a newer view: a Kubernetes update
+    /// returns at once (no polling delay on top of the datastore's coalescing); a manifests
+    /// directory is looked at after the wait.
+    pub fn wait(&mut self, timeout: Duration) -> Option<Result<Manifests>> {
+        match self {
+            Source::Dirs { .. } => {
+                std::thread::sleep(timeout);
+                self.poll()
+            }
+            Source::Kube { datastore, updates } => {
+                let first = match datastore.updates().recv_timeout(timeout) {
+                    Ok(m) => m,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => return None,
+                    // The datastore's thread is gone (its status says why): no busy loop.
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                        std::thread::sleep(timeout);
+                        return None;
+                    }
+                };
+                *updates += 1;
+                // Only the newest view matters.
+                let mut latest = first;
+                while let Ok(m) = datastore.updates().try_recv() {
+                    latest = m;
+                    *updates += 1;
+                }
+                Some(Ok(latest))
+            }
+        }
+    }
+
     /// What the status file says about the view: its digest (directories) or update count
     /// and staleness (Kubernetes).
     pub fn status(&self) -> Value {
