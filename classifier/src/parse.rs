@@ -5,7 +5,12 @@
 //! needs (ports, TCP flags, ICMP type/code/identifier) together with the byte offsets of the
 //! network and transport headers, which the rewrite code and ICMP-error handling use.
 //!
-//! It is built from etherparse's zero-copy header slices (`Ethernet2Slice`,
+//! Frames of the common shape (Ethernet with at most one VLAN tag, IPv4 without options or
+//! IPv6 without extension headers, unfragmented, TCP or UDP, every length consistent) are read
+//! by a fast path at fixed offsets; it answers only for frames it has checked completely and
+//! hands every other frame, and every error, to [`parse_full`], so the two always agree.
+//!
+//! [`parse_full`] is built from etherparse's zero-copy header slices (`Ethernet2Slice`,
 //! `SingleVlanSlice`, `ArpPacketSlice`, `Ipv4HeaderSlice`, `Ipv6HeaderSlice`, the IPv6
 //! extension header slices, `TcpHeaderSlice`, `UdpHeaderSlice`) rather than
 //! `SlicedPacket`: the layered walk lets the parser stop at a later fragment before
@@ -814,7 +819,11 @@ mod tests {
             slow = true;
             parse_full(f)
         });
-        assert_eq!(got, parse_full(frame), "fast path vs full parser, frame {frame:02x?}");
+        assert_eq!(
+            got,
+            parse_full(frame),
+            "fast path vs full parser, frame {frame:02x?}"
+        );
         !slow
     }
 
