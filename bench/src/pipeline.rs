@@ -18,7 +18,8 @@ use serde_json::json;
 /// Options of `ocelot-bench pipeline`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Scenarios to run (default: all): established, new, denied, established-1m.
+    /// Scenarios to run (default: all but floor): established, new, denied, established-1m,
+    /// floor (the memory floor: one random 32-byte slot's cache line per packet, nothing else).
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<String>,
     /// Live flows for the `established` and `denied` scenarios.
@@ -93,9 +94,9 @@ pub fn run(args: &Args) -> Result<()> {
     let flows = args.flows.div_ceil(div);
     let big_flows = args.big_flows.div_ceil(div);
     let packets = args.packets.div_ceil(div);
-    let all = ["established", "new", "denied", "established-1m"];
+    let all = ["established", "new", "denied", "established-1m", "floor"];
     let chosen: Vec<&str> = if args.scenario.is_empty() {
-        all.to_vec()
+        all[..4].to_vec()
     } else {
         for s in &args.scenario {
             if !all.contains(&s.as_str()) {
@@ -136,6 +137,7 @@ pub fn run(args: &Args) -> Result<()> {
             )?,
             "new" => (new_flows(&w, packets.min(1_000_000), cap)?, Vec::new()),
             "denied" => (denied(&w, flows.min(10_000), packets, cap)?, Vec::new()),
+            "floor" => (floor(&w, flows, packets, cap)?, Vec::new()),
             _ => unreachable!("checked above"),
         };
         print_outcome(&outcome);
@@ -523,4 +525,39 @@ fn denied(w: &Workload, n: usize, packets: usize, cap: Option<usize>) -> Result<
         "dropped by policy",
         |v| matches!(v, Verdict::Drop(_)),
     )
+}
+
+/// The memory floor of the established path on this machine: per packet, one 32-byte slot
+/// of a table sized as the conntrack table for `n` flows, at a random index fixed per flow
+/// (as a flow's hash fixes its slot), and nothing else. Measured as the pipeline is: bursts
+/// of 64, frames restored before each burst (untimed), one `Instant` pair per burst; the slot
+/// loads of a burst are issued in one pass (as the prefetch passes do), then each slot's key
+/// word is compared (as the lookup does). The table comes from the same allocator (huge
+/// pages unless `--no-huge-pages`).
+fn floor(w: &Workload, n: usize, packets: usize, cap: Option<usize>) -> Result<Outcome> {
+    let slots = cap.unwrap_or((n * 2).next_power_of_two().max(1024));
+    // Word 1 of each slot holds its own index, so the comparison can be checked.
+    let table: Vec<[u64; 4]> = (0..slots as u64).map(|i| [i, i, 0, 0]).collect();
+    let mut rng = testing::Rng::new(19);
+    let index: Vec<usize> = (0..n).map(|_| rng.below(slots as u64) as usize).collect();
+    let flows = testing::flows(w, BURST, true, 7);
+    let templates: Vec<_> = flows
+        .iter()
+        .map(|f| (f.frame(TcpFlags::ACK | TcpFlags::PSH), f.src.port))
+        .collect();
+    let mut next = 0usize;
+    measure_stage(&templates, packets, "floor", |bufs| {
+        let mut at = [0usize; BURST];
+        let mut sum = 0u64;
+        for a in at.iter_mut().take(bufs.len()) {
+            *a = index[next % index.len()];
+            next += 1;
+            sum = sum.wrapping_add(table.get(*a).map_or(0, |s| s[0]));
+        }
+        std::hint::black_box(sum);
+        at.iter()
+            .take(bufs.len())
+            .filter(|&&a| table.get(a).is_some_and(|s| s[1] == a as u64))
+            .count() as u64
+    })
 }

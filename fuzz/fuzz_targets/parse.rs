@@ -1,6 +1,7 @@
 //! Fuzzes the frame parser and the in-place rewrites that consume its output.
 //!
-//! For any input `parse` must return without panicking. When it accepts a frame, every
+//! For any input `parse` must return without panicking, and answer exactly as `parse_full`
+//! (the same parser without its fast path for common frames). When it accepts a frame, every
 //! rewrite applied to a copy must also not panic and must leave a frame that parses to
 //! exactly the meta the rewrite promises: the TTL one lower, the new MACs, or the ARP reply.
 //! A rewrite that refuses (TTL expired, not an answerable ARP request) must leave the frame
@@ -8,7 +9,7 @@
 #![no_main]
 
 use classifier::DropReason;
-use classifier::parse::{ArpMeta, Net, PacketMeta, parse};
+use classifier::parse::{ArpMeta, Net, PacketMeta, parse, parse_full};
 use classifier::rewrite::{arp_reply_in_place, decrement_ttl, set_macs};
 use libfuzzer_sys::fuzz_target;
 
@@ -17,7 +18,9 @@ const NEW_SRC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xaa];
 const NEW_DST: [u8; 6] = [0x02, 0, 0, 0, 0, 0xbb];
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(meta) = parse(data) else {
+    let parsed = parse(data);
+    assert_eq!(parsed, parse_full(data), "fast path vs full parser");
+    let Ok(meta) = parsed else {
         return;
     };
 

@@ -706,17 +706,38 @@ impl Conntrack {
 
     /// Looks up the packet's connection and advances its state.
     pub fn track(&self, key: &FlowKey, l4: &L4, now: Nanos) -> CtVerdict {
-        self.track_prefetched(&self.prepare(key), l4, now)
+        // No tag word loaded: the home slot first, where most flows live.
+        self.track_with(&self.prepare(key), l4, now, true)
     }
 
     /// [`Conntrack::track`] for the key `p` was made from by [`Conntrack::prefetch_tags`]:
     /// the same answer, without normalising and hashing the key again.
     #[inline]
     pub fn track_prefetched(&self, p: &CtPrefetch, l4: &L4, now: Nanos) -> CtVerdict {
+        // The prefetched tag word says whether the home slot can hold the key; when it
+        // cannot, the lookup goes straight to the tag scan, whose slot the prefetch loaded.
+        let home_first = if p.v6 {
+            Table::<5>::home_tag_matches(&p.probe, p.word)
+        } else {
+            Table::<2>::home_tag_matches(&p.probe, p.word)
+        };
+        self.track_with(p, l4, now, home_first)
+    }
+
+    #[inline(always)]
+    fn track_with(&self, p: &CtPrefetch, l4: &L4, now: Nanos, home_first: bool) -> CtVerdict {
         let now = tick_of(now);
         if p.v6 {
-            self.v6
-                .track(&p.key, &p.probe, p.from_lo, l4, true, now, &self.timeouts)
+            self.v6.track(
+                &p.key,
+                &p.probe,
+                p.from_lo,
+                l4,
+                true,
+                now,
+                &self.timeouts,
+                home_first,
+            )
         } else {
             self.v4.track(
                 &p.key4(),
@@ -726,6 +747,7 @@ impl Conntrack {
                 false,
                 now,
                 &self.timeouts,
+                home_first,
             )
         }
     }
