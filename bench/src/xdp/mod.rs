@@ -104,8 +104,9 @@ pub struct Args {
     /// XDP attach mode for every AF_XDP socket (generator, sink, devices).
     #[arg(long, value_enum, default_value_t = Mode::Generic)]
     xdp_mode: Mode,
-    /// How the raw-xsk forwarder idles: `poll` sleeps in poll(2) after 1,000 empty polls,
-    /// `spin` never sleeps (its core is then always busy).
+    /// How the raw-xsk forwarder and ocelot's worker idle: `poll` sleeps in poll(2) after
+    /// 1,000 (raw-xsk) or 256 (ocelot) empty polls, `spin` never sleeps (the device's core is
+    /// then always busy; ocelot's config gets `idle = "spin"`).
     #[arg(long, value_enum, default_value_t = IdleMode::Poll)]
     idle: IdleMode,
     /// Scaling run over the number of flows (e.g. 1,1000,100000,1000000): every device at

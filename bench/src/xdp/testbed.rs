@@ -166,7 +166,7 @@ pub struct DeviceOpts {
     pub xdp_mode: XdpMode,
     /// Socket options of raw-xsk.
     pub socket: SocketOpts,
-    /// How raw-xsk idles.
+    /// How raw-xsk and ocelot's worker idle.
     pub idle: rawfwd::Idle,
     /// Where the ocelot config, manifests and log go.
     pub work_dir: PathBuf,
@@ -438,8 +438,12 @@ pub fn ocelot_config(tb: &Testbed, opts: &DeviceOpts) -> String {
     // Room for every flow at a load factor of at most 0.5, as a node expecting this many
     // connections would be configured; never below the agent's default.
     let ct = (u64::from(opts.flows) * 2).next_power_of_two().max(1 << 18);
+    let idle = match opts.idle {
+        rawfwd::Idle::Spin => "spin",
+        rawfwd::Idle::Poll { .. } => "sleep",
+    };
     let mut s = format!(
-        "[node]\nname = \"bench\"\nconntrack_capacity = {ct}\n\n[xdp]\nmode = \"{mode}\"\n"
+        "[node]\nname = \"bench\"\nconntrack_capacity = {ct}\n\n[xdp]\nmode = \"{mode}\"\nidle = \"{idle}\"\n"
     );
     if opts.workers >= 2 {
         let (gens, sinks) = veths.split_at(tb.gens.len());

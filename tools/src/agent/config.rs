@@ -12,6 +12,7 @@
 //! need_wakeup = true
 //! busy_poll_us = 0           # 0: off
 //! frames_per_worker = 8192
+//! idle = "sleep"             # or "spin": never sleep (lowest latency, the core always busy)
 //!
 //! [uplink]                  # optional: the node's link to everything that is not a local pod
 //! interface = "eth0"
@@ -216,6 +217,35 @@ pub struct XdpConfig {
     /// UMEM frames per worker.
     #[serde(default = "default_frames")]
     pub frames_per_worker: u32,
+    /// What an idle worker does.
+    #[serde(default)]
+    pub idle: IdleConfig,
+}
+
+/// `idle`: how a worker waits when no frames arrive.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum IdleConfig {
+    /// After 256 empty polls, sleep in poll(2) until a socket or a hand-off wakes it: the core
+    /// is free for others, and a frame after a quiet spell waits for the wakeup (tens of µs).
+    #[default]
+    Sleep,
+    /// Never sleep: the lowest latency, and the worker's core at 100 % whatever the traffic
+    /// (for cores dedicated to the dataplane).
+    Spin,
+}
+
+impl IdleConfig {
+    /// The worker loop's idle policy.
+    pub fn worker_idle(self) -> dataplane::rawfwd::Idle {
+        match self {
+            IdleConfig::Sleep => dataplane::rawfwd::Idle::Poll {
+                after_empty_polls: 256,
+                timeout_ms: 10,
+            },
+            IdleConfig::Spin => dataplane::rawfwd::Idle::Spin,
+        }
+    }
 }
 
 impl Default for XdpConfig {
@@ -225,6 +255,7 @@ impl Default for XdpConfig {
             need_wakeup: true,
             busy_poll_us: 0,
             frames_per_worker: default_frames(),
+            idle: IdleConfig::default(),
         }
     }
 }

@@ -44,7 +44,6 @@ use control::naming::veth_name;
 use control::node::{BuildReport, NodeOptions, PortRole, PortSpec, build_snapshot};
 use dataplane::handoff::{self, Doorbell, HandoffRx, HandoffTx};
 use dataplane::live::LiveCounters;
-use dataplane::rawfwd::Idle;
 use dataplane::sys::{self, UmemOpts};
 use dataplane::worker::{Pipeline, Worker, WorkerPort};
 
@@ -1107,6 +1106,7 @@ fn start_workers(
     }
     let socket = config.xdp.socket_opts();
     let frames = config.xdp.frames_per_worker;
+    let worker_idle = config.xdp.idle.worker_idle();
     let netns = std::fs::read_link("/proc/thread-self/ns/net").ok();
     let mut handles = Vec::new();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<Vec<sys::SocketHandle>>>();
@@ -1190,10 +1190,7 @@ fn start_workers(
                     }
                 };
                 drop(ready);
-                let idle = Idle::Poll {
-                    after_empty_polls: 256,
-                    timeout_ms: 10,
-                };
+                let idle = worker_idle;
                 loop {
                     worker
                         .run_until(&stop, &thread_attention, idle)
