@@ -654,6 +654,11 @@ mod tests {
         );
         check("[xdp]\nmode = \"turbo\"\n", Err("unknown variant `turbo`"));
         check(
+            "[xdp]\nidle = \"spin\"\n",
+            Ok(vec![(1, vec!["vA:0", "vB:0", "vC:0"])]),
+        );
+        check("[xdp]\nidle = \"nap\"\n", Err("unknown variant `nap`"));
+        check(
             "[datastore]\nunknown_pods = \"open\"\n",
             Err("datastore.unknown_pods: \"open\" is neither \"isolate\" nor \"allow\""),
         );
