@@ -299,10 +299,16 @@ fn nodes_stay_reachable_and_survive_link_flaps() {
         "cross-node pod traffic"
     );
 
-    // Link flaps: the uplink and a pod veth of node-1 go down and up; the agent keeps
-    // running and traffic resumes.
+    // Link flaps: the uplink, a pod veth and the host path's tap of node-1 go down and up;
+    // the agent keeps running and traffic resumes (the tap's routes, which the kernel drops
+    // with the link, are put back).
     let veth = control::naming::veth_name("default", "frontend");
-    for dev in ["uplink0", veth.as_str()] {
+    let node_ns = lab.node.name().to_owned();
+    assert!(
+        tcp_from(&node_ns, IpAddr::V4(frontend), 80),
+        "node-1 reaches its pod through the host path"
+    );
+    for dev in ["uplink0", veth.as_str(), "ocelot0"] {
         lab.node.ip(&["link", "set", dev, "down"]).expect("down");
         std::thread::sleep(Duration::from_millis(500));
         lab.node.ip(&["link", "set", dev, "up"]).expect("up");
@@ -325,6 +331,22 @@ fn nodes_stay_reachable_and_survive_link_flaps() {
         lab.agent_log()
     );
     assert!(lab.agent_running(0));
+    let host_resumed = (0..20).any(|_| {
+        let routed = lab
+            .node
+            .ip(&["route", "get", &frontend.to_string()])
+            .is_ok_and(|r| r.contains("dev ocelot0"));
+        let ok = routed && tcp_from(&node_ns, IpAddr::V4(frontend), 80);
+        if !ok {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        ok
+    });
+    assert!(
+        host_resumed,
+        "node-1 did not reach its pod again after the tap flapped:\n{}",
+        lab.agent_log()
+    );
 
     // The dataplane dies (SIGKILL: nothing is cleaned up). The node's own traffic never
     // depended on it: ARP, ping and TCP still reach the node's kernel, because ocelot's

@@ -153,6 +153,21 @@ fn compile(dir: &Path) -> Result<()> {
 }
 
 /// Prints the status file and checks readiness.
+/// A status file's `drops` object as `reason=n …`, or `none`.
+fn drops_text(drops: &serde_json::Value) -> String {
+    let parts: Vec<String> = drops
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if parts.is_empty() {
+        "none".to_owned()
+    } else {
+        parts.join(" ")
+    }
+}
+
 fn status(file: &Path, max_age: u64, max_stale: Option<f64>) -> Result<()> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
@@ -180,12 +195,6 @@ fn status(file: &Path, max_age: u64, max_stale: Option<f64>) -> Result<()> {
         writeln!(out, "last load error ({} so far): {e}", s["load_errors"])?;
     }
     for w in s["workers"].as_array().into_iter().flatten() {
-        let drops: Vec<String> = w["drops"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
         writeln!(
             out,
             "worker on core {}: rx {} tx {} forwarded {} replied {} · drops: {}",
@@ -194,11 +203,7 @@ fn status(file: &Path, max_age: u64, max_stale: Option<f64>) -> Result<()> {
             w["tx"],
             w["forwarded"],
             w["replied"],
-            if drops.is_empty() {
-                "none".to_owned()
-            } else {
-                drops.join(" ")
-            }
+            drops_text(&w["drops"])
         )?;
     }
     let report = &s["report"];
@@ -215,12 +220,6 @@ fn status(file: &Path, max_age: u64, max_stale: Option<f64>) -> Result<()> {
     }
     let h = &s["host_path"];
     if h.is_object() {
-        let drops: Vec<String> = h["drops"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
         writeln!(
             out,
             "host path {}: node → pods {} (forwarded {}) · pods → node {} · drops: {}",
@@ -228,11 +227,7 @@ fn status(file: &Path, max_age: u64, max_stale: Option<f64>) -> Result<()> {
             h["rx"],
             h["handoff_out"],
             h["handoff_in"],
-            if drops.is_empty() {
-                "none".to_owned()
-            } else {
-                drops.join(" ")
-            }
+            drops_text(&h["drops"])
         )?;
     }
     for u in s["unknown_pods"].as_array().into_iter().flatten() {

@@ -119,8 +119,10 @@ pub struct HostPath {
     thread: Option<JoinHandle<Result<()>>>,
     /// Pod addresses routed into the tap.
     routed: BTreeSet<IpAddr>,
-    /// Route changes the kernel refused (logged; retried at the next sync).
-    pub route_errors: u64,
+    /// Pod addresses that should be (the last `sync_routes`).
+    wanted: BTreeSet<IpAddr>,
+    /// Route changes the kernel refused (logged; retried at the next tick).
+    route_errors: u64,
 }
 
 /// What the host thread needs.
@@ -162,6 +164,7 @@ impl HostPath {
             live,
             thread: Some(thread),
             routed: BTreeSet::new(),
+            wanted: BTreeSet::new(),
             route_errors: 0,
         })
     }
@@ -184,6 +187,7 @@ impl HostPath {
             .filter(|ip| self.ipv6 || ip.is_ipv4())
             .copied()
             .collect();
+        self.wanted = pods.clone();
         let pods = &pods;
         let mut batch = String::new();
         let mac = ports::format_mac(HOST_PATH_MAC);
@@ -213,6 +217,51 @@ impl HostPath {
                 self.routed = pods.intersection(&self.routed).copied().collect();
             }
         }
+    }
+
+    /// Puts back routes the kernel lost — a link going down (someone flapped the tap)
+    /// removes every route through it — and retries ones it refused. Run once per control
+    /// tick: one `ip route` listing per family.
+    pub fn check_routes(&mut self) {
+        let mut present = BTreeSet::new();
+        let families: &[&str] = if self.ipv6 { &["-4", "-6"] } else { &["-4"] };
+        for family in families {
+            let Ok(out) = Command::new("ip")
+                .args([family, "-j", "route", "show", "dev", &self.name])
+                .output()
+            else {
+                return;
+            };
+            let Ok(routes) = serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout) else {
+                return;
+            };
+            present.extend(
+                routes
+                    .iter()
+                    .filter_map(|r| r["dst"].as_str()?.parse::<IpAddr>().ok()),
+            );
+        }
+        let lost: Vec<IpAddr> = self.routed.difference(&present).copied().collect();
+        if lost.is_empty() && self.routed == self.wanted {
+            return;
+        }
+        if !lost.is_empty() {
+            tracing::warn!(
+                "{} lost the routes of {} pods (the link went down?); putting them back",
+                self.name,
+                lost.len()
+            );
+        }
+        for ip in lost {
+            self.routed.remove(&ip);
+        }
+        let wanted = self.wanted.clone();
+        self.sync_routes(&wanted);
+    }
+
+    /// Route changes the kernel refused so far.
+    pub fn route_errors(&self) -> u64 {
+        self.route_errors
     }
 
     /// Whether the host thread has stopped (an I/O error on the tap).

@@ -391,6 +391,9 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         }
         if tick {
             ct.sweep(now(), SWEEP_SLOTS);
+            if let Some(h) = host.as_mut() {
+                h.check_routes();
+            }
         }
         let mut changed = false;
         match polled {
@@ -589,7 +592,9 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
             }
             if let Some(path) = &opts.status {
                 status.uplink = uplink.as_ref().map(uplink::Uplink::status);
-                status.host = host.as_ref().map(|h| (h.name().to_owned(), h.live.load()));
+                status.host = host
+                    .as_ref()
+                    .map(|h| (h.name().to_owned(), h.live.load(), h.route_errors()));
                 if let Err(e) = status.write(path) {
                     tracing::warn!("writing status {}: {e}", path.display());
                 }
@@ -621,7 +626,7 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         {
             result = Err(e.context("host path"));
         }
-        status.host = Some((h.name().to_owned(), h.live.load()));
+        status.host = Some((h.name().to_owned(), h.live.load(), h.route_errors()));
     }
     if let Some(path) = &opts.status {
         status.workers = totals.clone();

@@ -85,8 +85,9 @@ pub struct Status {
     pub datastore: Value,
     /// The uplink program's counters, if there is an uplink.
     pub uplink: Option<Value>,
-    /// The host path: its tap's name and the host thread's counters.
-    pub host: Option<(String, (WorkerCounters, Counters))>,
+    /// The host path: its tap's name, the host thread's counters and the route changes the
+    /// kernel refused.
+    pub host: Option<(String, (WorkerCounters, Counters), u64)>,
     /// Attached pod interfaces that match no pod of the datastore (pending their pod).
     pub unknown_pods: Value,
 }
@@ -165,7 +166,7 @@ impl Status {
             .collect();
         // Its rx are the kernel's frames for pods, `handoff_out` those it passed to workers,
         // `handoff_in` the pods' frames for the node and `tx` what it wrote into the tap.
-        let host = self.host.as_ref().map(|(name, (io, class))| {
+        let host = self.host.as_ref().map(|(name, (io, class), route_errors)| {
             json!({
                 "interface": name,
                 "rx": io.rx,
@@ -175,6 +176,7 @@ impl Status {
                 "ct_created": class.ct_created,
                 "handoff_out": io.handoff_out,
                 "handoff_in": io.handoff_in,
+                "route_errors": route_errors,
                 "drops": drops_map(io, class),
             })
         });
