@@ -9,7 +9,7 @@
 //!
 //! | name | type | labels |
 //! |---|---|---|
-//! | `ocelot_worker_rx_frames_total`, `ocelot_worker_tx_frames_total`, `ocelot_worker_forwarded_total` | counter | `worker`, `core` |
+//! | `ocelot_worker_rx_frames_total`, `ocelot_worker_tx_frames_total`, `ocelot_worker_forwarded_total` | counter | `worker`, `core` (the host path's thread is worker `host`, core `none`: its rx are the kernel's frames for pods, its tx what it wrote into the tap) |
 //! | `ocelot_drops_total` | counter | `worker`, `core`, `reason` (the status file's drop names) |
 //! | `ocelot_snapshot_epoch` | gauge | |
 //! | `ocelot_datastore_connected` | gauge (0/1) | `datastore` |
@@ -58,6 +58,8 @@ pub struct Sample<'a> {
     pub unknown_pods: usize,
     /// `isolate` or `allow`.
     pub treatment: &'a str,
+    /// The host path's counters, if it runs (as worker `host`, core `none`).
+    pub host_path: Option<&'a (WorkerCounters, Counters)>,
 }
 
 /// The agent's metrics.
@@ -147,11 +149,16 @@ impl Metrics {
 
     /// Copies a sample in.
     pub fn update(&self, s: &Sample<'_>) {
-        for (w, (core, (io, class))) in s.workers.iter().enumerate() {
-            let labels = vec![
-                ("worker".to_owned(), w.to_string()),
-                ("core".to_owned(), core.to_string()),
-            ];
+        let workers = s
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(w, (core, counters))| (w.to_string(), core.to_string(), counters));
+        let host = s
+            .host_path
+            .map(|counters| ("host".to_owned(), "none".to_owned(), counters));
+        for (worker, core, (io, class)) in workers.chain(host) {
+            let labels = vec![("worker".to_owned(), worker), ("core".to_owned(), core)];
             set(&self.rx.get_or_create(&labels), io.rx);
             set(&self.tx.get_or_create(&labels), io.tx);
             set(&self.forwarded.get_or_create(&labels), class.forwarded);
@@ -287,6 +294,15 @@ mod tests {
         };
         class.drops[classifier::DropReason::UnknownPod.index()] = 2;
         let workers = [(3, (io, class))];
+        let mut host_class = Counters::default();
+        host_class.drops[classifier::DropReason::SpoofedHostSource.index()] = 4;
+        let host = (
+            WorkerCounters {
+                rx: 6,
+                ..WorkerCounters::default()
+            },
+            host_class,
+        );
         m.update(&Sample {
             workers: &workers,
             epoch: 5,
@@ -296,6 +312,7 @@ mod tests {
             load_errors: 0,
             unknown_pods: 1,
             treatment: "isolate",
+            host_path: Some(&host),
         });
         let text = m.encode();
         for line in [
@@ -308,6 +325,8 @@ mod tests {
             "ocelot_datastore_connected{datastore=\"kubernetes\"} 0",
             "ocelot_datastore_stale_seconds{datastore=\"kubernetes\"} 12.5",
             "ocelot_unknown_pod_interfaces{treatment=\"isolate\"} 1",
+            "ocelot_worker_rx_frames_total{worker=\"host\",core=\"none\"} 6",
+            "ocelot_drops_total{worker=\"host\",core=\"none\",reason=\"spoofed_host_source\"} 4",
             "# TYPE ocelot_drops_total counter",
         ] {
             assert!(

@@ -577,6 +577,9 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
                 unknown_pods_status(&specs, &unknown_since, config.datastore.unknown_pods);
             status.datastore = source.status();
             status.workers = workers.iter().map(|w| (w.core, w.live.load())).collect();
+            status.host = host
+                .as_ref()
+                .map(|h| (h.name().to_owned(), h.live.load(), h.route_errors()));
             if let Some((m, _)) = &metrics {
                 let ds = &status.datastore;
                 m.update(&metrics::Sample {
@@ -588,13 +591,11 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
                     load_errors: status.load_errors,
                     unknown_pods: status.unknown_pods.as_array().map_or(0, Vec::len),
                     treatment: config.datastore.unknown_pods.name(),
+                    host_path: status.host.as_ref().map(|(_, counters, _)| counters),
                 });
             }
             if let Some(path) = &opts.status {
                 status.uplink = uplink.as_ref().map(uplink::Uplink::status);
-                status.host = host
-                    .as_ref()
-                    .map(|h| (h.name().to_owned(), h.live.load(), h.route_errors()));
                 if let Err(e) = status.write(path) {
                     tracing::warn!("writing status {}: {e}", path.display());
                 }
