@@ -98,24 +98,34 @@ impl Drop for WorkerThread {
     }
 }
 
-#[test]
-fn worker_forwards_ping_through_a_classifier() {
-    let vn =
-        VirtualNode::new(&[("pod-a", "10.67.0.1", "vA"), ("pod-b", "10.67.0.2", "vB")]).unwrap();
-    let macs = [
+/// The cross-connect's (destination, source) MACs for the two pods of `vn`: each pod's
+/// `eth0` and the node's side of its veth (`vA`, `vB`).
+fn pod_macs(vn: &VirtualNode) -> [([u8; 6], [u8; 6]); 2] {
+    [
         (vn.pods[0].mac, vn.node.mac("vA").unwrap()),
         (vn.pods[1].mac, vn.node.mac("vB").unwrap()),
-    ];
-    let worker = WorkerThread::start(
-        &vn,
-        CrossConnect { macs },
+    ]
+}
+
+/// One unpinned worker owning `vA` (port 0) and `vB` (port 1), cross-connecting the pods.
+fn one_worker(vn: &VirtualNode) -> WorkerThread {
+    WorkerThread::start(
+        vn,
+        CrossConnect { macs: pod_macs(vn) },
         WorkerSetup {
             ports: vec![("vA".into(), PortId(0)), ("vB".into(), PortId(1))],
             core: None,
             outs: Vec::new(),
             ins: Vec::new(),
         },
-    );
+    )
+}
+
+#[test]
+fn worker_forwards_ping_through_a_classifier() {
+    let vn =
+        VirtualNode::new(&[("pod-a", "10.67.0.1", "vA"), ("pod-b", "10.67.0.2", "vB")]).unwrap();
+    let worker = one_worker(&vn);
     let out = vn.pods[0]
         .ns
         .exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.67.0.2"])
@@ -134,10 +144,7 @@ fn worker_forwards_ping_through_a_classifier() {
 fn two_pinned_workers_forward_across_the_handoff() {
     let vn =
         VirtualNode::new(&[("pod-a", "10.68.0.1", "vA"), ("pod-b", "10.68.0.2", "vB")]).unwrap();
-    let macs = [
-        (vn.pods[0].mac, vn.node.mac("vA").unwrap()),
-        (vn.pods[1].mac, vn.node.mac("vB").unwrap()),
-    ];
+    let macs = pod_macs(&vn);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (a_to_b, b_from_a) = handoff::channel(256, 2048);
     let (b_to_a, a_from_b) = handoff::channel(256, 2048);
@@ -185,10 +192,7 @@ fn two_pinned_workers_forward_across_the_handoff() {
 fn retired_ports_give_their_frames_back() {
     let vn =
         VirtualNode::new(&[("pod-a", "10.68.0.1", "vA"), ("pod-b", "10.68.0.2", "vB")]).unwrap();
-    let macs = [
-        (vn.pods[0].mac, vn.node.mac("vA").unwrap()),
-        (vn.pods[1].mac, vn.node.mac("vB").unwrap()),
-    ];
+    let macs = pod_macs(&vn);
     let node = vn.node.name().to_owned();
     let (tx_done, rx_done) = std::sync::mpsc::channel();
     let thread = std::thread::spawn(move || {
@@ -270,20 +274,7 @@ fn frames_too_big_for_a_umem_frame_are_counted() {
         .ip(&["link", "set", "eth0", "mtu", "3000"])
         .unwrap();
     vn.node.ip(&["link", "set", "vA", "mtu", "3000"]).unwrap();
-    let macs = [
-        (vn.pods[0].mac, vn.node.mac("vA").unwrap()),
-        (vn.pods[1].mac, vn.node.mac("vB").unwrap()),
-    ];
-    let worker = WorkerThread::start(
-        &vn,
-        CrossConnect { macs },
-        WorkerSetup {
-            ports: vec![("vA".into(), PortId(0)), ("vB".into(), PortId(1))],
-            core: None,
-            outs: Vec::new(),
-            ins: Vec::new(),
-        },
-    );
+    let worker = one_worker(&vn);
     let small = vn.pods[0]
         .ns
         .exec(&["ping", "-c", "2", "-i", "0.2", "-W", "1", "10.69.0.2"])
