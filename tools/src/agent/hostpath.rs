@@ -221,26 +221,14 @@ impl HostPath {
 
     /// Puts back routes the kernel lost — a link going down (someone flapped the tap)
     /// removes every route through it — and retries ones it refused. Run once per control
-    /// tick: one `ip route` listing per family.
+    /// tick; reads `/proc/net/route` and `/proc/net/ipv6_route` (no process spawned: a fork
+    /// and exec of `ip` five times a second showed in the workers' latency tail).
     pub fn check_routes(&mut self) {
-        let mut present = BTreeSet::new();
-        let families: &[&str] = if self.ipv6 { &["-4", "-6"] } else { &["-4"] };
-        for family in families {
-            let Ok(out) = Command::new("ip")
-                .args([family, "-j", "route", "show", "dev", &self.name])
-                .output()
-            else {
-                return;
-            };
-            let Ok(routes) = serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout) else {
-                return;
-            };
-            present.extend(
-                routes
-                    .iter()
-                    .filter_map(|r| r["dst"].as_str()?.parse::<IpAddr>().ok()),
-            );
-        }
+        let present: BTreeSet<IpAddr> = super::unknown::host_routes()
+            .remove(&self.name)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         let lost: Vec<IpAddr> = self.routed.difference(&present).copied().collect();
         if lost.is_empty() && self.routed == self.wanted {
             return;

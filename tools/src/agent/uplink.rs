@@ -105,7 +105,7 @@ impl Uplink {
             .collect();
         wanted.extend(gateway);
         wanted.retain(|ip| ports::on_link(&addrs, *ip) && !addrs.iter().any(|(a, _)| a == ip));
-        let neighbors = ports::neighbors(&self.interface);
+        let neighbors = ports::neighbors(&self.interface, wanted.iter().any(IpAddr::is_ipv6));
         for ip in &wanted {
             if !self.managed.contains(ip) && ports::manage_neighbor(&self.interface, *ip) {
                 self.managed.insert(*ip);
