@@ -116,14 +116,30 @@ struct Port<R, T, F> {
 pub enum Idle {
     /// Keep polling: lowest latency, one core at 100%.
     Spin,
-    /// After `after_empty_polls` empty polls in a row, sleep in `poll(2)` on the rx sockets for
-    /// at most `timeout_ms`; frames arriving wake it at once.
+    /// After `after_empty_polls` empty polls in a row, and at least `linger_us` microseconds
+    /// since the last work, sleep in `poll(2)` on the rx sockets for at most `timeout_ms`;
+    /// frames arriving wake it at once.
     Poll {
         /// Empty polls before sleeping.
         after_empty_polls: u32,
+        /// Microseconds without work before sleeping (0: the poll count alone decides). A
+        /// frame that arrives while the loop lingers is taken without a wakeup; at rates
+        /// whose frames come closer together than this, the worker never sleeps.
+        linger_us: u32,
         /// Longest sleep; also how late a stop request may be noticed.
         timeout_ms: i32,
     },
+}
+
+/// Whether an idle loop has gone `linger_us` microseconds without work, counting from the
+/// first call since the last work (`since`, reset by the caller when work is found). Reads
+/// the clock only while idle.
+pub(crate) fn lingered(since: &mut Option<std::time::Instant>, linger_us: u32) -> bool {
+    if linger_us == 0 {
+        return true;
+    }
+    let start = *since.get_or_insert_with(std::time::Instant::now);
+    start.elapsed() >= std::time::Duration::from_micros(u64::from(linger_us))
 }
 
 /// What one [`RawFwd::poll_once`] did.
@@ -267,21 +283,27 @@ where
     /// Polls until `stop` is set, idling as `idle` says. Returns the first I/O error.
     pub fn run(&mut self, stop: &AtomicBool, idle: Idle) -> Result<(), Error> {
         let mut empty = 0u32;
+        let mut idle_since = None;
         while !stop.load(Ordering::Relaxed) {
             let work = self.poll_once()?;
             if !work.is_empty() {
                 empty = 0;
+                idle_since = None;
                 continue;
             }
             match idle {
                 Idle::Spin => {}
                 Idle::Poll {
                     after_empty_polls,
+                    linger_us,
                     timeout_ms,
                 } => {
                     empty = empty.saturating_add(1);
                     let in_flight = self.ports.iter().any(|p| p.tx.in_flight() > 0);
-                    if empty >= after_empty_polls && !in_flight {
+                    if empty >= after_empty_polls
+                        && !in_flight
+                        && lingered(&mut idle_since, linger_us)
+                    {
                         let fds = self.ports.iter().filter_map(|p| p.rx.fd());
                         sys::poll_readable(fds, timeout_ms)?;
                     }
@@ -404,6 +426,7 @@ impl Default for FwdConfig {
             socket: sys::SocketOpts::default(),
             idle: Idle::Poll {
                 after_empty_polls: 1000,
+                linger_us: 0,
                 timeout_ms: 10,
             },
             core: None,
@@ -518,6 +541,24 @@ mod tests {
     };
 
     type MemFwd = RawFwd<MemFrames, MemRx, MemTx>;
+
+    #[test]
+    fn lingering_counts_from_the_first_idle_poll() {
+        let mut since = None;
+        // No linger: sleep as soon as the poll count allows, without reading the clock.
+        assert!(lingered(&mut since, 0));
+        assert!(since.is_none());
+        // A second's linger has not passed on the first idle poll, nor on the next.
+        assert!(!lingered(&mut since, 1_000_000));
+        let first = since.expect("the clock was read");
+        assert!(!lingered(&mut since, 1_000_000));
+        assert_eq!(since, Some(first), "counted from the first idle poll");
+        // A short one has once that much time went by (work resets `since` to None).
+        let mut since = None;
+        assert!(!lingered(&mut since, 2_000));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(lingered(&mut since, 2_000));
+    }
 
     /// Two simulated interfaces a and b, forwarding a↔b, over `frames` frames.
     fn fwd(frames: usize, fa: Faults, fb: Faults) -> (MemFwd, Wire, Wire) {

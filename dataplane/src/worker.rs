@@ -649,6 +649,8 @@ where
         idle: Idle,
     ) -> Result<(), Error> {
         let mut empty = 0u32;
+        let mut idle_since = None;
+        let mut published_idle = false;
         let mut polls = 0u32;
         while !stop.load(Ordering::Relaxed) && !attention.load(Ordering::Relaxed) {
             polls = polls.wrapping_add(1);
@@ -658,19 +660,28 @@ where
             }
             if self.poll_once()? > 0 {
                 empty = 0;
+                idle_since = None;
+                published_idle = false;
                 continue;
             }
             if let Idle::Poll {
                 after_empty_polls,
+                linger_us,
                 timeout_ms,
             } = idle
             {
                 empty = empty.saturating_add(1);
                 let in_flight = self.ports.iter().any(|p| p.tx.in_flight() > 0);
-                if empty >= after_empty_polls && !in_flight {
-                    if empty == after_empty_polls {
+                if empty >= after_empty_polls
+                    && !in_flight
+                    && crate::rawfwd::lingered(&mut idle_since, linger_us)
+                {
+                    // The first sleep after work publishes the counters (a sleeping worker's
+                    // figures are then current).
+                    if !published_idle {
                         self.refresh_socket_stats();
                         self.publish();
+                        published_idle = true;
                     }
                     if let Some(bell) = &self.doorbell {
                         bell.going_to_sleep();

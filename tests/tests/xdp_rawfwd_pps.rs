@@ -421,6 +421,7 @@ fn rawfwd_pps() {
         generic,
         Idle::Poll {
             after_empty_polls: 1000,
+            linger_us: 0,
             timeout_ms: 10,
         },
     );

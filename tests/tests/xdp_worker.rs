@@ -67,6 +67,7 @@ impl WorkerThread {
                     &thread_stop,
                     Idle::Poll {
                         after_empty_polls: 1000,
+                        linger_us: 0,
                         timeout_ms: 1,
                     },
                 )

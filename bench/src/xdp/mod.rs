@@ -109,6 +109,10 @@ pub struct Args {
     /// then always busy; ocelot's config gets `idle = "spin"`).
     #[arg(long, value_enum, default_value_t = IdleMode::Poll)]
     idle: IdleMode,
+    /// ocelot's `[xdp] sleep_after_us` with `--idle poll`: how long its worker keeps polling
+    /// after the last frame before it sleeps (default: the agent's default).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    sleep_after_us: Option<u32>,
     /// Scaling run over the number of flows (e.g. 1,1000,100000,1000000): every device at
     /// every value.
     #[arg(long, value_delimiter = ',', conflicts_with = "sweep_rules", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -353,6 +357,11 @@ pub fn run(args: &Args) -> Result<()> {
     } else {
         sweep_desc
     };
+    let sweep_desc = match (args.idle, args.sleep_after_us) {
+        (IdleMode::Spin, _) => format!("{sweep_desc}, devices spin when idle"),
+        (IdleMode::Poll, Some(us)) => format!("{sweep_desc}, ocelot sleeps after {us} µs idle"),
+        (IdleMode::Poll, None) => sweep_desc,
+    };
     let conditions = format!(
         "{} B frames, {} flow(s), fixed rate {} pps, policy {policy_desc}{sweep_desc}, {:?} XDP, copy mode; \
          cores: generator {gen_core}, device {device_core}, sink {sink} (of {cores}); \
@@ -396,6 +405,7 @@ pub fn run(args: &Args) -> Result<()> {
             IdleMode::Spin => dataplane::rawfwd::Idle::Spin,
             IdleMode::Poll => dataplane::rawfwd::FwdConfig::default().idle,
         },
+        sleep_after_us: args.sleep_after_us,
         work_dir,
     };
     let swap = args.swap_every_ms.map(Duration::from_millis);

@@ -168,6 +168,8 @@ pub struct DeviceOpts {
     pub socket: SocketOpts,
     /// How raw-xsk and ocelot's worker idle.
     pub idle: rawfwd::Idle,
+    /// ocelot's `[xdp] sleep_after_us`, when not the agent's default.
+    pub sleep_after_us: Option<u32>,
     /// Where the ocelot config, manifests and log go.
     pub work_dir: PathBuf,
 }
@@ -445,6 +447,9 @@ pub fn ocelot_config(tb: &Testbed, opts: &DeviceOpts) -> String {
     let mut s = format!(
         "[node]\nname = \"bench\"\nconntrack_capacity = {ct}\n\n[xdp]\nmode = \"{mode}\"\nidle = \"{idle}\"\n"
     );
+    if let Some(us) = opts.sleep_after_us {
+        let _ = writeln!(s, "sleep_after_us = {us}");
+    }
     if opts.workers >= 2 {
         let (gens, sinks) = veths.split_at(tb.gens.len());
         let (w0, w1): (Vec<&str>, Vec<&str>) = if gens.len() == 1 {

@@ -13,6 +13,7 @@
 //! busy_poll_us = 0           # 0: off
 //! frames_per_worker = 8192
 //! idle = "sleep"             # or "spin": never sleep (lowest latency, the core always busy)
+//! sleep_after_us = 50        # "sleep": keep polling this long after the last frame
 //!
 //! [uplink]                  # optional: the node's link to everything that is not a local pod
 //! interface = "eth0"
@@ -220,7 +221,19 @@ pub struct XdpConfig {
     /// What an idle worker does.
     #[serde(default)]
     pub idle: IdleConfig,
+    /// With `idle = "sleep"`: microseconds a worker keeps polling after its last frame before
+    /// it sleeps (and at least 256 empty polls). Frames that come closer together than this
+    /// never wait for a wakeup; the price is up to this much busy time after each burst.
+    #[serde(default = "default_sleep_after_us")]
+    pub sleep_after_us: u32,
 }
+
+fn default_sleep_after_us() -> u32 {
+    50
+}
+
+/// The largest `sleep_after_us`: beyond a second, `idle = "spin"` says what is meant.
+pub const MAX_SLEEP_AFTER_US: u32 = 1_000_000;
 
 /// `idle`: how a worker waits when no frames arrive.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -235,12 +248,13 @@ pub enum IdleConfig {
     Spin,
 }
 
-impl IdleConfig {
+impl XdpConfig {
     /// The worker loop's idle policy.
-    pub fn worker_idle(self) -> dataplane::rawfwd::Idle {
-        match self {
+    pub fn worker_idle(&self) -> dataplane::rawfwd::Idle {
+        match self.idle {
             IdleConfig::Sleep => dataplane::rawfwd::Idle::Poll {
                 after_empty_polls: 256,
+                linger_us: self.sleep_after_us,
                 timeout_ms: 10,
             },
             IdleConfig::Spin => dataplane::rawfwd::Idle::Spin,
@@ -256,6 +270,7 @@ impl Default for XdpConfig {
             busy_poll_us: 0,
             frames_per_worker: default_frames(),
             idle: IdleConfig::default(),
+            sleep_after_us: default_sleep_after_us(),
         }
     }
 }
@@ -377,6 +392,15 @@ impl Config {
             return Err(err(
                 "xdp.frames_per_worker".into(),
                 format!("{} is not in 64..=1048576", self.xdp.frames_per_worker),
+            ));
+        }
+        if self.xdp.sleep_after_us > MAX_SLEEP_AFTER_US {
+            return Err(err(
+                "xdp.sleep_after_us".into(),
+                format!(
+                    "{} is more than {MAX_SLEEP_AFTER_US} (a second); for a worker that never sleeps, say idle = \"spin\"",
+                    self.xdp.sleep_after_us
+                ),
             ));
         }
         let host = &self.node.host_interface;
@@ -658,6 +682,15 @@ mod tests {
             Ok(vec![(1, vec!["vA:0", "vB:0", "vC:0"])]),
         );
         check("[xdp]\nidle = \"nap\"\n", Err("unknown variant `nap`"));
+        check(
+            "[xdp]\nsleep_after_us = 0\n",
+            Ok(vec![(1, vec!["vA:0", "vB:0", "vC:0"])]),
+        );
+        check(
+            "[xdp]\nsleep_after_us = 2000000\n",
+            Err("xdp.sleep_after_us: 2000000 is more than 1000000"),
+        );
+        check("[xdp]\nsleep_after_us = -1\n", Err("sleep_after_us"));
         check(
             "[datastore]\nunknown_pods = \"open\"\n",
             Err("datastore.unknown_pods: \"open\" is neither \"isolate\" nor \"allow\""),

@@ -1112,7 +1112,7 @@ fn start_workers(
     }
     let socket = config.xdp.socket_opts();
     let frames = config.xdp.frames_per_worker;
-    let worker_idle = config.xdp.idle.worker_idle();
+    let worker_idle = config.xdp.worker_idle();
     let netns = std::fs::read_link("/proc/thread-self/ns/net").ok();
     let mut handles = Vec::new();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<Vec<sys::SocketHandle>>>();
