@@ -645,6 +645,8 @@ struct Base {
     identity_ns: Vec<u32>,
     id_index: LabelIndex,
     port_names: AHashMap<String, u32>,
+    /// `port_names` by id, to compare a pod's port names without hashing them.
+    port_name_list: Vec<String>,
     /// The endpoints of the last compile, in the cluster's pod order.
     pods: Vec<CachedPod>,
     /// Identities some endpoint held at the last compile.
@@ -667,24 +669,19 @@ fn is_local(pod: &Pod, opts: &CompileOptions) -> bool {
         .is_none_or(|n| pod.node.as_deref() == Some(n))
 }
 
-/// Whether `named` is what `ports` intern to (the named ones, in order).
-fn same_named_ports(
-    named: &[NamedPort],
-    ports: &[ContainerPort],
-    names: &AHashMap<String, u32>,
-) -> bool {
+/// Whether `named` is what `ports` intern to (the named ones, in order); `names` lists the
+/// interned names by id.
+fn same_named_ports(named: &[NamedPort], ports: &[ContainerPort], names: &[String]) -> bool {
     let mut cached = named.iter();
     for p in ports {
         let Some(name) = &p.name else { continue };
-        let Some(&id) = names.get(name.as_str()) else {
+        let Some(c) = cached.next() else {
             return false;
         };
-        let want = NamedPort {
-            name: id,
-            proto: p.protocol.ip_number(),
-            port: p.port,
-        };
-        if cached.next() != Some(&want) {
+        if c.port != p.port
+            || c.proto != p.protocol.ip_number()
+            || names.get(c.name as usize) != Some(name)
+        {
             return false;
         }
     }
@@ -704,6 +701,7 @@ impl Base {
             identity_ns: Vec::new(),
             id_index: LabelIndex::default(),
             port_names: AHashMap::new(),
+            port_name_list: Vec::new(),
             pods: Vec::new(),
             live_identities: 0,
             hasher: ahash::RandomState::new(),
@@ -792,6 +790,7 @@ impl Base {
                     Some(&id) => id,
                     None => {
                         self.port_names.insert(name.clone(), next);
+                        self.port_name_list.push(name.clone());
                         next
                     }
                 };
@@ -814,21 +813,18 @@ impl Base {
         }
     }
 
-    /// Whether `cached` is exactly what `pod` derives to (so it can be kept).
+    /// Whether `cached` is exactly what `pod` derives to (so it can be kept). The identity's
+    /// namespace needs no check: within one base a namespace name keeps its index.
     fn same(&self, cached: &CachedPod, pod: &Pod, local: bool) -> bool {
         cached.info.local == local
             && cached.info.name == pod.name
-            && cached.info.namespace == pod.namespace
             && cached.info.ips == pod.ips
+            && cached.info.namespace == pod.namespace
             && self
                 .id_index
                 .labels(cached.identity)
                 .is_some_and(|l| *l == pod.labels)
-            && self
-                .identity_ns
-                .get(cached.identity as usize)
-                .is_some_and(|&ns| self.ns_by_name.get(pod.namespace.as_str()) == Some(&ns))
-            && same_named_ports(&cached.named, &pod.ports, &self.port_names)
+            && same_named_ports(&cached.named, &pod.ports, &self.port_name_list)
     }
 
     fn name_hash(&self, namespace: &str, name: &str) -> u64 {
