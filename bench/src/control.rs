@@ -103,7 +103,8 @@ pub struct Args {
     #[arg(long)]
     full_compile: bool,
     /// Drop the previous `Manifests` and snapshot on the control thread, as it used to,
-    /// instead of on a reaper thread.
+    /// instead of giving the `Manifests` back to the datastore (`KubeDatastore::recycle`)
+    /// and freeing the snapshot on a reaper thread.
     #[arg(long)]
     drop_inline: bool,
     /// Also write the results as JSON here.
@@ -379,7 +380,10 @@ fn port_for(namespace: &str, name: &str, index: usize) -> PortSpec {
 /// give each new local pod a port (ids are never reused), build the snapshot for the next
 /// epoch and publish it.
 fn control_loop(
-    updates: crossbeam_channel::Receiver<Manifests>,
+    (updates, recycler): (
+        crossbeam_channel::Receiver<Manifests>,
+        control::kube::Recycler,
+    ),
     published: Arc<ArcSwap<Snapshot>>,
     shared: Arc<Shared>,
     mode: ControlMode,
@@ -399,6 +403,15 @@ fn control_loop(
         Some(r) => r.drop_later(value),
         None => drop(value),
     };
+    // As the agent does: a `Manifests` no longer needed goes back to the datastore, which
+    // makes its next one from it.
+    let give_back = |m: Manifests| {
+        if mode.drop_inline {
+            drop(m);
+        } else {
+            recycler.recycle(m);
+        }
+    };
     let mut ports: Vec<Option<PortSpec>> = Vec::new();
     let mut index: HashMap<(String, String), usize> = HashMap::new();
     let mut epoch = published.load().epoch;
@@ -407,7 +420,7 @@ fn control_loop(
         // As the agent does: only the newest snapshot matters, each is complete.
         let mut m = first;
         for newer in updates.try_iter() {
-            reap(Box::new(std::mem::replace(&mut m, newer)));
+            give_back(std::mem::replace(&mut m, newer));
         }
         for p in &m.cluster.pods {
             if p.node.as_deref() == Some(LOCAL_NODE) && !p.host_network {
@@ -446,7 +459,7 @@ fn control_loop(
         }
         let old = lock(&shared.last).replace(m);
         if let Some(old) = old {
-            reap(Box::new(old));
+            give_back(old);
         }
     }
 }
@@ -727,7 +740,7 @@ pub fn run(args: &Args) -> Result<()> {
         ..KubeOptions::with_config(server.config())
     })
     .context("starting the kube datastore")?;
-    let updates = ds.updates().clone();
+    let updates = (ds.updates().clone(), ds.recycler());
     let control = std::thread::Builder::new()
         .name("bench-control".to_owned())
         .spawn({

@@ -405,7 +405,10 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         let mut changed = false;
         match polled {
             Some(Ok(m)) => {
-                reaper.drop_later(std::mem::replace(&mut manifests, m));
+                let old = std::mem::replace(&mut manifests, m);
+                if let Some(old) = source.give_back(old) {
+                    reaper.drop_later(old);
+                }
                 changed = true;
             }
             Some(Err(e)) => {
