@@ -4,9 +4,12 @@
 //! synthetic cluster into it (10,000 pods in 1,000 namespaces on 100 nodes with podCIDRs,
 //! 1,000 NetworkPolicies whose selectors match those pods' labels), and runs the agent's
 //! control path against it: the real `control::kube` datastore (kube watchers over HTTP,
-//! conversion, coalescing), then on every `Manifests` it sends, `control::node::build_snapshot`
-//! for one node (`node-0`: its pods are the local ports, with made-up MACs) published into an
-//! `ArcSwap<Snapshot>`, as the agent does. A "worker" thread loads the snapshot in a loop, as
+//! conversion, coalescing), then on every `Manifests` it sends, a snapshot for one node
+//! (`node-0`: its pods are the local ports, with made-up MACs) built with a
+//! `control::node::SnapshotBuilder` and published into an `ArcSwap<Snapshot>`, as the agent
+//! does: the replaced `Manifests` goes back to the datastore (`KubeDatastore::recycle`) and the
+//! replaced snapshot to a reaper thread. `--full-compile` builds every snapshot from scratch
+//! and `--drop-inline` frees both on the control thread, to compare within one binary. A "worker" thread loads the snapshot in a loop, as
 //! workers do once per burst, and notes when it first sees each epoch.
 //!
 //! For each kind of event (a new policy, a pod's label change, a pod added to the node, a

@@ -481,6 +481,9 @@ async fn run(
     ];
     let mut cache = Cache::default();
     let mut window = Window::default();
+    // Frees what is given back too late to be the next spare: not on this task, which would
+    // hold up the next change meanwhile.
+    let reaper = crate::reap::Reaper::spawn("ocelot-kube-reap").ok();
     loop {
         tokio::select! {
             msg = rx.recv() => {
@@ -517,8 +520,12 @@ async fn run(
                 }
             }
             Some(m) = recycled.recv() => {
-                // Not adopted (a spare exists, or it is too old): freed here.
-                drop(cache.recycle(m));
+                // Not adopted (a spare exists, or it is too old): freed elsewhere.
+                if let Some(m) = cache.recycle(m)
+                    && let Some(r) = &reaper
+                {
+                    r.drop_later(m);
+                }
             }
             _ = shutdown.changed() => break,
         }
