@@ -425,6 +425,12 @@ fn control_loop(
         for newer in updates.try_iter() {
             give_back(std::mem::replace(&mut m, newer));
         }
+        // The previous one is not needed any more: given back at once, as the agent does, so
+        // the datastore has its next spare before the next change can arrive.
+        let previous = lock(&shared.last).take();
+        if let Some(previous) = previous {
+            give_back(previous);
+        }
         for p in &m.cluster.pods {
             if p.node.as_deref() == Some(LOCAL_NODE) && !p.host_network {
                 let key = (p.namespace.clone(), p.name.clone());
@@ -460,10 +466,7 @@ fn control_loop(
         {
             *met = Some(epoch);
         }
-        let old = lock(&shared.last).replace(m);
-        if let Some(old) = old {
-            give_back(old);
-        }
+        *lock(&shared.last) = Some(m);
     }
 }
 
