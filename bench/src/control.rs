@@ -844,10 +844,18 @@ pub fn run(args: &Args) -> Result<()> {
         results.push(r);
     }
     let burst = measure_bursts(&server, &ds, &shared, &s, args, timeout)?;
-    let parts = lock(&shared.last)
-        .as_ref()
-        .map(time_parts)
-        .ok_or_else(|| anyhow!("no Manifests kept"))?;
+    // The control thread gives the previous `Manifests` back when a newer one arrives and
+    // keeps the newer once its snapshot is built: wait out a build in progress.
+    let t_parts = Instant::now();
+    let parts = loop {
+        if let Some(parts) = lock(&shared.last).as_ref().map(time_parts) {
+            break parts;
+        }
+        if t_parts.elapsed() > timeout {
+            bail!("no Manifests kept");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
     let builds = lock(&shared.builds_us).clone();
     let mut build_hist = Leg::new()?;
     for b in &builds {
