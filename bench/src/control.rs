@@ -954,7 +954,7 @@ pub fn run(args: &Args) -> Result<()> {
         ms(parts.compile_kept),
     );
     println!(
-        "cloning a full Manifests: {:.1} ms (the datastore's cache does it once per snapshot, after sending it)",
+        "cloning a full Manifests: {:.1} ms (what the datastore's cache does after each send for a consumer that gives nothing back)",
         ms(parts.clone),
     );
     println!(
@@ -1077,8 +1077,8 @@ fn policy_apply(server: &ApiServer, s: &Sizes, i: usize) {
 struct Parts {
     /// `PolicyTable::compile`, the bulk of `build_snapshot`.
     compile: Duration,
-    /// Cloning a full `Manifests`: what the datastore's cache does once per snapshot to
-    /// make its next one, after sending.
+    /// Cloning a full `Manifests`: what the datastore's cache does after each send to make
+    /// its next one, for a consumer that gives nothing back (`--drop-inline` here).
     clone: Duration,
     /// `PolicyCompiler::compile` of the same cluster again, its base kept: what a snapshot
     /// that changes no pod or namespace costs.
