@@ -4,9 +4,12 @@
 //! synthetic cluster into it (10,000 pods in 1,000 namespaces on 100 nodes with podCIDRs,
 //! 1,000 NetworkPolicies whose selectors match those pods' labels), and runs the agent's
 //! control path against it: the real `control::kube` datastore (kube watchers over HTTP,
-//! conversion, coalescing), then on every `Manifests` it sends, `control::node::build_snapshot`
-//! for one node (`node-0`: its pods are the local ports, with made-up MACs) published into an
-//! `ArcSwap<Snapshot>`, as the agent does. A "worker" thread loads the snapshot in a loop, as
+//! conversion, coalescing), then on every `Manifests` it sends, a snapshot for one node
+//! (`node-0`: its pods are the local ports, with made-up MACs) built with a
+//! `control::node::SnapshotBuilder` and published into an `ArcSwap<Snapshot>`, as the agent
+//! does: the replaced `Manifests` goes back to the datastore (`KubeDatastore::recycle`) and the
+//! replaced snapshot to a reaper thread. `--full-compile` builds every snapshot from scratch
+//! and `--drop-inline` frees both on the control thread, to compare within one binary. A "worker" thread loads the snapshot in a loop, as
 //! workers do once per burst, and notes when it first sees each epoch.
 //!
 //! For each kind of event (a new policy, a pod's label change, a pod added to the node, a
@@ -39,11 +42,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use arc_swap::ArcSwap;
-use classifier::policy::{CompileOptions, PolicyTable};
+use classifier::policy::{CompileOptions, PolicyCompiler, PolicyTable};
 use classifier::snapshot::Snapshot;
 use control::kube::KubeOptions;
 use control::manifests::Manifests;
-use control::node::{NodeOptions, PortRole, PortSpec, build_snapshot};
+use control::node::{NodeOptions, PortRole, PortSpec, SnapshotBuilder, build_snapshot};
+use control::reap::Reaper;
 use hdrhistogram::Histogram;
 use ocelot_tests::apiserver::ApiServer;
 use serde_json::{Value, json};
@@ -96,6 +100,16 @@ pub struct Args {
     /// events per kind.
     #[arg(long)]
     quick: bool,
+    /// Compile every snapshot from scratch (`control::node::build_snapshot`) instead of
+    /// keeping the compiler's pods-and-namespaces half between builds (`SnapshotBuilder`),
+    /// to compare the two in one binary.
+    #[arg(long)]
+    full_compile: bool,
+    /// Drop the previous `Manifests` and snapshot on the control thread, as it used to,
+    /// instead of giving the `Manifests` back to the datastore (`KubeDatastore::recycle`)
+    /// and freeing the snapshot on a reaper thread.
+    #[arg(long)]
+    drop_inline: bool,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -369,13 +383,37 @@ fn port_for(namespace: &str, name: &str, index: usize) -> PortSpec {
 /// give each new local pod a port (ids are never reused), build the snapshot for the next
 /// epoch and publish it.
 fn control_loop(
-    updates: crossbeam_channel::Receiver<Manifests>,
+    (updates, recycler): (
+        crossbeam_channel::Receiver<Manifests>,
+        control::kube::Recycler,
+    ),
     published: Arc<ArcSwap<Snapshot>>,
     shared: Arc<Shared>,
+    mode: ControlMode,
 ) {
     let opts = NodeOptions {
         local_node: Some(LOCAL_NODE.to_owned()),
         ..NodeOptions::default()
+    };
+    let mut builder = SnapshotBuilder::default();
+    // The agent frees replaced `Manifests` and snapshots on a thread of its own too.
+    let reaper = if mode.drop_inline {
+        None
+    } else {
+        Reaper::spawn("bench-reaper").ok()
+    };
+    let reap = |value: Box<dyn std::any::Any + Send>| match &reaper {
+        Some(r) => r.drop_later(value),
+        None => drop(value),
+    };
+    // As the agent does: a `Manifests` no longer needed goes back to the datastore, which
+    // makes its next one from it.
+    let give_back = |m: Manifests| {
+        if mode.drop_inline {
+            drop(m);
+        } else {
+            recycler.recycle(m);
+        }
     };
     let mut ports: Vec<Option<PortSpec>> = Vec::new();
     let mut index: HashMap<(String, String), usize> = HashMap::new();
@@ -383,7 +421,16 @@ fn control_loop(
     while let Ok(first) = updates.recv() {
         let received = Instant::now();
         // As the agent does: only the newest snapshot matters, each is complete.
-        let m = updates.try_iter().last().unwrap_or(first);
+        let mut m = first;
+        for newer in updates.try_iter() {
+            give_back(std::mem::replace(&mut m, newer));
+        }
+        // The previous one is not needed any more: given back at once, as the agent does, so
+        // the datastore has its next spare before the next change can arrive.
+        let previous = lock(&shared.last).take();
+        if let Some(previous) = previous {
+            give_back(previous);
+        }
         for p in &m.cluster.pods {
             if p.node.as_deref() == Some(LOCAL_NODE) && !p.host_network {
                 let key = (p.namespace.clone(), p.name.clone());
@@ -395,11 +442,16 @@ fn control_loop(
         }
         epoch += 1;
         let t = Instant::now();
-        let (snapshot, report) = build_snapshot(&m, &ports, &opts, epoch);
+        let (snapshot, report) = if mode.full_compile {
+            build_snapshot(&m, &ports, &opts, epoch)
+        } else {
+            builder.build(&m, &ports, &opts, epoch)
+        };
         let build = t.elapsed();
         // Taken before the store: a worker may load the snapshot before this thread runs on.
         let done = Instant::now();
-        published.store(Arc::new(snapshot));
+        let old = published.swap(Arc::new(snapshot));
+        reap(Box::new(old));
         lock(&shared.builds_us).push(build.as_micros() as u64);
         *lock(&shared.unwired) = report.pods_without_port.len();
         lock(&shared.epochs).insert(
@@ -416,6 +468,13 @@ fn control_loop(
         }
         *lock(&shared.last) = Some(m);
     }
+}
+
+/// How the control thread builds and frees (see `Args::full_compile`, `Args::drop_inline`).
+#[derive(Clone, Copy, Debug)]
+struct ControlMode {
+    full_compile: bool,
+    drop_inline: bool,
 }
 
 /// A worker: loads the snapshot once per "burst" and notes each new epoch's first sight.
@@ -687,12 +746,16 @@ pub fn run(args: &Args) -> Result<()> {
         ..KubeOptions::with_config(server.config())
     })
     .context("starting the kube datastore")?;
-    let updates = ds.updates().clone();
+    let updates = (ds.updates().clone(), ds.recycler());
     let control = std::thread::Builder::new()
         .name("bench-control".to_owned())
         .spawn({
             let (p, sh) = (Arc::clone(&published), Arc::clone(&shared));
-            move || control_loop(updates, p, sh)
+            let mode = ControlMode {
+                full_compile: args.full_compile,
+                drop_inline: args.drop_inline,
+            };
+            move || control_loop(updates, p, sh, mode)
         })
         .context("spawning the control thread")?;
 
@@ -781,10 +844,18 @@ pub fn run(args: &Args) -> Result<()> {
         results.push(r);
     }
     let burst = measure_bursts(&server, &ds, &shared, &s, args, timeout)?;
-    let parts = lock(&shared.last)
-        .as_ref()
-        .map(time_parts)
-        .ok_or_else(|| anyhow!("no Manifests kept"))?;
+    // The control thread gives the previous `Manifests` back when a newer one arrives and
+    // keeps the newer once its snapshot is built: wait out a build in progress.
+    let t_parts = Instant::now();
+    let parts = loop {
+        if let Some(parts) = lock(&shared.last).as_ref().map(time_parts) {
+            break parts;
+        }
+        if t_parts.elapsed() > timeout {
+            bail!("no Manifests kept");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
     let builds = lock(&shared.builds_us).clone();
     let mut build_hist = Leg::new()?;
     for b in &builds {
@@ -870,14 +941,20 @@ pub fn run(args: &Args) -> Result<()> {
         ms(first_build)
     );
     println!(
-        "every build_snapshot ({} builds): p50 {:.1} ms, p99 {:.1} ms; of which PolicyTable::compile {:.1} ms",
+        "every build_snapshot ({} builds, {}): p50 {:.1} ms, p99 {:.1} ms; PolicyTable::compile from scratch {:.1} ms, again with the base kept {:.1} ms",
         builds.len(),
+        if args.full_compile {
+            "each compiled from scratch"
+        } else {
+            "the compiler's base kept"
+        },
         build_hist.ms(0.5),
         build_hist.ms(0.99),
         ms(parts.compile),
+        ms(parts.compile_kept),
     );
     println!(
-        "cloning a full Manifests: {:.1} ms (the datastore's cache does it once per snapshot, after sending it)",
+        "cloning a full Manifests: {:.1} ms (what the datastore's cache does after each send for a consumer that gives nothing back)",
         ms(parts.clone),
     );
     println!(
@@ -911,6 +988,9 @@ pub fn run(args: &Args) -> Result<()> {
                 "first_build_ms": round2(ms(first_build)),
                 "build_p50_ms": round2(build_hist.ms(0.5)),
                 "policy_compile_ms": round2(ms(parts.compile)),
+                "policy_compile_kept_ms": round2(ms(parts.compile_kept)),
+                "full_compile_mode": args.full_compile,
+                "drop_inline": args.drop_inline,
                 "manifests_clone_ms": round2(ms(parts.clone)),
                 "rss_before_datastore_mb": round2(rss_before),
                 "pods": s.pods,
@@ -997,9 +1077,12 @@ fn policy_apply(server: &ApiServer, s: &Sizes, i: usize) {
 struct Parts {
     /// `PolicyTable::compile`, the bulk of `build_snapshot`.
     compile: Duration,
-    /// Cloning a full `Manifests`: what the datastore's cache does once per snapshot to
-    /// make its next one, after sending.
+    /// Cloning a full `Manifests`: what the datastore's cache does after each send to make
+    /// its next one, for a consumer that gives nothing back (`--drop-inline` here).
     clone: Duration,
+    /// `PolicyCompiler::compile` of the same cluster again, its base kept: what a snapshot
+    /// that changes no pod or namespace costs.
+    compile_kept: Duration,
 }
 
 fn time_parts(m: &Manifests) -> Parts {
@@ -1016,7 +1099,20 @@ fn time_parts(m: &Manifests) -> Parts {
     );
     let compile = t.elapsed();
     drop(table);
-    Parts { compile, clone }
+    let opts = CompileOptions {
+        local_node: Some(LOCAL_NODE.to_owned()),
+    };
+    let mut compiler = PolicyCompiler::default();
+    drop(compiler.compile(&m.cluster, &opts));
+    let t = Instant::now();
+    let kept = compiler.compile(&m.cluster, &opts);
+    let compile_kept = t.elapsed();
+    drop(kept);
+    Parts {
+        compile,
+        clone,
+        compile_kept,
+    }
 }
 
 #[cfg(test)]
@@ -1038,6 +1134,8 @@ mod tests {
             worker_poll_us: 50,
             timeout_ms: 10_000,
             quick: true,
+            full_compile: false,
+            drop_inline: false,
             json,
         }
     }

@@ -15,6 +15,7 @@ pub mod kube;
 pub mod manifests;
 pub mod naming;
 pub mod node;
+pub mod reap;
 pub mod verdicts;
 
 pub use error::{Error, ManifestError, ObjectRef};

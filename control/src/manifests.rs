@@ -79,6 +79,10 @@ pub struct Manifests {
     pub warnings: Vec<String>,
     /// The cluster's nodes (`kind: Node`), sorted by name.
     pub nodes: Vec<NodeInfo>,
+    /// Which of the Kubernetes datastore's snapshots this is, so that one given back
+    /// (`KubeDatastore::recycle`) can be brought up to date instead of copied anew; `None`
+    /// for one from elsewhere.
+    pub(crate) generation: Option<u64>,
 }
 
 /// What ocelot keeps of a `Node`: where its pods' addresses come from and how to reach it.
@@ -467,6 +471,7 @@ impl Loader {
             cluster,
             warnings,
             nodes,
+            generation: None,
         })
     }
 }

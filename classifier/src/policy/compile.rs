@@ -28,6 +28,11 @@
 //!   cost follows identities, not pods. The check-time cost is a scan of the destination's
 //!   few named ports, only when a matching rule has named ports.
 //!
+//! Recompiling: [`PolicyCompiler`] keeps what namespaces and pods compile into (identities,
+//! label indexes, endpoints) between compilations and updates it from the next cluster, so a
+//! change recompiles the pods it touches and the policy half, not the whole cluster;
+//! [`PolicyTable::compile`] is a compiler used once.
+//!
 //! Semantics are networking.k8s.io/v1 exactly; `super::reference` is the executable
 //! specification the tests compare against. Invariants: [`PolicyTable::check`] and
 //! [`PolicyTable::check_endpoints`] neither allocate nor panic on any input; a policy with a
@@ -35,11 +40,13 @@
 
 use std::collections::hash_map::Entry;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ahash::AHashMap;
 
 use super::model::{
-    Cluster, LabelSelector, Labels, NamespaceScope, NetworkPolicy, Peer, PortRef, Rule,
+    Cluster, ContainerPort, LabelSelector, Labels, Namespace, NamespaceScope, NetworkPolicy, Peer,
+    Pod, PortRef, Rule,
 };
 use super::select::LabelIndex;
 use crate::net::Cidr;
@@ -120,9 +127,6 @@ static UNKNOWN_ENDPOINT: EndpointInfo = EndpointInfo {
     local: false,
 };
 
-/// Labels of a namespace that no `Namespace` object describes.
-static NO_LABELS: Labels = Labels::new();
-
 /// The packet-path view of an endpoint.
 #[derive(Debug)]
 struct Endpoint {
@@ -132,8 +136,9 @@ struct Endpoint {
     ingress: Option<u32>,
     /// Table for the endpoint's egress; `None` when not isolated (or not local).
     egress: Option<u32>,
-    /// Declared named ports, for resolving policies' named ports.
-    named: Box<[NamedPort]>,
+    /// Declared named ports, for resolving policies' named ports (shared with the
+    /// [`PolicyCompiler`]'s cache of the pod).
+    named: Arc<[NamedPort]>,
 }
 
 /// A declared container port with a name, the name interned.
@@ -364,7 +369,7 @@ pub struct PolicyTable {
     by_v4: AHashMap<u32, EndpointId>,
     by_v6: AHashMap<u128, EndpointId>,
     endpoints: Vec<Endpoint>,
-    infos: Vec<EndpointInfo>,
+    infos: Vec<Arc<EndpointInfo>>,
     tables: Vec<DirTable>,
     sets: Vec<IdSet>,
     identities: usize,
@@ -374,7 +379,7 @@ impl PolicyTable {
     /// Compiles a cluster. Every policy that cannot be expressed is reported; the pods it
     /// selects stay isolated in its directions but it allows nothing for them.
     pub fn compile(cluster: &Cluster, opts: &CompileOptions) -> (PolicyTable, Vec<CompileError>) {
-        Compiler::new(cluster, opts).run()
+        PolicyCompiler::default().compile(cluster, opts)
     }
 
     /// The pod endpoint that owns an address. When pods share an address, the first in the
@@ -448,7 +453,9 @@ impl PolicyTable {
 
     /// What is known about an endpoint; an id this table did not issue gets an empty info.
     pub fn endpoint_info(&self, ep: EndpointId) -> &EndpointInfo {
-        self.infos.get(ep.0 as usize).unwrap_or(&UNKNOWN_ENDPOINT)
+        self.infos
+            .get(ep.0 as usize)
+            .map_or(&UNKNOWN_ENDPOINT, |i| &**i)
     }
 
     /// Every endpoint, in id order.
@@ -456,7 +463,7 @@ impl PolicyTable {
         self.infos
             .iter()
             .enumerate()
-            .map(|(i, info)| (EndpointId(i as u32), info))
+            .map(|(i, info)| (EndpointId(i as u32), &**info))
     }
 
     /// Whether this table enforces the endpoint's own policy.
@@ -583,18 +590,358 @@ enum PeerKey<'a> {
     Selected(&'a LabelSelector, &'a LabelSelector),
 }
 
-/// State of one compilation; borrows the cluster so that nothing is cloned twice.
-struct Compiler<'a> {
-    cluster: &'a Cluster,
-    opts: &'a CompileOptions,
-    ns_by_name: AHashMap<&'a str, u32>,
-    ns_index: LabelIndex<'a>,
+/// A compiler that keeps what namespaces and pods compile into between compilations, so that
+/// the next compilation redoes only what changed.
+///
+/// A [`PolicyTable`] has two halves. The *base* depends only on namespaces, pods and the local
+/// node: namespace and identity numbering, the label indexes selectors are resolved through,
+/// and each endpoint's identity, addresses and named ports. The *policy half* — which
+/// policies isolate which local identities, the resolved identity sets, the tables — depends
+/// on the base and the policies. `compile` keeps the base and updates it from the new
+/// cluster: a pod whose namespace, name, labels, addresses, named ports and locality are
+/// unchanged keeps its derived endpoint (found at its old position, else by name), any other
+/// pod is derived afresh (a new identity is appended to the indexes when its labels are new),
+/// and namespaces whose names are unchanged only re-index their labels. The policy half is
+/// rebuilt every time from the base: on a node agent it covers the node's few local
+/// identities, and rebuilding it whole is what keeps it exact.
+///
+/// The result is the table a fresh [`PolicyTable::compile`] gives, up to numbering: every
+/// check, endpoint, isolation and error is the same (a property test applies random event
+/// sequences and compares). The base is rebuilt from scratch when the local node or the list
+/// of namespace names changes, and when identities no pod holds any more (old label sets)
+/// outnumber the live ones, so the indexes do not grow with churn.
+#[derive(Debug, Default)]
+pub struct PolicyCompiler {
+    base: Option<Base>,
+    last: CompileReuse,
+}
+
+/// What the last [`PolicyCompiler::compile`] reused, for tests and logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompileReuse {
+    /// The base was built from scratch (the first compile, or a change that needs it).
+    pub rebuilt: bool,
+    /// Endpoints carried over unchanged from the previous compile.
+    pub endpoints_reused: usize,
+    /// Endpoints derived afresh.
+    pub endpoints_derived: usize,
+}
+
+/// The half of a compilation that depends only on namespaces, pods and the local node.
+#[derive(Debug)]
+struct Base {
+    local_node: Option<String>,
+    /// The `Namespace` objects the base was built from, to tell what changed.
+    namespaces: Vec<Namespace>,
+    /// Distinct namespace names with an object, in order; then the ones only pods name.
+    ns_by_name: AHashMap<String, u32>,
+    /// Namespaces with an object (indexes below this); the rest only pods name.
+    explicit_ns: usize,
+    ns_index: LabelIndex,
+    /// Per namespace, its identities by labels.
+    ns_ident: Vec<AHashMap<Arc<Labels>, u32>>,
     /// Identities of each namespace, in increasing order.
     ns_identities: Vec<Vec<u32>>,
     identity_ns: Vec<u32>,
+    id_index: LabelIndex,
+    port_names: AHashMap<String, u32>,
+    /// `port_names` by id, to compare a pod's port names without hashing them.
+    port_name_list: Vec<String>,
+    /// The endpoints of the last compile, in the cluster's pod order.
+    pods: Vec<CachedPod>,
+    /// Identities some endpoint held at the last compile.
+    live_identities: usize,
+    /// Hashes pod names for the by-name lookup of moved pods.
+    hasher: ahash::RandomState,
+}
+
+/// An endpoint as derived from its pod.
+#[derive(Debug)]
+struct CachedPod {
+    info: Arc<EndpointInfo>,
+    identity: u32,
+    named: Arc<[NamedPort]>,
+}
+
+fn is_local(pod: &Pod, opts: &CompileOptions) -> bool {
+    opts.local_node
+        .as_deref()
+        .is_none_or(|n| pod.node.as_deref() == Some(n))
+}
+
+/// Whether `named` is what `ports` intern to (the named ones, in order); `names` lists the
+/// interned names by id.
+fn same_named_ports(named: &[NamedPort], ports: &[ContainerPort], names: &[String]) -> bool {
+    let mut cached = named.iter();
+    for p in ports {
+        let Some(name) = &p.name else { continue };
+        let Some(c) = cached.next() else {
+            return false;
+        };
+        if c.port != p.port
+            || c.proto != p.protocol.ip_number()
+            || names.get(c.name as usize) != Some(name)
+        {
+            return false;
+        }
+    }
+    cached.next().is_none()
+}
+
+impl Base {
+    fn new(cluster: &Cluster, opts: &CompileOptions) -> Base {
+        let mut base = Base {
+            local_node: opts.local_node.clone(),
+            namespaces: cluster.namespaces.clone(),
+            ns_by_name: AHashMap::new(),
+            explicit_ns: 0,
+            ns_index: LabelIndex::default(),
+            ns_ident: Vec::new(),
+            ns_identities: Vec::new(),
+            identity_ns: Vec::new(),
+            id_index: LabelIndex::default(),
+            port_names: AHashMap::new(),
+            port_name_list: Vec::new(),
+            pods: Vec::new(),
+            live_identities: 0,
+            hasher: ahash::RandomState::new(),
+        };
+        for ns in &cluster.namespaces {
+            if !base.ns_by_name.contains_key(ns.name.as_str()) {
+                base.push_namespace(ns.name.clone(), Arc::new(ns.labels.clone()));
+            }
+        }
+        base.explicit_ns = base.ns_identities.len();
+        base
+    }
+
+    fn push_namespace(&mut self, name: String, labels: Arc<Labels>) -> u32 {
+        let i = self.ns_index.push(labels);
+        self.ns_by_name.insert(name, i);
+        self.ns_ident.push(AHashMap::new());
+        self.ns_identities.push(Vec::new());
+        i
+    }
+
+    /// Brings the base to `cluster`'s namespaces; `false` when only a rebuild can (the
+    /// names changed, so identities would change namespace).
+    fn update_namespaces(&mut self, namespaces: &[Namespace]) -> bool {
+        if self.namespaces == namespaces {
+            return true;
+        }
+        if self.namespaces.len() != namespaces.len()
+            || self
+                .namespaces
+                .iter()
+                .zip(namespaces)
+                .any(|(a, b)| a.name != b.name)
+        {
+            return false;
+        }
+        // Same names, new labels: re-index the namespaces' labels (implicit ones have none).
+        let mut labels: Vec<Arc<Labels>> = Vec::with_capacity(self.ns_identities.len());
+        let mut seen: ahash::AHashSet<&str> = ahash::AHashSet::new();
+        for ns in namespaces {
+            if seen.insert(ns.name.as_str()) {
+                labels.push(Arc::new(ns.labels.clone()));
+            }
+        }
+        while labels.len() < self.ns_identities.len() {
+            labels.push(Arc::new(Labels::new()));
+        }
+        self.ns_index = LabelIndex::new(labels);
+        self.namespaces = namespaces.to_vec();
+        true
+    }
+
+    /// The namespace index of a name, adding a namespace only pods name.
+    fn namespace(&mut self, name: &str) -> u32 {
+        match self.ns_by_name.get(name) {
+            Some(&ns) => ns,
+            None => self.push_namespace(name.to_owned(), Arc::new(Labels::new())),
+        }
+    }
+
+    fn identity(&mut self, ns: u32, labels: &Labels) -> u32 {
+        if let Some(&id) = self.ns_ident.get(ns as usize).and_then(|m| m.get(labels)) {
+            return id;
+        }
+        let labels = Arc::new(labels.clone());
+        let id = self.id_index.push(Arc::clone(&labels));
+        self.identity_ns.push(ns);
+        if let Some(m) = self.ns_ident.get_mut(ns as usize) {
+            m.insert(labels, id);
+        }
+        if let Some(list) = self.ns_identities.get_mut(ns as usize) {
+            list.push(id);
+        }
+        id
+    }
+
+    /// Derives an endpoint from its pod (an endpoint: has an address, not `hostNetwork`).
+    fn derive(&mut self, pod: &Pod, local: bool) -> CachedPod {
+        let ns = self.namespace(&pod.namespace);
+        let identity = self.identity(ns, &pod.labels);
+        let mut named: Vec<NamedPort> = Vec::new();
+        for p in &pod.ports {
+            if let Some(name) = &p.name {
+                let next = self.port_names.len() as u32;
+                let name = match self.port_names.get(name.as_str()) {
+                    Some(&id) => id,
+                    None => {
+                        self.port_names.insert(name.clone(), next);
+                        self.port_name_list.push(name.clone());
+                        next
+                    }
+                };
+                named.push(NamedPort {
+                    name,
+                    proto: p.protocol.ip_number(),
+                    port: p.port,
+                });
+            }
+        }
+        CachedPod {
+            info: Arc::new(EndpointInfo {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                ips: pod.ips.clone(),
+                local,
+            }),
+            identity,
+            named: named.into(),
+        }
+    }
+
+    /// Whether `cached` is exactly what `pod` derives to (so it can be kept). The identity's
+    /// namespace needs no check: within one base a namespace name keeps its index.
+    fn same(&self, cached: &CachedPod, pod: &Pod, local: bool) -> bool {
+        cached.info.local == local
+            && cached.info.name == pod.name
+            && cached.info.ips == pod.ips
+            && cached.info.namespace == pod.namespace
+            && self
+                .id_index
+                .labels(cached.identity)
+                .is_some_and(|l| *l == pod.labels)
+            && same_named_ports(&cached.named, &pod.ports, &self.port_name_list)
+    }
+
+    fn name_hash(&self, namespace: &str, name: &str) -> u64 {
+        self.hasher.hash_one((namespace, name))
+    }
+
+    /// Brings the endpoints to `pods`, reusing what is unchanged; returns them in pod order
+    /// and what was reused.
+    fn update_pods(&mut self, pods: &[Pod], opts: &CompileOptions) -> (usize, usize) {
+        let mut old: Vec<Option<CachedPod>> = std::mem::take(&mut self.pods)
+            .into_iter()
+            .map(Some)
+            .collect();
+        // Built on the first pod not found at its old position (one was added or removed).
+        let mut by_name: Option<AHashMap<u64, u32>> = None;
+        let mut cursor = 0usize;
+        let mut out = Vec::with_capacity(pods.len());
+        let (mut reused, mut derived) = (0, 0);
+        for pod in pods {
+            if pod.host_network || pod.ips.is_empty() {
+                continue;
+            }
+            let local = is_local(pod, opts);
+            let mut found = None;
+            if let Some(Some(c)) = old.get(cursor)
+                && self.same(c, pod, local)
+            {
+                found = Some(cursor);
+            } else {
+                let map = by_name.get_or_insert_with(|| {
+                    let mut m = AHashMap::with_capacity(old.len());
+                    for (i, c) in old.iter().enumerate() {
+                        if let Some(c) = c {
+                            m.entry(self.name_hash(&c.info.namespace, &c.info.name))
+                                .or_insert(i as u32);
+                        }
+                    }
+                    m
+                });
+                let h = self.name_hash(&pod.namespace, &pod.name);
+                if let Some(&i) = map.get(&h)
+                    && let Some(Some(c)) = old.get(i as usize)
+                    && self.same(c, pod, local)
+                {
+                    found = Some(i as usize);
+                }
+            }
+            let entry = match found.and_then(|i| {
+                cursor = i + 1;
+                old.get_mut(i).and_then(Option::take)
+            }) {
+                Some(c) => {
+                    reused += 1;
+                    c
+                }
+                None => {
+                    derived += 1;
+                    self.derive(pod, local)
+                }
+            };
+            out.push(entry);
+        }
+        let mut live = vec![false; self.identity_ns.len()];
+        for c in &out {
+            if let Some(l) = live.get_mut(c.identity as usize) {
+                *l = true;
+            }
+        }
+        self.live_identities = live.iter().filter(|l| **l).count();
+        self.pods = out;
+        (reused, derived)
+    }
+}
+
+impl PolicyCompiler {
+    /// Compiles `cluster`, reusing what the previous call derived from namespaces and pods
+    /// that did not change. The table is the one [`PolicyTable::compile`] would give.
+    pub fn compile(
+        &mut self,
+        cluster: &Cluster,
+        opts: &CompileOptions,
+    ) -> (PolicyTable, Vec<CompileError>) {
+        let kept = self.base.take().filter(|b| {
+            // Old identities no pod holds any more: compact them away by rebuilding.
+            b.local_node == opts.local_node && b.identity_ns.len() <= 2 * b.live_identities + 64
+        });
+        let kept = kept.and_then(|mut b| b.update_namespaces(&cluster.namespaces).then_some(b));
+        let mut base = match kept {
+            Some(b) => {
+                self.last.rebuilt = false;
+                b
+            }
+            None => {
+                self.last.rebuilt = true;
+                Base::new(cluster, opts)
+            }
+        };
+        let (reused, derived) = base.update_pods(&cluster.pods, opts);
+        self.last.endpoints_reused = reused;
+        self.last.endpoints_derived = derived;
+        let out = Compiler::new(cluster, &base).run();
+        self.base = Some(base);
+        out
+    }
+
+    /// What the last compile reused.
+    pub fn last_reuse(&self) -> CompileReuse {
+        self.last
+    }
+}
+
+/// The policy half of one compilation, over a [`Base`]; borrows the cluster's policies.
+struct Compiler<'a> {
+    cluster: &'a Cluster,
+    base: &'a Base,
+    /// Whether any local endpoint has the identity.
     identity_local: Vec<bool>,
-    id_index: LabelIndex<'a>,
-    port_names: AHashMap<&'a str, u32>,
     ns_memo: AHashMap<&'a LabelSelector, Vec<u32>>,
     peer_memo: AHashMap<PeerKey<'a>, Option<u32>>,
     set_memo: AHashMap<Vec<u32>, u32>,
@@ -602,17 +949,11 @@ struct Compiler<'a> {
 }
 
 impl<'a> Compiler<'a> {
-    fn new(cluster: &'a Cluster, opts: &'a CompileOptions) -> Compiler<'a> {
+    fn new(cluster: &'a Cluster, base: &'a Base) -> Compiler<'a> {
         Compiler {
             cluster,
-            opts,
-            ns_by_name: AHashMap::new(),
-            ns_index: LabelIndex::default(),
-            ns_identities: Vec::new(),
-            identity_ns: Vec::new(),
+            base,
             identity_local: Vec::new(),
-            id_index: LabelIndex::default(),
-            port_names: AHashMap::new(),
             ns_memo: AHashMap::new(),
             peer_memo: AHashMap::new(),
             set_memo: AHashMap::new(),
@@ -622,87 +963,39 @@ impl<'a> Compiler<'a> {
 
     fn run(mut self) -> (PolicyTable, Vec<CompileError>) {
         let cluster = self.cluster;
+        let base = self.base;
 
-        // Namespaces, including ones only pods name (they have no labels).
-        let mut ns_labels: Vec<&'a Labels> = Vec::new();
-        for ns in &cluster.namespaces {
-            if let Entry::Vacant(v) = self.ns_by_name.entry(ns.name.as_str()) {
-                v.insert(ns_labels.len() as u32);
-                ns_labels.push(&ns.labels);
-            }
-        }
-
-        // Endpoints and identities.
-        let mut identity_by_key: AHashMap<(u32, &'a Labels), u32> = AHashMap::new();
-        let mut identity_labels: Vec<&'a Labels> = Vec::new();
-        let mut table = PolicyTable::default();
-        for pod in &cluster.pods {
-            if pod.host_network || pod.ips.is_empty() {
-                continue;
-            }
-            let ns = *self
-                .ns_by_name
-                .entry(pod.namespace.as_str())
-                .or_insert_with(|| {
-                    ns_labels.push(&NO_LABELS);
-                    (ns_labels.len() - 1) as u32
-                });
-            let identity = *identity_by_key.entry((ns, &pod.labels)).or_insert_with(|| {
-                identity_labels.push(&pod.labels);
-                self.identity_ns.push(ns);
-                self.identity_local.push(false);
-                (identity_labels.len() - 1) as u32
-            });
-            let local = self
-                .opts
-                .local_node
-                .as_deref()
-                .is_none_or(|n| pod.node.as_deref() == Some(n));
-            if local && let Some(l) = self.identity_local.get_mut(identity as usize) {
-                *l = true;
-            }
-            let mut named: Vec<NamedPort> = Vec::new();
-            for p in &pod.ports {
-                if let Some(name) = &p.name {
-                    let next = self.port_names.len() as u32;
-                    let name = *self.port_names.entry(name.as_str()).or_insert(next);
-                    named.push(NamedPort {
-                        name,
-                        proto: p.protocol.ip_number(),
-                        port: p.port,
-                    });
-                }
-            }
-            let id = EndpointId(table.endpoints.len() as u32);
-            for ip in &pod.ips {
+        // Endpoints, from the base.
+        let n_identities = base.identity_ns.len();
+        let mut table = PolicyTable {
+            endpoints: Vec::with_capacity(base.pods.len()),
+            infos: Vec::with_capacity(base.pods.len()),
+            ..PolicyTable::default()
+        };
+        self.identity_local = vec![false; n_identities];
+        for (i, pod) in base.pods.iter().enumerate() {
+            let id = EndpointId(i as u32);
+            for ip in &pod.info.ips {
                 match ip {
                     IpAddr::V4(a) => table.by_v4.entry(u32::from(*a)).or_insert(id),
                     IpAddr::V6(a) => table.by_v6.entry(u128::from(*a)).or_insert(id),
                 };
             }
+            if pod.info.local
+                && let Some(l) = self.identity_local.get_mut(pod.identity as usize)
+            {
+                *l = true;
+            }
             table.endpoints.push(Endpoint {
-                identity,
-                local,
+                identity: pod.identity,
+                local: pod.info.local,
                 ingress: None,
                 egress: None,
-                named: named.into_boxed_slice(),
+                named: Arc::clone(&pod.named),
             });
-            table.infos.push(EndpointInfo {
-                namespace: pod.namespace.clone(),
-                name: pod.name.clone(),
-                ips: pod.ips.clone(),
-                local,
-            });
+            table.infos.push(Arc::clone(&pod.info));
         }
-        self.ns_identities = vec![Vec::new(); ns_labels.len()];
-        for (id, ns) in self.identity_ns.iter().enumerate() {
-            if let Some(list) = self.ns_identities.get_mut(*ns as usize) {
-                list.push(id as u32);
-            }
-        }
-        self.ns_index = LabelIndex::new(ns_labels);
-        self.id_index = LabelIndex::new(identity_labels);
-        let n_identities = self.identity_ns.len();
+        table.identities = base.live_identities;
 
         // Which policies isolate each local identity, per direction. `None`: not isolated;
         // `Some(list)`: isolated, allowing the union of the valid policies in `list`.
@@ -722,15 +1015,15 @@ impl<'a> Compiler<'a> {
             if !policy.ingress_isolation && !policy.egress_isolation {
                 continue;
             }
-            let Some(&ns) = self.ns_by_name.get(policy.namespace.as_str()) else {
+            let Some(&ns) = base.ns_by_name.get(policy.namespace.as_str()) else {
                 continue;
             };
-            let Some(members) = self.ns_identities.get(ns as usize) else {
+            let Some(members) = base.ns_identities.get(ns as usize) else {
                 continue;
             };
             for &id in members {
                 let local = self.identity_local.get(id as usize).copied() == Some(true);
-                if !local || !self.id_index.matches(&policy.pod_selector, id) {
+                if !local || !base.id_index.matches(&policy.pod_selector, id) {
                     continue;
                 }
                 for (isolates, of) in [
@@ -786,7 +1079,6 @@ impl<'a> Compiler<'a> {
             e.egress = egress_table.get(e.identity as usize).copied().flatten();
         }
         table.sets = self.sets;
-        table.identities = n_identities;
         (table, errors)
     }
 
@@ -795,7 +1087,7 @@ impl<'a> Compiler<'a> {
         let Some(policy) = self.cluster.policies.get(pi as usize) else {
             return (Vec::new(), Vec::new());
         };
-        let ns = self.ns_by_name.get(policy.namespace.as_str()).copied();
+        let ns = self.base.ns_by_name.get(policy.namespace.as_str()).copied();
         let ingress = policy
             .ingress
             .iter()
@@ -829,7 +1121,7 @@ impl<'a> Compiler<'a> {
                 }),
                 // A name no endpoint declares can never match; it is left out.
                 Some(PortRef::Name(name)) => {
-                    if let Some(&name) = self.port_names.get(name.as_str()) {
+                    if let Some(&name) = self.base.port_names.get(name.as_str()) {
                         ports.named.push(NamedRef { proto, name });
                     }
                 }
@@ -867,14 +1159,16 @@ impl<'a> Compiler<'a> {
         if let Some(&set) = self.peer_memo.get(&key) {
             return set;
         }
+        let base = self.base;
         let ids: Vec<u32> = match &key {
             PeerKey::InNamespace(ns, sel) => self
+                .base
                 .ns_identities
                 .get(*ns as usize)
                 .map(|ids| {
                     ids.iter()
                         .copied()
-                        .filter(|&id| self.id_index.matches(sel, id))
+                        .filter(|&id| base.id_index.matches(sel, id))
                         .collect()
                 })
                 .unwrap_or_default(),
@@ -882,28 +1176,28 @@ impl<'a> Compiler<'a> {
                 let nss = self
                     .ns_memo
                     .entry(ns_sel)
-                    .or_insert_with(|| self.ns_index.select(ns_sel));
+                    .or_insert_with(|| base.ns_index.select(ns_sel));
                 let via_ns: usize = nss
                     .iter()
-                    .map(|&ns| self.ns_identities.get(ns as usize).map_or(0, Vec::len))
+                    .map(|&ns| base.ns_identities.get(ns as usize).map_or(0, Vec::len))
                     .sum();
                 // Start from whichever side names fewer identities.
-                if via_ns <= self.id_index.estimate(pod_sel) {
+                if via_ns <= base.id_index.estimate(pod_sel) {
                     let mut ids: Vec<u32> = nss
                         .iter()
-                        .filter_map(|&ns| self.ns_identities.get(ns as usize))
+                        .filter_map(|&ns| base.ns_identities.get(ns as usize))
                         .flatten()
                         .copied()
-                        .filter(|&id| self.id_index.matches(pod_sel, id))
+                        .filter(|&id| base.id_index.matches(pod_sel, id))
                         .collect();
                     ids.sort_unstable();
                     ids
                 } else {
-                    self.id_index
+                    base.id_index
                         .select(pod_sel)
                         .into_iter()
                         .filter(|&id| {
-                            self.identity_ns
+                            base.identity_ns
                                 .get(id as usize)
                                 .is_some_and(|ns| nss.binary_search(ns).is_ok())
                         })
@@ -914,7 +1208,7 @@ impl<'a> Compiler<'a> {
         let set = if ids.is_empty() {
             None
         } else {
-            let universe = self.identity_ns.len();
+            let universe = base.identity_ns.len();
             let sets = &mut self.sets;
             Some(*self.set_memo.entry(ids).or_insert_with_key(|ids| {
                 sets.push(IdSet::new(ids, universe));

@@ -10,7 +10,7 @@ mod select;
 mod tests;
 
 pub use compile::{
-    CompileError, CompileOptions, EndpointId, EndpointInfo, PolicyDecision, PolicyStats,
-    PolicyTable,
+    CompileError, CompileOptions, CompileReuse, EndpointId, EndpointInfo, PolicyCompiler,
+    PolicyDecision, PolicyStats, PolicyTable,
 };
 pub use model::*;

@@ -13,19 +13,32 @@
 //! Invariant: `select` returns exactly the objects for which `matches` is true, in increasing
 //! order, whichever candidate list it starts from.
 
+use std::sync::Arc;
+
 use ahash::AHashMap;
 
 use super::model::{LabelSelector, Labels, Operator};
 
 /// An inverted index over the labels of a dense universe of objects.
+///
+/// It owns its label sets (shared, not copied, with whoever else holds them) so that it can
+/// outlive one compilation and grow: [`LabelIndex::push`] appends an object, keeping every
+/// posting list in increasing order.
 #[derive(Debug, Default)]
-pub(crate) struct LabelIndex<'a> {
+pub(crate) struct LabelIndex {
     /// The labels of object `i`.
-    labels: Vec<&'a Labels>,
-    /// Objects carrying `key=value`, in increasing order.
-    by_pair: AHashMap<(&'a str, &'a str), Vec<u32>>,
-    /// Objects carrying `key` (any value), in increasing order.
-    by_key: AHashMap<&'a str, Vec<u32>>,
+    labels: Vec<Arc<Labels>>,
+    /// Per label key: the objects carrying the key (any value), and per value the objects
+    /// carrying `key=value`, each in increasing order. Nested so that a lookup by `&str`
+    /// needs no owned key.
+    by_key: AHashMap<String, Postings>,
+}
+
+/// The posting lists of one label key.
+#[derive(Debug, Default)]
+struct Postings {
+    any: Vec<u32>,
+    by_value: AHashMap<String, Vec<u32>>,
 }
 
 /// Where `select` starts: a few posting lists whose union is a superset of the answer.
@@ -36,25 +49,45 @@ enum Candidates<'i> {
     Lists(Vec<&'i [u32]>),
 }
 
-impl<'a> LabelIndex<'a> {
+impl LabelIndex {
     /// Indexes the label sets; object `i` is `labels[i]`.
-    pub(crate) fn new(labels: Vec<&'a Labels>) -> LabelIndex<'a> {
-        let mut by_pair: AHashMap<(&str, &str), Vec<u32>> = AHashMap::new();
-        let mut by_key: AHashMap<&str, Vec<u32>> = AHashMap::new();
-        for (i, l) in labels.iter().enumerate() {
-            for (k, v) in l.iter() {
-                by_pair
-                    .entry((k.as_str(), v.as_str()))
-                    .or_default()
-                    .push(i as u32);
-                by_key.entry(k.as_str()).or_default().push(i as u32);
+    pub(crate) fn new(labels: Vec<Arc<Labels>>) -> LabelIndex {
+        let mut index = LabelIndex {
+            labels: Vec::with_capacity(labels.len()),
+            by_key: AHashMap::new(),
+        };
+        for l in labels {
+            index.push(l);
+        }
+        index
+    }
+
+    /// Appends an object; returns its number.
+    pub(crate) fn push(&mut self, labels: Arc<Labels>) -> u32 {
+        let i = self.labels.len() as u32;
+        for (k, v) in labels.iter() {
+            let postings = match self.by_key.get_mut(k.as_str()) {
+                Some(p) => p,
+                None => self.by_key.entry(k.clone()).or_default(),
+            };
+            postings.any.push(i);
+            match postings.by_value.get_mut(v.as_str()) {
+                Some(list) => list.push(i),
+                None => {
+                    postings.by_value.insert(v.clone(), vec![i]);
+                }
             }
         }
-        LabelIndex {
-            labels,
-            by_pair,
-            by_key,
-        }
+        self.labels.push(labels);
+        i
+    }
+
+    fn pair(&self, k: &str, v: &str) -> Option<&Vec<u32>> {
+        self.by_key.get(k).and_then(|p| p.by_value.get(v))
+    }
+
+    fn key(&self, k: &str) -> Option<&Vec<u32>> {
+        self.by_key.get(k).map(|p| &p.any)
     }
 
     /// Number of objects in the universe.
@@ -63,8 +96,8 @@ impl<'a> LabelIndex<'a> {
     }
 
     /// The labels of object `i`.
-    pub(crate) fn labels(&self, i: u32) -> Option<&'a Labels> {
-        self.labels.get(i as usize).copied()
+    pub(crate) fn labels(&self, i: u32) -> Option<&Labels> {
+        self.labels.get(i as usize).map(|l| &**l)
     }
 
     /// Roughly how many label-set matches `select` costs for `sel`, for planners.
@@ -110,10 +143,10 @@ impl<'a> LabelIndex<'a> {
             match r.operator {
                 Operator::NotIn => {
                     for v in &r.values {
-                        exclude(self.by_pair.get(&(r.key.as_str(), v.as_str())));
+                        exclude(self.pair(&r.key, v));
                     }
                 }
-                Operator::DoesNotExist => exclude(self.by_key.get(r.key.as_str())),
+                Operator::DoesNotExist => exclude(self.key(&r.key)),
                 // `candidates` found no positive term; keep the general path just in case.
                 Operator::In | Operator::Exists => {
                     return (0..self.labels.len() as u32)
@@ -146,7 +179,7 @@ impl<'a> LabelIndex<'a> {
         }
         let mut best: Option<(usize, Vec<&[u32]>)> = None;
         for (k, v) in &sel.match_labels {
-            let list = self.by_pair.get(&(k.as_str(), v.as_str()));
+            let list = self.pair(k, v);
             offer(&mut best, vec![list.map_or(NONE, |l| l.as_slice())]);
         }
         for r in &sel.match_expressions {
@@ -160,16 +193,12 @@ impl<'a> LabelIndex<'a> {
                         &mut best,
                         values
                             .iter()
-                            .map(|v| {
-                                self.by_pair
-                                    .get(&(r.key.as_str(), *v))
-                                    .map_or(NONE, |l| l.as_slice())
-                            })
+                            .map(|v| self.pair(&r.key, v).map_or(NONE, |l| l.as_slice()))
                             .collect(),
                     );
                 }
                 Operator::Exists => {
-                    let list = self.by_key.get(r.key.as_str());
+                    let list = self.key(&r.key);
                     offer(&mut best, vec![list.map_or(NONE, |l| l.as_slice())]);
                 }
                 Operator::NotIn | Operator::DoesNotExist => {}
@@ -226,7 +255,7 @@ mod tests {
         .iter()
         .map(|s| labels(s))
         .collect();
-        let index = LabelIndex::new(universe.iter().collect());
+        let index = LabelIndex::new(universe.iter().cloned().map(Arc::new).collect());
         let check = |s: LabelSelector, expected: &[u32]| {
             let got = index.select(&s);
             let model: Vec<u32> = (0..universe.len() as u32)
@@ -297,7 +326,7 @@ mod tests {
             universe in proptest::collection::vec(arb_labels(), 0..12),
             s in arb_selector(),
         ) {
-            let index = LabelIndex::new(universe.iter().collect());
+            let index = LabelIndex::new(universe.iter().cloned().map(Arc::new).collect());
             let model: Vec<u32> = (0..universe.len() as u32)
                 .filter(|&i| s.matches(&universe[i as usize]))
                 .collect();

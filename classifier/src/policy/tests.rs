@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use proptest::prelude::*;
 
-use super::compile::{CompileOptions, PolicyDecision, PolicyTable};
+use super::compile::{CompileOptions, PolicyCompiler, PolicyDecision, PolicyTable};
 use super::model::*;
 use super::reference;
 use crate::net::Cidr;
@@ -1116,4 +1116,259 @@ proptest! {
             );
         }
     }
+}
+
+/// A change to the cluster, as the datastore sees one.
+#[derive(Clone, Debug)]
+enum Event {
+    AddPod(Pod),
+    ReplacePod(usize, Pod),
+    RelabelPod(usize, Labels),
+    /// Moves a pod to another node (or none): its locality changes.
+    MovePod(usize, Option<&'static str>),
+    RemovePod(usize),
+    AddPolicy(NetworkPolicy),
+    ReplacePolicy(usize, NetworkPolicy),
+    RemovePolicy(usize),
+    /// Sets a namespace's labels, adding it when absent.
+    SetNamespace(u8, Labels),
+    /// Adds a policy in namespace `.0` that isolates all its pods both ways and admits only
+    /// pods of namespaces labelled `a=.1`: namespace label changes then decide verdicts.
+    AddNamespacePolicy(u8, &'static str),
+    RemoveNamespace(u8),
+    /// Nothing changes (a node event: the same cluster compiled again).
+    Nothing,
+}
+
+fn arb_event() -> impl Strategy<Value = Event> {
+    let named_pod = || {
+        (arb_pod(), 0u8..4).prop_map(|(mut p, n)| {
+            p.name = format!("pod{n}");
+            p
+        })
+    };
+    prop_oneof![
+        2 => named_pod().prop_map(Event::AddPod),
+        2 => (any::<usize>(), named_pod()).prop_map(|(i, p)| Event::ReplacePod(i, p)),
+        3 => (any::<usize>(), arb_labels()).prop_map(|(i, l)| Event::RelabelPod(i, l)),
+        1 => (any::<usize>(), prop::sample::select(vec![None, Some("n1"), Some("n2")]))
+            .prop_map(|(i, n)| Event::MovePod(i, n)),
+        2 => any::<usize>().prop_map(Event::RemovePod),
+        2 => arb_policy().prop_map(Event::AddPolicy),
+        2 => (any::<usize>(), arb_policy()).prop_map(|(i, p)| Event::ReplacePolicy(i, p)),
+        1 => any::<usize>().prop_map(Event::RemovePolicy),
+        2 => (0u8..4, arb_labels()).prop_map(|(i, l)| Event::SetNamespace(i, l)),
+        2 => (0u8..4, prop::sample::select(vec!["", "x", "y"])).prop_map(|(i, v)| {
+            let labels = if v.is_empty() { Labels::new() } else { labels(&format!("a={v}")) };
+            Event::SetNamespace(i, labels)
+        }),
+        1 => (0u8..3, prop::sample::select(vec!["x", "y"]))
+            .prop_map(|(i, v)| Event::AddNamespacePolicy(i, v)),
+        1 => (0u8..4).prop_map(Event::RemoveNamespace),
+        1 => Just(Event::Nothing),
+    ]
+}
+
+fn apply(c: &mut Cluster, event: &Event) {
+    fn at(len: usize, i: usize) -> Option<usize> {
+        (len > 0).then(|| i % len)
+    }
+    match event {
+        // Kept sorted by (namespace, name), as the kube datastore keeps them, so that an
+        // addition shifts the pods after it.
+        Event::AddPod(p) => {
+            let at = c
+                .pods
+                .partition_point(|q| (&q.namespace, &q.name) <= (&p.namespace, &p.name));
+            c.pods.insert(at, p.clone());
+        }
+        Event::ReplacePod(i, p) => {
+            if let Some(i) = at(c.pods.len(), *i) {
+                c.pods[i] = p.clone();
+            }
+        }
+        Event::RelabelPod(i, l) => {
+            if let Some(i) = at(c.pods.len(), *i) {
+                c.pods[i].labels = l.clone();
+            }
+        }
+        Event::MovePod(i, n) => {
+            if let Some(i) = at(c.pods.len(), *i) {
+                c.pods[i].node = n.map(str::to_string);
+            }
+        }
+        Event::RemovePod(i) => {
+            if let Some(i) = at(c.pods.len(), *i) {
+                c.pods.remove(i);
+            }
+        }
+        Event::AddPolicy(p) => c.policies.push(p.clone()),
+        Event::ReplacePolicy(i, p) => {
+            if let Some(i) = at(c.policies.len(), *i) {
+                c.policies[i] = p.clone();
+            }
+        }
+        Event::RemovePolicy(i) => {
+            if let Some(i) = at(c.policies.len(), *i) {
+                c.policies.remove(i);
+            }
+        }
+        Event::SetNamespace(i, l) => {
+            let name = ns_name(*i);
+            match c.namespaces.iter_mut().find(|n| n.name == name) {
+                Some(n) => n.labels = l.clone(),
+                None => c.namespaces.push(Namespace {
+                    name,
+                    labels: l.clone(),
+                }),
+            }
+        }
+        Event::RemoveNamespace(i) => c.namespaces.retain(|n| n.name != ns_name(*i)),
+        Event::AddNamespacePolicy(i, v) => {
+            let from = rule(vec![pods_in(&format!("a={v}"), "")], vec![]);
+            let mut p = ingress(&ns_name(*i), "ns-policy", sel(""), vec![from.clone()]);
+            p.egress_isolation = true;
+            p.egress = vec![from];
+            c.policies.push(p);
+        }
+        Event::Nothing => {}
+    }
+}
+
+/// Every address the generators give pods, plus one outside and one IPv6.
+fn probe_addresses() -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = (0u8..9).map(|h| IpAddr::from([10, 0, 0, h])).collect();
+    out.push(ip(EXTERNAL));
+    out.push(ip("fd00::1"));
+    out
+}
+
+/// Asserts two tables decide every connection the same way and describe every endpoint the
+/// same way (their numbering may differ).
+fn assert_same_decisions(a: &PolicyTable, b: &PolicyTable) -> Result<(), TestCaseError> {
+    let addrs = probe_addresses();
+    for &x in &addrs {
+        let (ea, eb) = (a.endpoint(x), b.endpoint(x));
+        prop_assert_eq!(ea.is_some(), eb.is_some(), "endpoint of {}", x);
+        if let (Some(ea), Some(eb)) = (ea, eb) {
+            prop_assert_eq!(a.endpoint_info(ea), b.endpoint_info(eb), "info of {}", x);
+            prop_assert_eq!(a.isolation(ea), b.isolation(eb), "isolation of {}", x);
+            prop_assert_eq!(a.is_local(ea), b.is_local(eb), "locality of {}", x);
+        }
+    }
+    for &src in &addrs {
+        for &dst in &addrs {
+            for proto in [TCP, UDP, SCTP, ICMP] {
+                for dport in [None, Some(53), Some(80), Some(100), Some(443)] {
+                    prop_assert_eq!(
+                        a.check(src, dst, proto, dport),
+                        b.check(src, dst, proto, dport),
+                        "{} -> {} proto {} port {:?}",
+                        src,
+                        dst,
+                        proto,
+                        dport
+                    );
+                }
+            }
+        }
+    }
+    let (sa, sb) = (a.stats(), b.stats());
+    prop_assert_eq!(
+        (sa.endpoints, sa.local_endpoints, sa.identities),
+        (sb.endpoints, sb.local_endpoints, sb.identities)
+    );
+    let infos = |t: &PolicyTable| t.endpoints().map(|(_, i)| i.clone()).collect::<Vec<_>>();
+    prop_assert_eq!(infos(a), infos(b));
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// A compiler that keeps its base between compiles gives, after every event of a random
+    /// sequence, the table a fresh compile gives.
+    #[test]
+    fn incremental_compile_equals_a_fresh_one(
+        cluster in arb_cluster(),
+        node in prop::sample::select(vec![None, Some("n1")]),
+        events in prop::collection::vec(arb_event(), 1..10),
+    ) {
+        let opts = CompileOptions { local_node: node.map(str::to_string) };
+        let mut compiler = PolicyCompiler::default();
+        let mut cluster = cluster;
+        cluster.pods.sort_by(|p, q| (&p.namespace, &p.name).cmp(&(&q.namespace, &q.name)));
+        let _ = compiler.compile(&cluster, &opts);
+        for event in &events {
+            apply(&mut cluster, event);
+            let (inc, inc_errors) = compiler.compile(&cluster, &opts);
+            let (fresh, fresh_errors) = PolicyTable::compile(&cluster, &opts);
+            prop_assert_eq!(inc_errors, fresh_errors);
+            assert_same_decisions(&inc, &fresh)?;
+        }
+    }
+}
+
+/// What one change costs the incremental compiler: only the endpoints it touches are derived
+/// again, and a change to policies or nodes derives none.
+#[test]
+fn incremental_compile_derives_only_changed_endpoints() {
+    let opts = CompileOptions {
+        local_node: Some("n1".into()),
+    };
+    let mut cluster = base(vec![ingress(
+        "prod",
+        "p",
+        sel("app=db"),
+        vec![rule(vec![pods_in("team=c", "")], vec![])],
+    )]);
+    let mut compiler = PolicyCompiler::default();
+    let endpoints = 4;
+    let check = |compiler: &mut PolicyCompiler, cluster: &Cluster, rebuilt, derived| {
+        let (inc, _) = compiler.compile(cluster, &opts);
+        let (fresh, _) = PolicyTable::compile(cluster, &opts);
+        assert_same_decisions(&inc, &fresh).expect("same decisions");
+        let reuse = compiler.last_reuse();
+        assert_eq!(
+            (
+                reuse.rebuilt,
+                reuse.endpoints_derived,
+                reuse.endpoints_reused
+            ),
+            (rebuilt, derived, endpoints - derived),
+            "{reuse:?}"
+        );
+    };
+    check(&mut compiler, &cluster, true, endpoints);
+    // The same cluster (a node event): nothing derived.
+    check(&mut compiler, &cluster, false, 0);
+    // A policy added: nothing derived.
+    cluster.policies.push(ingress("dev", "q", sel(""), vec![]));
+    check(&mut compiler, &cluster, false, 0);
+    // One pod relabelled: that pod only.
+    cluster.pods[1].labels = labels("app=db,tier=be,rev=1");
+    check(&mut compiler, &cluster, false, 1);
+    // A namespace's labels: no endpoint derived, and its pods are now admitted.
+    assert_eq!(
+        compiler
+            .compile(&cluster, &opts)
+            .0
+            .check(ip(DEV_WEB), ip(DB), TCP, Some(80)),
+        DenyIngress
+    );
+    cluster.namespaces[1].labels = labels("team=c");
+    check(&mut compiler, &cluster, false, 0);
+    assert_eq!(
+        compiler
+            .compile(&cluster, &opts)
+            .0
+            .check(ip(DEV_WEB), ip(DB), TCP, Some(80)),
+        Allow
+    );
+    // A namespace added: a rebuild.
+    cluster.namespaces.push(Namespace {
+        name: "new".into(),
+        labels: Labels::new(),
+    });
+    check(&mut compiler, &cluster, true, endpoints);
 }

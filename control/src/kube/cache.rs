@@ -79,6 +79,56 @@ impl<T> Edit<T> {
     }
 }
 
+/// An edit of one resource's usable objects with the value it put in: what is replayed into
+/// a [`Manifests`] given back.
+#[derive(Debug)]
+enum Replay<T> {
+    Insert(usize, T),
+    Replace(usize, T),
+    Remove(usize),
+}
+
+impl<T: Clone> Replay<T> {
+    /// Applies the edit to `items`; `false` when it does not fit (the vector is not the one
+    /// the edit followed).
+    fn apply(&self, items: &mut Vec<T>) -> bool {
+        match self {
+            Replay::Insert(i, v) if *i <= items.len() => items.insert(*i, v.clone()),
+            Replay::Replace(i, v) if *i < items.len() => items[*i] = v.clone(),
+            Replay::Remove(i) if *i < items.len() => {
+                items.remove(*i);
+            }
+            _ => return false,
+        }
+        true
+    }
+}
+
+/// A journal entry: a [`Replay`] of one resource.
+#[derive(Debug)]
+enum Logged {
+    Namespace(Replay<Namespace>),
+    Pod(Replay<Pod>),
+    Policy(Replay<NetworkPolicy>),
+    Node(Replay<NodeInfo>),
+}
+
+/// A [`Manifests`] handed out that may come back.
+#[derive(Clone, Copy, Debug)]
+struct Handout {
+    generation: u64,
+    /// The journal's length when it was handed out: later entries are newer than it.
+    at: usize,
+    /// Namespaces only pods named, appended after the spare's.
+    implicit: usize,
+}
+
+/// Handouts kept for recycling; older ones are forgotten (a consumer that gives nothing back
+/// costs a little memory, not a growing journal).
+const MAX_HANDOUTS: usize = 4;
+/// Journal entries kept at most (a consumer that holds on to one `Manifests` for long).
+const MAX_JOURNAL: usize = 100_000;
+
 /// The objects of one resource.
 #[derive(Debug)]
 struct Store<T> {
@@ -204,6 +254,16 @@ impl<T: Clone> Store<T> {
             }
         }
     }
+
+    /// The edit (just made to this store) as a journal entry.
+    fn replay(&self, edit: &Edit<T>) -> Option<Replay<T>> {
+        match edit {
+            Edit::Unchanged | Edit::Refused | Edit::Reset => None,
+            Edit::Insert(i) => Some(Replay::Insert(*i, self.items[*i].clone())),
+            Edit::Replace(i, _) => Some(Replay::Replace(*i, self.items[*i].clone())),
+            Edit::Remove(i, _) => Some(Replay::Remove(*i)),
+        }
+    }
 }
 
 /// A copy of every store's usable objects, kept equal to them: the next [`Manifests`].
@@ -226,6 +286,15 @@ pub(crate) struct Cache {
     pods_per_namespace: HashMap<String, usize>,
     /// `None` after a re-list (or before the first build): the next build copies the stores.
     spare: Option<Spare>,
+    /// Handouts that may be given back, oldest first.
+    handouts: std::collections::VecDeque<Handout>,
+    /// Every edit since the oldest handout.
+    journal: Vec<Logged>,
+    /// The last handout's generation.
+    generation: u64,
+    /// Whether the consumer gives `Manifests` back: then the spare is made from the one
+    /// given back rather than copied after each send.
+    recycling: bool,
 }
 
 /// Object counts of one resource: `(usable, refused)`.
@@ -239,7 +308,12 @@ impl Cache {
         match msg {
             Msg::Namespace(u) => {
                 let edit = self.namespaces.apply(u);
-                self.follow(edit, |c| &c.namespaces, |s| &mut s.namespaces)
+                self.follow(
+                    edit,
+                    |c| &c.namespaces,
+                    |s| &mut s.namespaces,
+                    Logged::Namespace,
+                )
             }
             Msg::Pod(u) => {
                 let edit = self.pods.apply(u);
@@ -266,34 +340,120 @@ impl Cache {
                     }
                     Edit::Unchanged | Edit::Refused => {}
                 }
-                self.follow(edit, |c| &c.pods, |s| &mut s.pods)
+                self.follow(edit, |c| &c.pods, |s| &mut s.pods, Logged::Pod)
             }
             Msg::Policy(u) => {
                 let edit = self.policies.apply(u);
-                self.follow(edit, |c| &c.policies, |s| &mut s.policies)
+                self.follow(edit, |c| &c.policies, |s| &mut s.policies, Logged::Policy)
             }
             Msg::Node(u) => {
                 let edit = self.nodes.apply(u);
-                self.follow(edit, |c| &c.nodes, |s| &mut s.nodes)
+                self.follow(edit, |c| &c.nodes, |s| &mut s.nodes, Logged::Node)
             }
         }
     }
 
-    /// Applies an edit of one store to the spare; returns whether anything changed.
+    /// Applies an edit of one store to the spare and the journal; returns whether anything
+    /// changed.
     fn follow<T: Clone>(
         &mut self,
         edit: Edit<T>,
         store: impl Fn(&Cache) -> &Store<T>,
         copy: impl Fn(&mut Spare) -> &mut Vec<T>,
+        log: impl Fn(Replay<T>) -> Logged,
     ) -> bool {
         if matches!(edit, Edit::Reset) {
+            // Nothing handed out can be brought up to date by replaying edits.
             self.spare = None;
+            self.handouts.clear();
+            self.journal.clear();
         }
         if let Some(mut spare) = self.spare.take() {
             store(self).mirror(&edit, copy(&mut spare));
             self.spare = Some(spare);
         }
+        if !self.handouts.is_empty()
+            && let Some(r) = store(self).replay(&edit)
+        {
+            self.journal.push(log(r));
+            if self.journal.len() > MAX_JOURNAL {
+                self.handouts.clear();
+                self.journal.clear();
+            }
+        }
         edit.changed()
+    }
+
+    /// Takes back a [`Manifests`] this cache handed out and the consumer no longer needs.
+    /// If there is no spare yet, it becomes the spare once the edits made since it was
+    /// handed out are replayed into it (no copy of the cluster); otherwise, or if it is not
+    /// one of the last handouts, it is returned to be dropped. The consumer must not have
+    /// changed it.
+    pub(crate) fn recycle(&mut self, m: Manifests) -> Option<Manifests> {
+        self.recycling = true;
+        let Some(generation) = m.generation else {
+            return Some(m);
+        };
+        let Some(pos) = self
+            .handouts
+            .iter()
+            .position(|h| h.generation == generation)
+        else {
+            return Some(m);
+        };
+        let handout = self.handouts[pos];
+        // This and older handouts are done with.
+        self.handouts.drain(..=pos);
+        if self.spare.is_some() || !self.listed() {
+            self.trim_journal();
+            return Some(m);
+        }
+        let Manifests { cluster, nodes, .. } = m;
+        let Cluster {
+            mut namespaces,
+            pods,
+            policies,
+        } = cluster;
+        let Some(own) = namespaces.len().checked_sub(handout.implicit) else {
+            self.trim_journal();
+            return None;
+        };
+        namespaces.truncate(own);
+        let mut spare = Spare {
+            namespaces,
+            pods,
+            policies,
+            nodes,
+        };
+        let mut fits = true;
+        for entry in self.journal.get(handout.at..).unwrap_or_default() {
+            fits &= match entry {
+                Logged::Namespace(r) => r.apply(&mut spare.namespaces),
+                Logged::Pod(r) => r.apply(&mut spare.pods),
+                Logged::Policy(r) => r.apply(&mut spare.policies),
+                Logged::Node(r) => r.apply(&mut spare.nodes),
+            };
+        }
+        // Newer handouts still need the entries after their own position.
+        self.trim_journal();
+        if fits {
+            self.spare = Some(spare);
+        }
+        None
+    }
+
+    /// Drops journal entries no remaining handout needs.
+    fn trim_journal(&mut self) {
+        match self.handouts.front().map(|h| h.at) {
+            None => self.journal.clear(),
+            Some(0) => {}
+            Some(at) => {
+                self.journal.drain(..at);
+                for h in &mut self.handouts {
+                    h.at -= at;
+                }
+            }
+        }
     }
 
     /// Whether every resource has completed its initial list.
@@ -315,8 +475,13 @@ impl Cache {
     }
 
     /// Makes the spare the next [`Cache::build`] hands out, if there is none: a copy of every
-    /// usable object. The datastore calls it once a snapshot is sent, off the update path.
-    pub(crate) fn prepare(&mut self) {
+    /// usable object. The datastore calls it once a snapshot is sent, off the update path,
+    /// unless the consumer gives snapshots back (`after_send`: the spare will then be made
+    /// from the one given back, and only a build that finds none copies).
+    pub(crate) fn prepare(&mut self, after_send: bool) {
+        if after_send && self.recycling {
+            return;
+        }
         if self.spare.is_none() && self.listed() {
             self.spare = Some(Spare {
                 namespaces: self.namespaces.items.clone(),
@@ -336,7 +501,7 @@ impl Cache {
         if !self.listed() {
             return None;
         }
-        self.prepare();
+        self.prepare(false);
         let spare = self.spare.take()?;
         let mut warnings = Vec::new();
         let mut namespaces = spare.namespaces;
@@ -347,10 +512,21 @@ impl Cache {
             .map(|(ns, _)| ns.as_str())
             .collect();
         implicit.sort_unstable();
+        let own = namespaces.len();
         for ns in implicit {
             let first = self.first_pod_key(ns);
             implicit_namespace(&mut namespaces, &mut warnings, first, ns);
         }
+        self.generation += 1;
+        if self.handouts.len() == MAX_HANDOUTS {
+            self.handouts.pop_front();
+            self.trim_journal();
+        }
+        self.handouts.push_back(Handout {
+            generation: self.generation,
+            at: self.journal.len(),
+            implicit: namespaces.len() - own,
+        });
         refused_warnings(
             &mut warnings,
             [
@@ -368,6 +544,7 @@ impl Cache {
             },
             warnings,
             nodes: spare.nodes,
+            generation: Some(self.generation),
         })
     }
 
@@ -652,6 +829,7 @@ mod tests {
             },
             warnings,
             nodes: ok(&m.nodes),
+            generation: None,
         }
     }
 
@@ -765,6 +943,8 @@ mod tests {
         Msg(u8, u8, usize),
         Build,
         Prepare,
+        /// Gives back one of the `Manifests` built so far (by index among those held).
+        Recycle(usize),
     }
 
     fn update<T>(kind: u8, key: String, value: Converted<T>) -> Update<T> {
@@ -793,6 +973,7 @@ mod tests {
                     20 => (0..4u8, 0..8u8, 0..16usize).prop_map(|(r, k, i)| Step::Msg(r, k, i)),
                     2 => Just(Step::Build),
                     1 => Just(Step::Prepare),
+                    2 => (0..4usize).prop_map(Step::Recycle),
                 ],
                 1..120,
             ),
@@ -801,6 +982,8 @@ mod tests {
             let mut model = Model::default();
             let mut pending = (None, None, None, None);
             let mut listed = [false; 4];
+            // The `Manifests` built and not given back yet.
+            let mut held: Vec<Manifests> = Vec::new();
             // Every resource is listed first (as the watchers do), so builds are possible.
             let mut all = vec![
                 Step::Msg(0, 2, 0),
@@ -875,6 +1058,7 @@ mod tests {
                                 }
                             }
                         }
+                        held.push(got);
                         for r in Resource::ALL {
                             let (ok, bad) = cache.counts(r);
                             let (want_ok, want_bad) = match r {
@@ -886,7 +1070,13 @@ mod tests {
                             prop_assert_eq!((ok, bad), (want_ok, want_bad), "{}", r);
                         }
                     }
-                    Step::Prepare => cache.prepare(),
+                    Step::Prepare => cache.prepare(true),
+                    Step::Recycle(i) => {
+                        if !held.is_empty() {
+                            let m = held.remove(i % held.len());
+                            let _ = cache.recycle(m);
+                        }
+                    }
                 }
             }
         }

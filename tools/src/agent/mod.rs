@@ -41,7 +41,8 @@ use classifier::snapshot::{PathConfig, Snapshot};
 use classifier::verdict::PortId;
 use control::manifests::Manifests;
 use control::naming::veth_name;
-use control::node::{BuildReport, NodeOptions, PortRole, PortSpec, build_snapshot};
+use control::node::{BuildReport, NodeOptions, PortRole, PortSpec, SnapshotBuilder};
+use control::reap::Reaper;
 use dataplane::handoff::{self, Doorbell, HandoffRx, HandoffTx};
 use dataplane::live::LiveCounters;
 use dataplane::sys::{self, UmemOpts};
@@ -294,7 +295,13 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
     };
     let mut node_opts = node_options(&view);
     let mut epoch = 1;
-    let (snapshot, report) = build_snapshot(&manifests, &specs, &node_opts, epoch);
+    // Keeps the policy compile's pods-and-namespaces half between snapshots, so an update
+    // recompiles what changed.
+    let mut builder = SnapshotBuilder::default();
+    // Replaced `Manifests` and snapshots are freed here, off the control thread's path from
+    // one update to the next.
+    let reaper = Reaper::spawn("ocelot-reaper").context("starting the reaper thread")?;
+    let (snapshot, report) = builder.build(&manifests, &specs, &node_opts, epoch);
     log_report(&report);
     let published = Arc::new(ArcSwap::from_pointee(snapshot));
     let seed = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0);
@@ -398,7 +405,10 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         let mut changed = false;
         match polled {
             Some(Ok(m)) => {
-                manifests = m;
+                let old = std::mem::replace(&mut manifests, m);
+                if let Some(old) = source.give_back(old) {
+                    reaper.drop_later(old);
+                }
                 changed = true;
             }
             Some(Err(e)) => {
@@ -556,10 +566,10 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
         }
         if changed {
             epoch += 1;
-            let (snapshot, report) = build_snapshot(&manifests, &specs, &node_opts, epoch);
+            let (snapshot, report) = builder.build(&manifests, &specs, &node_opts, epoch);
             log_report(&report);
             let local_ips = local_pod_ips(&snapshot, &specs);
-            published.store(Arc::new(snapshot));
+            reaper.drop_later(published.swap(Arc::new(snapshot)));
             if let Some(up) = uplink.as_mut() {
                 up.sync_local_pods(&local_ips);
             }

@@ -193,9 +193,11 @@ impl Source {
             }
             Source::Kube { datastore, updates } => {
                 // Only the newest view matters.
-                let mut latest = None;
+                let mut latest: Option<Manifests> = None;
                 while let Ok(m) = datastore.updates().try_recv() {
-                    latest = Some(m);
+                    if let Some(older) = latest.replace(m) {
+                        datastore.recycle(older);
+                    }
                     *updates += 1;
                 }
                 latest.map(Ok)
@@ -226,10 +228,22 @@ impl Source {
                 // Only the newest view matters.
                 let mut latest = first;
                 while let Ok(m) = datastore.updates().try_recv() {
-                    latest = m;
+                    datastore.recycle(std::mem::replace(&mut latest, m));
                     *updates += 1;
                 }
                 Some(Ok(latest))
+            }
+        }
+    }
+
+    /// Takes back a view the agent has replaced: the Kubernetes datastore makes its next view
+    /// from it (`KubeDatastore::recycle`); a directory's is returned, for the caller to free.
+    pub fn give_back(&self, m: Manifests) -> Option<Manifests> {
+        match self {
+            Source::Dirs { .. } => Some(m),
+            Source::Kube { datastore, .. } => {
+                datastore.recycle(m);
+                None
             }
         }
     }
