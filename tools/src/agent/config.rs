@@ -239,8 +239,9 @@ pub const MAX_SLEEP_AFTER_US: u32 = 1_000_000;
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum IdleConfig {
-    /// After 256 empty polls, sleep in poll(2) until a socket or a hand-off wakes it: the core
-    /// is free for others, and a frame after a quiet spell waits for the wakeup (tens of µs).
+    /// After `sleep_after_us` without work (and at least 256 empty polls), sleep in poll(2)
+    /// until a socket or a hand-off wakes it: the core is free for others, and a frame after a
+    /// quiet spell waits for the wakeup (tens of µs).
     #[default]
     Sleep,
     /// Never sleep: the lowest latency, and the worker's core at 100 % whatever the traffic
