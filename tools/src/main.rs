@@ -155,17 +155,7 @@ fn compile(dir: &Path) -> Result<()> {
 /// Prints the status file and checks readiness.
 /// A status file's `drops` object as `reason=n …`, or `none`.
 fn drops_text(drops: &serde_json::Value) -> String {
-    let parts: Vec<String> = drops
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    if parts.is_empty() {
-        "none".to_owned()
-    } else {
-        parts.join(" ")
-    }
+    tools::agent::status::pairs_text(drops.as_object().into_iter().flatten())
 }
 
 fn status(file: &Path, max_age: u64, max_stale: Option<f64>) -> Result<()> {

@@ -25,10 +25,15 @@ use serde_json::{Value, json};
 
 /// `reason=count …` for the non-zero drop counters of one worker.
 pub fn drops_line(io: &WorkerCounters, class: &Counters) -> String {
-    let parts: Vec<String> = drops_map(io, class)
-        .into_iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+    pairs_text(drops_map(io, class))
+}
+
+/// `key=value …` of `pairs`, or `none` when there are none (drop counters, as the agent logs
+/// them and `ocelotctl status` prints them).
+pub fn pairs_text<K: std::fmt::Display, V: std::fmt::Display>(
+    pairs: impl IntoIterator<Item = (K, V)>,
+) -> String {
+    let parts: Vec<String> = pairs.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
     if parts.is_empty() {
         "none".to_owned()
     } else {
