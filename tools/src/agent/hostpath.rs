@@ -224,7 +224,11 @@ impl HostPath {
     /// tick; reads `/proc/net/route` and `/proc/net/ipv6_route` (no process spawned: a fork
     /// and exec of `ip` five times a second showed in the workers' latency tail).
     pub fn check_routes(&mut self) {
-        let present: BTreeSet<IpAddr> = super::unknown::host_routes()
+        // Unreadable, nothing is known to be lost: the next tick looks again.
+        let Ok(mut routes) = super::unknown::read_host_routes() else {
+            return;
+        };
+        let present: BTreeSet<IpAddr> = routes
             .remove(&self.name)
             .unwrap_or_default()
             .into_iter()

@@ -112,7 +112,13 @@ pub fn pod_interfaces() -> Vec<String> {
 /// The host routes of the agent's namespace: interface → addresses routed to it alone,
 /// IPv4 first, each family in the kernel's order.
 pub fn host_routes() -> BTreeMap<String, Vec<IpAddr>> {
-    let v4 = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    read_host_routes().unwrap_or_default()
+}
+
+/// [`host_routes`], failing when the IPv4 table cannot be read (a node without IPv6 has no
+/// `/proc/net/ipv6_route`, which counts as no IPv6 routes).
+pub fn read_host_routes() -> std::io::Result<BTreeMap<String, Vec<IpAddr>>> {
+    let v4 = std::fs::read_to_string("/proc/net/route")?;
     let v6 = std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
     let mut out: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
     for (iface, ip) in parse_route_v4(&v4).into_iter().chain(parse_route_v6(&v6)) {
@@ -121,7 +127,7 @@ pub fn host_routes() -> BTreeMap<String, Vec<IpAddr>> {
             ips.push(ip);
         }
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
