@@ -6,12 +6,13 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use classifier::Verdict;
-use classifier::conntrack::{Conntrack, CtConfig};
+use classifier::conntrack::{Conntrack, CtConfig, Load, Touch};
 use classifier::parse::TcpFlags;
-use classifier::pipeline::{BURST, Packet, Worker};
+use classifier::pipeline::{BURST, Packet};
 use classifier::snapshot::Snapshot;
 use classifier::testing::{self, Flow, Workload, WorkloadSpec};
 use classifier::{Nanos, PortId};
+use dataplane::sys::Prefetch;
 use hdrhistogram::Histogram;
 use serde_json::json;
 
@@ -50,6 +51,11 @@ pub struct Args {
     /// Run without the conntrack prefetch stages (the baseline they are measured against).
     #[arg(long)]
     no_prefetch: bool,
+    /// Bring conntrack slots in with plain loads in the burst's slot pass, as the classifier
+    /// alone does, instead of the CPU's prefetch instruction the AF_XDP workers use
+    /// (`dataplane::sys::Prefetch`; the baseline it is measured against).
+    #[arg(long)]
+    slot_loads: bool,
     /// For the established scenarios, also time the first stages alone on the same bursts:
     /// parsing only, then parsing and the conntrack lookup (with its prefetch passes), so
     /// that the full figure can be split into parse, conntrack and the rest.
@@ -123,6 +129,7 @@ pub fn run(args: &Args) -> Result<()> {
 
     let cap = args.ct_capacity;
     PREFETCH.store(!args.no_prefetch, std::sync::atomic::Ordering::Relaxed);
+    SLOT_HINTS.store(!args.slot_loads, std::sync::atomic::Ordering::Relaxed);
     let mut outcomes = Vec::new();
     for scenario in chosen {
         let (outcome, stages) = match scenario {
@@ -194,9 +201,16 @@ fn print_outcome(o: &Outcome) {
 /// Whether workers run the prefetch stages (`--no-prefetch` turns them off).
 static PREFETCH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
+/// Whether the slot pass prefetches (`--slot-loads` makes it load instead).
+static SLOT_HINTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// The classifier as the AF_XDP workers run it.
+type Worker = classifier::pipeline::Worker<Prefetch>;
+
 fn new_worker(flows: usize, capacity: Option<usize>) -> Worker {
-    let mut w = Worker::new(conntrack(flows, capacity));
+    let mut w = Worker::with_touch(conntrack(flows, capacity));
     w.set_prefetch(PREFETCH.load(std::sync::atomic::Ordering::Relaxed));
+    w.set_touch(SLOT_HINTS.load(std::sync::atomic::Ordering::Relaxed));
     w
 }
 
@@ -380,8 +394,13 @@ fn established(
             }
             parsed
         })?);
+        let hints = SLOT_HINTS.load(std::sync::atomic::Ordering::Relaxed);
         stages.push(measure_stage(&templates, packets, ct_name, |bufs| {
-            parse_and_track(&ct, bufs, prefetch)
+            if hints {
+                parse_and_track::<Prefetch>(&ct, bufs, prefetch)
+            } else {
+                parse_and_track::<Load>(&ct, bufs, prefetch)
+            }
         })?);
     }
     Ok((full, stages))
@@ -389,9 +408,10 @@ fn established(
 
 /// The pipeline's first stages on one burst, written as `Worker::process_burst` runs them:
 /// parse every frame into an array of metas, the two conntrack prefetch passes (unless
-/// `--no-prefetch`), then the lookups. Returns the number of conntrack hits.
+/// `--no-prefetch`; the slot pass by `T`), then the lookups. Returns the number of conntrack
+/// hits.
 #[inline(never)]
-fn parse_and_track(ct: &Conntrack, bufs: &[&mut [u8]], prefetch: bool) -> u64 {
+fn parse_and_track<T: Touch>(ct: &Conntrack, bufs: &[&mut [u8]], prefetch: bool) -> u64 {
     use classifier::DropReason;
     use classifier::conntrack::{CtVerdict, FlowKey};
     use classifier::parse::{self, Net, PacketMeta};
@@ -414,7 +434,7 @@ fn parse_and_track(ct: &Conntrack, bufs: &[&mut [u8]], prefetch: bool) -> u64 {
     }
     let mut touched = 0u64;
     for touch in touches.iter().flatten() {
-        touched = touched.wrapping_add(ct.prefetch_slot(touch));
+        touched = touched.wrapping_add(ct.prefetch_slot_with::<T>(touch));
     }
     std::hint::black_box(touched);
     let mut hits = 0u64;

@@ -26,11 +26,12 @@
 //! Invariant: the per-burst path neither allocates nor locks. The snapshot is passed in by the
 //! caller, who loads it once per burst.
 
+use std::marker::PhantomData;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use crate::Nanos;
-use crate::conntrack::{Conntrack, CtPrefetch, CtVerdict, Direction, FlowKey};
+use crate::conntrack::{Conntrack, CtPrefetch, CtVerdict, Direction, FlowKey, Load, Touch};
 use crate::parse::{self, Fragment, IpMeta, L4, Net, PacketMeta};
 use crate::policy::PolicyDecision;
 use crate::rewrite;
@@ -54,8 +55,12 @@ pub struct Packet<'a> {
 }
 
 /// Per-worker classification state: the shared conntrack table and this worker's counters.
+///
+/// `T` is how the burst's slot pass brings each tracked flow's conntrack slot in
+/// ([`Touch`]): plain loads by default; the AF_XDP workers use the CPU's prefetch
+/// instruction (`dataplane::sys::Prefetch`).
 #[derive(Debug)]
-pub struct Worker {
+pub struct Worker<T: Touch = Load> {
     ct: Arc<Conntrack>,
     counters: Counters,
     /// Sum of the words the prefetch stage loaded; kept only so the loads are not optimised
@@ -64,22 +69,43 @@ pub struct Worker {
     /// Whether bursts run the conntrack prefetch stages (on by default; off only to measure
     /// what they are worth).
     prefetch: bool,
+    /// Whether the slot pass uses `T` (on by default) or plain loads (off only to measure
+    /// what `T` is worth).
+    touch: bool,
+    _touch: PhantomData<T>,
 }
 
 impl Worker {
-    /// A worker over a conntrack table shared with the other workers.
+    /// A worker over a conntrack table shared with the other workers, whose prefetch passes
+    /// use plain loads.
     pub fn new(ct: Arc<Conntrack>) -> Worker {
+        Worker::with_touch(ct)
+    }
+}
+
+impl<T: Touch> Worker<T> {
+    /// A worker over a conntrack table shared with the other workers, whose slot pass
+    /// brings slots in by `T`.
+    pub fn with_touch(ct: Arc<Conntrack>) -> Worker<T> {
         Worker {
             ct,
             counters: Counters::default(),
             touched: 0,
             prefetch: true,
+            touch: true,
+            _touch: PhantomData,
         }
     }
 
     /// Turns the burst's conntrack prefetch stages on or off (for A/B benchmarks).
     pub fn set_prefetch(&mut self, on: bool) {
         self.prefetch = on;
+    }
+
+    /// Makes the slot pass use plain loads instead of `T` when `on` is false (for A/B
+    /// benchmarks).
+    pub fn set_touch(&mut self, on: bool) {
+        self.touch = on;
     }
 
     /// This worker's counters.
@@ -126,10 +152,12 @@ impl Worker {
                     *touch = Some(self.ct.prefetch_ip(ip));
                 }
             }
-            let mut touched = 0u64;
-            for touch in touches.iter().take(n).flatten() {
-                touched = touched.wrapping_add(self.ct.prefetch_slot(touch));
-            }
+            let touches_n = touches.get(..n).unwrap_or_default();
+            let touched = if self.touch {
+                slot_pass::<T>(&self.ct, touches_n)
+            } else {
+                slot_pass::<Load>(&self.ct, touches_n)
+            };
             self.touched = self.touched.wrapping_add(touched);
             // Iterated by reference: moving the arrays into the iterator copied them whole.
             let frames = pkts.iter_mut().zip(verdicts.iter_mut());
@@ -514,6 +542,17 @@ fn answer_ndp(
     } else {
         Err(DropReason::NdpUnanswered)
     }
+}
+
+/// The burst's second prefetch pass: brings in, by `T`, the conntrack slot each frame's tag
+/// word points at. Returns the sum of what was loaded (see [`Touch::touch`]).
+#[inline]
+fn slot_pass<T: Touch>(ct: &Conntrack, touches: &[Option<CtPrefetch>]) -> u64 {
+    let mut touched = 0u64;
+    for touch in touches.iter().flatten() {
+        touched = touched.wrapping_add(ct.prefetch_slot_with::<T>(touch));
+    }
+    touched
 }
 
 fn check_pod_source(
@@ -1287,5 +1326,85 @@ mod tests {
             assert_eq!(&bufs[i], out, "frame {i} bytes");
         }
         assert_eq!(one.counters(), burst.counters());
+    }
+
+    thread_local! {
+        static TOUCHED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A [`Touch`] that counts its calls (and loads, as [`Load`] does).
+    struct Counting;
+
+    impl Touch for Counting {
+        fn touch(word: &std::sync::atomic::AtomicU64) -> u64 {
+            TOUCHED.with(|t| t.set(t.get() + 1));
+            Load::touch(word)
+        }
+    }
+
+    fn run_burst<T: Touch>(
+        w: &mut Worker<T>,
+        snap: &Snapshot,
+        frames: &[(Vec<u8>, PortId)],
+    ) -> Vec<Verdict> {
+        let mut bufs: Vec<_> = frames.iter().map(|(f, _)| f.clone()).collect();
+        let mut pkts: Vec<_> = bufs
+            .iter_mut()
+            .zip(frames)
+            .map(|(b, (_, p))| Packet {
+                data: b.as_mut_slice(),
+                ingress: *p,
+            })
+            .collect();
+        let mut verdicts = vec![Verdict::ToHost; pkts.len()];
+        w.process_burst(snap, &mut pkts, &mut verdicts, NOW);
+        verdicts
+    }
+
+    #[test]
+    fn the_slot_pass_touches_each_tracked_flow_by_t_and_changes_no_verdict() {
+        let snap = snapshot(1, 80, PodToHost::Drop);
+        let opens = vec![
+            (tcp(A_IP, B_IP, 1, 80, SYN), PA),
+            (tcp(A_IP, B_IP, 2, 80, SYN), PA),
+            (tcp(C_IP, B_IP, 3, 80, SYN), PC),
+        ];
+        let replies = vec![
+            (tcp(B_IP, A_IP, 80, 1, SYNACK), PB),
+            (tcp(B_IP, A_IP, 80, 2, SYNACK), PB),
+            (tcp(B_IP, C_IP, 80, 3, SYNACK), PB),
+            (tcp(A_IP, C_IP, 9, 1, ACK), PA),
+        ];
+        let mut plain = worker();
+        let mut counted =
+            Worker::<Counting>::with_touch(Arc::new(Conntrack::new(CtConfig::default())));
+        let want: Vec<_> = [&opens, &replies]
+            .iter()
+            .map(|b| run_burst(&mut plain, &snap, b))
+            .collect();
+        TOUCHED.with(|t| t.set(0));
+        let got_opens = run_burst(&mut counted, &snap, &opens);
+        // New flows: no tag matches, their groups are loaded, not touched by `T`.
+        assert_eq!(TOUCHED.with(std::cell::Cell::get), 0);
+        let got_replies = run_burst(&mut counted, &snap, &replies);
+        // The two allowed flows' replies are tracked; the denied flow and the stray ACK are not.
+        assert_eq!(TOUCHED.with(std::cell::Cell::get), 2);
+        assert_eq!(want, [got_opens, got_replies]);
+        assert_eq!(plain.counters(), counted.counters());
+        counted.set_touch(false);
+        let acks = vec![
+            (tcp(A_IP, B_IP, 1, 80, ACK), PA),
+            (tcp(A_IP, B_IP, 2, 80, ACK), PA),
+        ];
+        let verdicts = run_burst(&mut counted, &snap, &acks);
+        assert_eq!(
+            TOUCHED.with(std::cell::Cell::get),
+            2,
+            "plain loads when turned off"
+        );
+        assert!(
+            verdicts.iter().all(|v| matches!(v, Verdict::Forward(_))),
+            "{verdicts:?}"
+        );
     }
 }

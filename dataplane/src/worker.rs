@@ -59,8 +59,9 @@ pub trait Classify {
 /// published, with time from a clock function (the classifier itself never reads a clock).
 #[derive(Debug)]
 pub struct Pipeline {
-    /// The classifier's per-worker state and counters.
-    pub worker: classifier::pipeline::Worker,
+    /// The classifier's per-worker state and counters; its burst's conntrack slot pass
+    /// prefetches ([`crate::sys::Prefetch`]).
+    pub worker: classifier::pipeline::Worker<crate::sys::Prefetch>,
     /// Where the control thread publishes table snapshots: loaded once per burst, so a
     /// new snapshot is in force from the next burst on and a burst never mixes two.
     pub snapshot: Arc<ArcSwap<Snapshot>>,
@@ -72,7 +73,7 @@ impl Pipeline {
     /// A pipeline over a snapshot that never changes (tests, benchmarks).
     pub fn fixed(ct: Arc<Conntrack>, snapshot: Snapshot, clock: fn() -> Nanos) -> Pipeline {
         Pipeline {
-            worker: classifier::pipeline::Worker::new(ct),
+            worker: classifier::pipeline::Worker::with_touch(ct),
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             clock,
         }
@@ -1070,7 +1071,7 @@ mod tests {
             config: Default::default(),
         };
         let pipeline = Pipeline {
-            worker: classifier::pipeline::Worker::new(Arc::new(
+            worker: classifier::pipeline::Worker::with_touch(Arc::new(
                 classifier::conntrack::Conntrack::new(Default::default()),
             )),
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),

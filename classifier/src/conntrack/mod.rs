@@ -97,7 +97,7 @@ mod tests;
 
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::Nanos;
@@ -224,6 +224,33 @@ impl Default for CtConfig {
             capacity: 512 * 1024,
             timeouts: CtTimeouts::default(),
         }
+    }
+}
+
+/// How the burst's slot pass ([`Conntrack::prefetch_slot`]) brings a tracked flow's slot
+/// toward the core.
+///
+/// A plain load ([`Load`]) is all this crate can issue: it has no `unsafe`, and the prefetch
+/// intrinsics are `unsafe` to call. A load that misses holds its place in the reorder buffer
+/// until the line arrives, so a pass of loads keeps only as many misses in flight as the
+/// buffer holds packets' worth of instructions; a prefetch instruction retires at once.
+/// `dataplane::sys::Prefetch` implements this trait with the CPU's prefetch instruction, and
+/// the workers use it (`ocelot-bench pipeline --slot-loads` measures the difference).
+pub trait Touch {
+    /// Brings `word`'s cache line in. Returns a value of no meaning that callers sum and
+    /// keep, so that an implementation made of a load is not optimised away.
+    fn touch(word: &AtomicU64) -> u64;
+}
+
+/// [`Touch`] by a relaxed load: the default, and the fallback on targets without a
+/// prefetch instruction.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Load;
+
+impl Touch for Load {
+    #[inline]
+    fn touch(word: &AtomicU64) -> u64 {
+        word.load(Ordering::Relaxed)
     }
 }
 
@@ -887,8 +914,10 @@ impl Conntrack {
     }
 
     /// [`Conntrack::prefetch_tags`] for the key of a parsed IP packet
-    /// ([`FlowKey::from_ip`]), without building the `FlowKey`.
-    #[inline]
+    /// ([`FlowKey::from_ip`]), without building the `FlowKey`. Always inlined: the burst's
+    /// first pass is a loop over this, and as a call (which the generic `Worker` made it
+    /// when instantiated in another crate) each frame's loads wait on the call's overhead.
+    #[inline(always)]
     pub fn prefetch_ip(&self, ip: &IpMeta) -> CtPrefetch {
         if let (IpAddr::V4(s), IpAddr::V4(d)) = (&ip.src, &ip.dst) {
             let (sport, dport) = match ip.l4 {
@@ -912,14 +941,24 @@ impl Conntrack {
         self.prefetch_tags(&FlowKey::from_ip(ip))
     }
 
-    /// Second pass of the burst prefetch: loads the slot the tag word points at. Returns a
-    /// value of no meaning that the caller keeps so the load is not optimised away.
+    /// Second pass of the burst prefetch: loads the slot the tag word points at (with
+    /// plain loads; [`Conntrack::prefetch_slot_with`] chooses how). Returns a value of no
+    /// meaning that the caller keeps so the load is not optimised away.
     #[inline]
     pub fn prefetch_slot(&self, p: &CtPrefetch) -> u64 {
+        self.prefetch_slot_with::<Load>(p)
+    }
+
+    /// [`Conntrack::prefetch_slot`], bringing the slot of a likely hit in by `T`. A likely
+    /// new flow (no tag matches) still loads every line of its two groups, which its insert
+    /// reads and writes: prefetch instructions for those eight lines per frame measured
+    /// slower on the new-flow path than loads.
+    #[inline]
+    pub fn prefetch_slot_with<T: Touch>(&self, p: &CtPrefetch) -> u64 {
         if p.v6 {
-            self.v6.touch_slot(&p.probe, p.word)
+            self.v6.touch_slot::<T>(&p.probe, p.word)
         } else {
-            self.v4.touch_slot(&p.probe, p.word)
+            self.v4.touch_slot::<T>(&p.probe, p.word)
         }
     }
 

@@ -63,7 +63,7 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
 
 use super::{
-    CtEntry, CtState, CtTableStats, CtVerdict, Direction, F_FINS, F_INIT_LO, Step, Timeouts,
+    CtEntry, CtState, CtTableStats, CtVerdict, Direction, F_FINS, F_INIT_LO, Step, Timeouts, Touch,
 };
 use crate::parse::{L4, TcpFlags};
 
@@ -417,8 +417,9 @@ impl<const K: usize> Table<K> {
     /// First half of a burst prefetch: finds the key's first group and loads its tag word.
     /// The burst pipeline calls this for every frame, then [`Table::touch_slot`] for every
     /// frame, then looks them up: each pass issues independent loads, so the cache misses
-    /// of a whole burst overlap instead of being paid one after another (safe Rust has no
-    /// prefetch instruction; an ordinary load whose result is used does the same job).
+    /// of a whole burst overlap instead of being paid one after another. The tag word is
+    /// loaded, not prefetched: the next pass needs its value (and a prefetch instruction
+    /// here measured no faster).
     ///
     /// Not loaded here: the home slot, although its address is known without the tag word.
     /// Measured (see docs/BENCHMARKS.md, 2026-11-27 ~19:50 UTC), loading it in this pass
@@ -431,19 +432,19 @@ impl<const K: usize> Table<K> {
             .map_or(0, |w| w.load(Ordering::Relaxed))
     }
 
-    /// Second half of a burst prefetch: loads the first slot in window order whose tag
-    /// matches (usually the home slot). With no match the key is most likely new, and an
+    /// Second half of a burst prefetch: brings in, by `T`, the first slot in window order
+    /// whose tag matches (usually the home slot). With no match the key is most likely new, and an
     /// insert will read every slot of both groups, so those are loaded instead (independent
     /// loads, overlapping across the burst).
     #[inline]
-    pub(super) fn touch_slot(&self, probe: &Probe, word: u64) -> u64 {
+    pub(super) fn touch_slot<T: Touch>(&self, probe: &Probe, word: u64) -> u64 {
         let hits = tag_hits(word, probe.tag).rotate_right(8 * u32::from(probe.home));
         if hits != 0 {
             let p = (hits.trailing_zeros() / 8) as usize;
             return probe
                 .index(p)
                 .and_then(|i| self.slots.get(i))
-                .map_or(0, Slot::peek);
+                .map_or(0, |s| T::touch(&s.ctl));
         }
         self.touch_window(probe)
     }

@@ -1177,7 +1177,7 @@ fn start_workers(
                         wports.push(WorkerPort { id: *id, rx, tx });
                     }
                     let pipeline = Pipeline {
-                        worker: classifier::pipeline::Worker::new(ct),
+                        worker: classifier::pipeline::Worker::with_touch(ct),
                         snapshot: published,
                         clock: now,
                     };
