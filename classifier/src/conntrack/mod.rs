@@ -949,10 +949,11 @@ impl Conntrack {
         self.prefetch_slot_with::<Load>(p)
     }
 
-    /// [`Conntrack::prefetch_slot`], bringing the slot of a likely hit in by `T`. A likely
-    /// new flow (no tag matches) still loads every line of its two groups, which its insert
-    /// reads and writes: prefetch instructions for those eight lines per frame measured
-    /// slower on the new-flow path than loads.
+    /// [`Conntrack::prefetch_slot`], bringing the slot of a likely hit in by `T`, in either
+    /// of the key's groups (a flow in its second group costs one more tag-word load here). A
+    /// likely new flow (no tag matches) still loads every line of its two groups, which its
+    /// insert reads and writes: prefetch instructions for those eight lines per frame
+    /// measured slower on the new-flow path than loads.
     #[inline]
     pub fn prefetch_slot_with<T: Touch>(&self, p: &CtPrefetch) -> u64 {
         if p.v6 {

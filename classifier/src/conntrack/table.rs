@@ -433,9 +433,8 @@ impl<const K: usize> Table<K> {
     }
 
     /// Second half of a burst prefetch: brings in, by `T`, the first slot in window order
-    /// whose tag matches (usually the home slot). With no match the key is most likely new, and an
-    /// insert will read every slot of both groups, so those are loaded instead (independent
-    /// loads, overlapping across the burst).
+    /// whose tag matches (usually the home slot); with no match in the first group, see
+    /// [`Table::touch_second`].
     #[inline]
     pub(super) fn touch_slot<T: Touch>(&self, probe: &Probe, word: u64) -> u64 {
         let hits = tag_hits(word, probe.tag).rotate_right(8 * u32::from(probe.home));
@@ -446,7 +445,7 @@ impl<const K: usize> Table<K> {
                 .and_then(|i| self.slots.get(i))
                 .map_or(0, |s| T::touch(&s.ctl));
         }
-        self.touch_window(probe)
+        self.touch_second::<T>(probe)
     }
 
     /// Whether the first group's tag `word` (as [`Table::touch_tags`] loaded it) may hold the
@@ -457,8 +456,28 @@ impl<const K: usize> Table<K> {
         (tag_hits(word, probe.tag) >> (8 * u32::from(probe.home))) & 0x80 != 0
     }
 
-    /// The likely-new-flow case of [`Table::touch_slot`], out of line so that the common
-    /// case (a tag hit) inlines into the burst loop.
+    /// No tag of the first group matches: the flow lives in its second group (about one
+    /// established flow in six: inserts balance the two groups) or is new. The second
+    /// group's tag word tells which; a match brings in that slot by `T`, otherwise the
+    /// insert's lines are loaded ([`Table::touch_window`]).
+    #[inline(never)]
+    fn touch_second<T: Touch>(&self, probe: &Probe) -> u64 {
+        let base = probe.groups[1];
+        let word = self
+            .tags
+            .get(base / GROUP)
+            .map_or(0, |w| w.load(Ordering::Relaxed));
+        let hits = tag_hits(word, probe.tag);
+        if hits != 0 {
+            let i = (hits.trailing_zeros() / 8) as usize;
+            return self.slots.get(base + i).map_or(0, |s| T::touch(&s.ctl));
+        }
+        self.touch_window(probe)
+    }
+
+    /// The likely-new-flow case: an insert will read every slot of both groups, so those are
+    /// loaded (independent loads, overlapping across the burst; prefetch instructions for
+    /// these eight lines per frame measured slower on the new-flow path).
     #[inline(never)]
     fn touch_window(&self, probe: &Probe) -> u64 {
         // Two 32-byte slots share a cache line (more for IPv4 than IPv6, but every line of
@@ -470,6 +489,14 @@ impl<const K: usize> Table<K> {
             }
         }
         sum
+    }
+
+    /// The window position of `key`'s first live copy and the address of its control word
+    /// (what [`Table::touch_slot`] should bring in).
+    #[cfg(test)]
+    pub(super) fn position_and_ctl(&self, key: &[u64; K]) -> Option<(usize, usize)> {
+        self.find(key)
+            .map(|(p, slot, _, _)| (p, std::ptr::from_ref(&slot.ctl) as usize))
     }
 
     /// The first live copy of `key` in probe order.

@@ -1125,3 +1125,75 @@ fn flows_take_their_home_slot_while_it_is_free() {
         "{homed} at home, {elsewhere} elsewhere"
     );
 }
+
+thread_local! {
+    static TOUCHED_AT: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A [`Touch`] that records the address it was given.
+struct Recording;
+
+impl Touch for Recording {
+    fn touch(word: &AtomicU64) -> u64 {
+        TOUCHED_AT.with(|t| t.borrow_mut().push(std::ptr::from_ref(word) as usize));
+        0
+    }
+}
+
+/// The slot pass brings in, by its `Touch`, the slot a live flow lives in, whether in its
+/// first group or in its second (one slot per packet, and the flow's own but for a tag byte
+/// that collides earlier in the window, 1 in 256 per occupied slot); a new flow's lines are
+/// loaded instead.
+#[test]
+fn the_slot_pass_touches_the_flows_own_slot_in_either_group() {
+    let ct = Conntrack::new(CtConfig {
+        capacity: 1 << 13,
+        timeouts: CtTimeouts::default(),
+    });
+    let udp = L4::Udp { sport: 0, dport: 0 };
+    let key = |n: u32| FlowKey {
+        src: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)),
+        dst: v4(1),
+        sport: 1234,
+        dport: 53,
+        proto: 17,
+    };
+    let flows = 3_000u32;
+    for n in 0..flows {
+        ct.insert(&key(n), &udp, 0, T0).expect("room");
+    }
+    let (mut second, mut other) = (0, 0);
+    for n in 0..flows {
+        let k = key(n);
+        let Normalised::V4(words, _) = normalise(&k) else {
+            unreachable!("an IPv4 key")
+        };
+        let (pos, ctl) = ct.v4.position_and_ctl(&words).expect("inserted");
+        second += usize::from(pos >= WINDOW / 2);
+        TOUCHED_AT.with(|t| t.borrow_mut().clear());
+        // Either direction's packet.
+        for k in [k, k.reversed()] {
+            let p = ct.prefetch_tags(&k);
+            ct.prefetch_slot_with::<Recording>(&p);
+        }
+        let touched = TOUCHED_AT.with(|t| t.borrow().clone());
+        assert_eq!(touched.len(), 2, "flow {n}: {touched:?}");
+        assert_eq!(touched[0], touched[1], "flow {n}: both directions alike");
+        other += usize::from(touched[0] != ctl);
+    }
+    assert!(
+        second > flows as usize / 20,
+        "only {second} flows in their second group"
+    );
+    assert!(
+        other < flows as usize / 50,
+        "{other} of {flows} flows touched another slot"
+    );
+    TOUCHED_AT.with(|t| t.borrow_mut().clear());
+    let p = ct.prefetch_tags(&key(flows + 1));
+    ct.prefetch_slot_with::<Recording>(&p);
+    assert!(
+        TOUCHED_AT.with(|t| t.borrow().is_empty()),
+        "a new flow is loaded, not touched"
+    );
+}
