@@ -413,15 +413,17 @@ fn established(
 #[inline(never)]
 fn parse_and_track<T: Touch>(ct: &Conntrack, bufs: &[&mut [u8]], prefetch: bool) -> u64 {
     use classifier::DropReason;
-    use classifier::conntrack::{CtVerdict, FlowKey};
+    use classifier::conntrack::{CtPrefetch, CtVerdict, FlowKey};
     use classifier::parse::{self, Net, PacketMeta};
     let mut metas = [Err(DropReason::Truncated); BURST];
     for (meta, buf) in metas.iter_mut().zip(bufs) {
         *meta = parse::parse(buf);
     }
-    let mut touches = [None; BURST];
-    for (touch, meta) in touches
+    let mut touches = [CtPrefetch::default(); BURST];
+    let mut staged = [false; BURST];
+    for ((touch, has), meta) in touches
         .iter_mut()
+        .zip(&mut staged)
         .zip(&metas)
         .take(if prefetch { BURST } else { 0 })
     {
@@ -429,25 +431,29 @@ fn parse_and_track<T: Touch>(ct: &Conntrack, bufs: &[&mut [u8]], prefetch: bool)
             net: Net::Ip(ip), ..
         }) = meta
         {
-            *touch = Some(ct.prefetch_ip(ip));
+            ct.prefetch_ip_into(ip, touch);
+            *has = true;
         }
     }
     let mut touched = 0u64;
-    for touch in touches.iter().flatten() {
-        touched = touched.wrapping_add(ct.prefetch_slot_with::<T>(touch));
+    for (touch, has) in touches.iter().zip(&staged) {
+        if *has {
+            touched = touched.wrapping_add(ct.prefetch_slot_with::<T>(touch));
+        }
     }
     std::hint::black_box(touched);
     let mut hits = 0u64;
-    for (meta, touch) in metas.iter().zip(&touches) {
+    for (meta, (touch, has)) in metas.iter().zip(touches.iter().zip(&staged)) {
         let Ok(PacketMeta {
             net: Net::Ip(ip), ..
         }) = meta
         else {
             continue;
         };
-        let verdict = match touch {
-            Some(p) => ct.track_prefetched(p, &ip.l4, now()),
-            None => ct.track(&FlowKey::from_ip(ip), &ip.l4, now()),
+        let verdict = if *has {
+            ct.track_prefetched(touch, &ip.l4, now())
+        } else {
+            ct.track(&FlowKey::from_ip(ip), &ip.l4, now())
         };
         hits += u64::from(matches!(verdict, CtVerdict::Hit { .. }));
     }

@@ -142,27 +142,29 @@ impl<T: Touch> Worker<T> {
             for (meta, pkt) in metas.iter_mut().zip(pkts.iter()).take(n) {
                 *meta = parse::parse(pkt.data);
             }
-            let mut touches = [None; BURST];
-            let staged = if self.prefetch { n } else { 0 };
-            for (touch, meta) in touches.iter_mut().zip(metas.iter()).take(staged) {
+            let mut touches = [CtPrefetch::default(); BURST];
+            let mut staged = [false; BURST];
+            let upto = if self.prefetch { n } else { 0 };
+            for ((touch, has), meta) in touches.iter_mut().zip(&mut staged).zip(&metas).take(upto) {
                 if let Ok(PacketMeta {
                     net: Net::Ip(ip), ..
                 }) = meta
                 {
-                    *touch = Some(self.ct.prefetch_ip(ip));
+                    self.ct.prefetch_ip_into(ip, touch);
+                    *has = true;
                 }
             }
-            let touches_n = touches.get(..n).unwrap_or_default();
             let touched = if self.touch {
-                slot_pass::<T>(&self.ct, touches_n)
+                slot_pass::<T>(&self.ct, &touches, &staged, upto)
             } else {
-                slot_pass::<Load>(&self.ct, touches_n)
+                slot_pass::<Load>(&self.ct, &touches, &staged, upto)
             };
             self.touched = self.touched.wrapping_add(touched);
             // Iterated by reference: moving the arrays into the iterator copied them whole.
             let frames = pkts.iter_mut().zip(verdicts.iter_mut());
-            for ((pkt, verdict), (meta, touch)) in frames.zip(metas.iter().zip(touches.iter())) {
-                *verdict = self.finish(snap, pkt, meta, touch.as_ref(), now);
+            let staged = touches.iter().zip(&staged);
+            for ((pkt, verdict), (meta, (touch, has))) in frames.zip(metas.iter().zip(staged)) {
+                *verdict = self.finish(snap, pkt, meta, has.then_some(touch), now);
             }
         }
     }
@@ -238,7 +240,7 @@ impl<T: Touch> Worker<T> {
             PortKind::Pod {
                 ip4, ip6, pod_mac, ..
             } => {
-                check_pod_source(meta, ip, *ip4, *ip6, *pod_mac)?;
+                check_pod_source(meta, ip, ip4, ip6, pod_mac)?;
                 if is_neighbor_discovery(ip) {
                     return answer_ndp(frame, meta, ip, port.mac, *ip6);
                 }
@@ -547,10 +549,17 @@ fn answer_ndp(
 /// The burst's second prefetch pass: brings in, by `T`, the conntrack slot each frame's tag
 /// word points at. Returns the sum of what was loaded (see [`Touch::touch`]).
 #[inline]
-fn slot_pass<T: Touch>(ct: &Conntrack, touches: &[Option<CtPrefetch>]) -> u64 {
+fn slot_pass<T: Touch>(
+    ct: &Conntrack,
+    touches: &[CtPrefetch; BURST],
+    staged: &[bool; BURST],
+    n: usize,
+) -> u64 {
     let mut touched = 0u64;
-    for touch in touches.iter().flatten() {
-        touched = touched.wrapping_add(ct.prefetch_slot_with::<T>(touch));
+    for (touch, has) in touches.iter().zip(staged).take(n) {
+        if *has {
+            touched = touched.wrapping_add(ct.prefetch_slot_with::<T>(touch));
+        }
     }
     touched
 }
@@ -558,30 +567,38 @@ fn slot_pass<T: Touch>(ct: &Conntrack, touches: &[Option<CtPrefetch>]) -> u64 {
 fn check_pod_source(
     meta: &PacketMeta,
     ip: &IpMeta,
-    ip4: Option<Ipv4Addr>,
-    ip6: Option<Ipv6Addr>,
-    pod_mac: Option<[u8; 6]>,
+    ip4: &Option<Ipv4Addr>,
+    ip6: &Option<Ipv6Addr>,
+    pod_mac: &Option<[u8; 6]>,
 ) -> Result<(), DropReason> {
+    // By reference, IPv4 first: the port's IPv6 fields are read only for IPv6 packets.
     let ok = match ip.src {
-        IpAddr::V4(a) => Some(a) == ip4,
-        // Link-local sources are how NDP works; they are never routed.
-        IpAddr::V6(a) => {
-            Some(a) == ip6
-                || ((ip4.is_some() || ip6.is_some()) && a.segments()[0] & 0xffc0 == 0xfe80)
-        }
+        IpAddr::V4(a) => *ip4 == Some(a),
+        IpAddr::V6(a) => source_v6_ok(a, ip4, ip6),
     };
     if !ok {
-        // A port with no address at all has no pod behind it that the datastore knows.
-        return Err(if ip4.is_none() && ip6.is_none() {
-            DropReason::UnknownPod
-        } else {
-            DropReason::SpoofedSourceIp
-        });
+        return Err(spoofed_source(ip4, ip6));
     }
-    if pod_mac.is_some_and(|m| m != meta.src_mac) {
-        return Err(DropReason::SpoofedSourceMac);
+    match pod_mac {
+        Some(m) if *m != meta.src_mac => Err(DropReason::SpoofedSourceMac),
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+/// Link-local sources are how NDP works; they are never routed.
+fn source_v6_ok(a: Ipv6Addr, ip4: &Option<Ipv4Addr>, ip6: &Option<Ipv6Addr>) -> bool {
+    *ip6 == Some(a) || ((ip4.is_some() || ip6.is_some()) && a.segments()[0] & 0xffc0 == 0xfe80)
+}
+
+/// Why a source address is refused: a port with no address at all has no pod behind it that
+/// the datastore knows.
+#[cold]
+fn spoofed_source(ip4: &Option<Ipv4Addr>, ip6: &Option<Ipv6Addr>) -> DropReason {
+    if ip4.is_none() && ip6.is_none() {
+        DropReason::UnknownPod
+    } else {
+        DropReason::SpoofedSourceIp
+    }
 }
 
 fn is_neighbor_discovery(ip: &IpMeta) -> bool {

@@ -1053,11 +1053,26 @@ proptest! {
     }
 }
 
-/// `prefetch_ip` computes exactly what `prefetch_tags` does for the packet's `FlowKey`.
+/// `prefetch_ip` computes exactly what `prefetch_tags` does for the packet's `FlowKey`, and
+/// so does `prefetch_ip_into` over a slot that held another packet's prefetch (the burst
+/// array is reused from frame to frame).
 fn check_prefetch_ip(ct: &Conntrack, ip: &IpMeta) {
     let direct = format!("{:?}", ct.prefetch_ip(ip));
     let via_key = format!("{:?}", ct.prefetch_tags(&FlowKey::from_ip(ip)));
     assert_eq!(direct, via_key, "{ip:?}");
+    let mut reused = ct.prefetch_tags(&FlowKey {
+        src: IpAddr::V6(Ipv6Addr::from(u128::MAX - 1)),
+        dst: IpAddr::V6(Ipv6Addr::from(u128::MAX)),
+        sport: 7,
+        dport: 9,
+        proto: 17,
+    });
+    ct.prefetch_ip_into(ip, &mut reused);
+    if !reused.v6 {
+        // Not written for an IPv4 key, and never read for one (`key4`).
+        reused.key[2..].fill(0);
+    }
+    assert_eq!(format!("{reused:?}"), via_key, "{ip:?} into a used slot");
 }
 
 proptest! {
