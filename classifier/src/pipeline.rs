@@ -269,7 +269,7 @@ impl<T: Touch> Worker<T> {
             HopKind::Unresolved => Err(DropReason::NeighborUnresolved),
             HopKind::Isolated => Err(DropReason::UnknownPod),
             HopKind::Port => {
-                rewrite::route_in_place(frame, ip, meta.l3_offset, hop.src_mac, hop.dst_mac)?;
+                rewrite::route_in_place(frame, ip, meta.l3_offset, &hop.src_mac, &hop.dst_mac)?;
                 Ok(Verdict::Forward(hop.port))
             }
         }

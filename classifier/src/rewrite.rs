@@ -63,14 +63,14 @@ pub const fn checksum_adjust_u32(csum: u16, old: u32, new: u32) -> u16 {
 /// Writes the Ethernet source and destination MAC addresses. Returns `false`, leaving the
 /// frame unchanged, if it is shorter than an Ethernet header.
 #[inline]
-pub fn set_macs(frame: &mut [u8], src: [u8; 6], dst: [u8; 6]) -> bool {
+pub fn set_macs(frame: &mut [u8], src: &[u8; 6], dst: &[u8; 6]) -> bool {
     let Some(header) = frame.get_mut(..14) else {
         return false;
     };
     let (dst_bytes, rest) = header.split_at_mut(6);
-    dst_bytes.copy_from_slice(&dst);
+    dst_bytes.copy_from_slice(dst);
     if let Some(src_bytes) = rest.get_mut(..6) {
-        src_bytes.copy_from_slice(&src);
+        src_bytes.copy_from_slice(src);
     }
     true
 }
@@ -101,8 +101,8 @@ pub fn route_in_place(
     frame: &mut [u8],
     ip: &IpMeta,
     l3_offset: u16,
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
+    src_mac: &[u8; 6],
+    dst_mac: &[u8; 6],
 ) -> Result<(), DropReason> {
     decrement_ttl_at(frame, usize::from(l3_offset), ip.src.is_ipv4())?;
     if !set_macs(frame, src_mac, dst_mac) {
@@ -203,7 +203,7 @@ pub fn arp_reply_in_place(frame: &mut [u8], meta: &PacketMeta, our_mac: [u8; 6])
     if frame.get(l3..l3 + ARP_ETH_IPV4.len()) != Some(&ARP_ETH_IPV4[..]) {
         return false;
     }
-    if !set_macs(frame, our_mac, arp.sender_mac) {
+    if !set_macs(frame, &our_mac, &arp.sender_mac) {
         return false;
     }
     let Some(body) = frame.get_mut(l3 + 6..l3 + ARP_LEN) else {
@@ -298,7 +298,7 @@ pub fn ndp_advert_in_place(
     if target.is_multicast() || target.is_unspecified() || Some(target) == own {
         return false;
     }
-    if !set_macs(frame, our_mac, meta.src_mac) {
+    if !set_macs(frame, &our_mac, &meta.src_mac) {
         return false;
     }
     let answer_len = (NDP_BODY_LEN + NDP_LLADDR_OPT_LEN) as u16;
@@ -506,14 +506,14 @@ mod tests {
             for len in 0..=frame.len() {
                 let mut two = frame[..len].to_vec();
                 let expected = decrement_ttl(&mut two, &meta).and_then(|()| {
-                    if set_macs(&mut two, SRC, DST) {
+                    if set_macs(&mut two, &SRC, &DST) {
                         Ok(())
                     } else {
                         Err(DropReason::Truncated)
                     }
                 });
                 let mut one = frame[..len].to_vec();
-                let got = route_in_place(&mut one, &ip, meta.l3_offset, SRC, DST);
+                let got = route_in_place(&mut one, &ip, meta.l3_offset, &SRC, &DST);
                 assert_eq!(got, expected, "result, {len} of {} bytes", frame.len());
                 assert_eq!(one, two, "bytes, {len} of {} bytes", frame.len());
             }
@@ -694,13 +694,13 @@ mod tests {
     #[test]
     fn set_macs_writes_both_or_nothing() {
         let mut frame = udp_v4(64);
-        assert!(set_macs(&mut frame, HOST_MAC, [1, 2, 3, 4, 5, 6]));
+        assert!(set_macs(&mut frame, &HOST_MAC, &[1, 2, 3, 4, 5, 6]));
         let meta = parse(&frame).unwrap();
         assert_eq!(meta.src_mac, HOST_MAC);
         assert_eq!(meta.dst_mac, [1, 2, 3, 4, 5, 6]);
         for len in [0, 6, 12, 13] {
             let mut short = vec![0x55; len];
-            assert!(!set_macs(&mut short, HOST_MAC, POD_MAC), "len {len}");
+            assert!(!set_macs(&mut short, &HOST_MAC, &POD_MAC), "len {len}");
             assert_eq!(short, vec![0x55; len]);
         }
     }

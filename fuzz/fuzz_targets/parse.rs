@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
 
     // The MAC rewrite changes nothing but the two addresses.
     let mut frame = data.to_vec();
-    assert!(set_macs(&mut frame, NEW_SRC, NEW_DST));
+    assert!(set_macs(&mut frame, &NEW_SRC, &NEW_DST));
     let expected = PacketMeta {
         src_mac: NEW_SRC,
         dst_mac: NEW_DST,
