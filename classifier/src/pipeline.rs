@@ -166,8 +166,10 @@ impl<T: Touch> Worker<T> {
     ) {
         for (pkts, verdicts) in pkts.chunks_mut(BURST).zip(verdicts.chunks_mut(BURST)) {
             let n = pkts.len().min(verdicts.len());
-            // Both arrays are filled for the first `n` frames before they are read, and only
-            // those are read: a frame never sees a meta or a prefetch of another frame.
+            // `metas` is filled for the first `n` frames before it is read, and only those are
+            // read; a frame's prefetch record is read only where this burst's `staged` flag
+            // says this burst wrote it (the array outlives the burst). So a frame never sees
+            // a meta or a prefetch of another frame.
             let mut metas = [Err(DropReason::Truncated); BURST];
             for (meta, pkt) in metas.iter_mut().zip(pkts.iter()).take(n) {
                 *meta = parse::parse(pkt.data);
