@@ -1363,17 +1363,7 @@ mod tests {
             .map(|(f, p)| send(&mut one, &snap, f.clone(), *p))
             .collect();
         let mut burst = worker();
-        let mut bufs: Vec<_> = frames.iter().map(|(f, _)| f.clone()).collect();
-        let mut pkts: Vec<_> = bufs
-            .iter_mut()
-            .zip(&frames)
-            .map(|(b, (_, p))| Packet {
-                data: b.as_mut_slice(),
-                ingress: *p,
-            })
-            .collect();
-        let mut verdicts = vec![Verdict::ToHost; pkts.len()];
-        burst.process_burst(&snap, &mut pkts, &mut verdicts, NOW);
+        let (verdicts, bufs) = run_burst(&mut burst, &snap, &frames);
         for (i, (v, out)) in expected.iter().enumerate() {
             assert_eq!(verdicts[i], *v, "frame {i}");
             assert_eq!(&bufs[i], out, "frame {i} bytes");
@@ -1395,11 +1385,13 @@ mod tests {
         }
     }
 
+    /// One `process_burst` over copies of `frames`: the verdicts and the frames as it left
+    /// them.
     fn run_burst<T: Touch>(
         w: &mut Worker<T>,
         snap: &Snapshot,
         frames: &[(Vec<u8>, PortId)],
-    ) -> Vec<Verdict> {
+    ) -> (Vec<Verdict>, Vec<Vec<u8>>) {
         let mut bufs: Vec<_> = frames.iter().map(|(f, _)| f.clone()).collect();
         let mut pkts: Vec<_> = bufs
             .iter_mut()
@@ -1411,7 +1403,8 @@ mod tests {
             .collect();
         let mut verdicts = vec![Verdict::ToHost; pkts.len()];
         w.process_burst(snap, &mut pkts, &mut verdicts, NOW);
-        verdicts
+        drop(pkts);
+        (verdicts, bufs)
     }
 
     #[test]
@@ -1433,13 +1426,13 @@ mod tests {
             Worker::<Counting>::with_touch(Arc::new(Conntrack::new(CtConfig::default())));
         let want: Vec<_> = [&opens, &replies]
             .iter()
-            .map(|b| run_burst(&mut plain, &snap, b))
+            .map(|b| run_burst(&mut plain, &snap, b).0)
             .collect();
         TOUCHED.with(|t| t.set(0));
-        let got_opens = run_burst(&mut counted, &snap, &opens);
+        let (got_opens, _) = run_burst(&mut counted, &snap, &opens);
         // New flows: no tag matches, their groups are loaded, not touched by `T`.
         assert_eq!(TOUCHED.with(std::cell::Cell::get), 0);
-        let got_replies = run_burst(&mut counted, &snap, &replies);
+        let (got_replies, _) = run_burst(&mut counted, &snap, &replies);
         // The two allowed flows' replies are tracked; the denied flow and the stray ACK are not.
         assert_eq!(TOUCHED.with(std::cell::Cell::get), 2);
         assert_eq!(want, [got_opens, got_replies]);
@@ -1449,7 +1442,7 @@ mod tests {
             (tcp(A_IP, B_IP, 1, 80, ACK), PA),
             (tcp(A_IP, B_IP, 2, 80, ACK), PA),
         ];
-        let verdicts = run_burst(&mut counted, &snap, &acks);
+        let (verdicts, _) = run_burst(&mut counted, &snap, &acks);
         assert_eq!(
             TOUCHED.with(std::cell::Cell::get),
             2,

@@ -964,6 +964,17 @@ fn table_seq(c: u64) -> u64 {
     c >> 40
 }
 
+/// The `n`th of a family of distinct DNS flows from `10.0.0.0/8` to one server.
+fn dns_flow(n: u32) -> FlowKey {
+    FlowKey {
+        src: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)),
+        dst: v4(1),
+        sport: 1234,
+        dport: 53,
+        proto: 17,
+    }
+}
+
 /// Non-evictable flows fill a table to a known load before the first `CtFull` (0.78 with
 /// the seed of `Conntrack::new`; 0.46 with a contiguous 16-slot window, 0.48 with two
 /// groups filled first-fit): sizing `capacity` for a load of 0.75 is safe.
@@ -976,13 +987,7 @@ fn fills_to_high_load_before_first_failure() {
     let udp = L4::Udp { sport: 0, dport: 0 };
     let mut n = 0u32;
     loop {
-        let k = FlowKey {
-            src: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)),
-            dst: v4(1),
-            sport: 1234,
-            dport: 53,
-            proto: 17,
-        };
+        let k = dns_flow(n);
         if ct.insert(&k, &udp, 0, T0).is_err() {
             break;
         }
@@ -1166,13 +1171,7 @@ fn the_slot_pass_touches_the_flows_own_slot_in_either_group() {
         timeouts: CtTimeouts::default(),
     });
     let udp = L4::Udp { sport: 0, dport: 0 };
-    let key = |n: u32| FlowKey {
-        src: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)),
-        dst: v4(1),
-        sport: 1234,
-        dport: 53,
-        proto: 17,
-    };
+    let key = dns_flow;
     let flows = 3_000u32;
     for n in 0..flows {
         ct.insert(&key(n), &udp, 0, T0).expect("room");
