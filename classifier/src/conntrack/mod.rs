@@ -227,7 +227,7 @@ impl Default for CtConfig {
     }
 }
 
-/// How the burst's slot pass ([`Conntrack::prefetch_slot`]) brings a tracked flow's slot
+/// How the burst's slot pass ([`Conntrack::prefetch_slot_with`]) brings a tracked flow's slot
 /// toward the core.
 ///
 /// A plain load ([`Load`]) is all this crate can issue: it has no `unsafe`, and the prefetch
@@ -900,7 +900,7 @@ impl Conntrack {
 
     /// First pass of the burst prefetch: normalises and hashes `key` and loads the tag word
     /// a lookup of it reads first. The pipeline runs this over a whole burst, then
-    /// [`Conntrack::prefetch_slot`] over the whole burst, then the lookups
+    /// [`Conntrack::prefetch_slot_with`] over the whole burst, then the lookups
     /// ([`Conntrack::track_prefetched`]), so that the burst's cache misses overlap.
     #[inline]
     pub fn prefetch_tags(&self, key: &FlowKey) -> CtPrefetch {
@@ -950,19 +950,12 @@ impl Conntrack {
         *out = self.prefetch_tags(&FlowKey::from_ip(ip));
     }
 
-    /// Second pass of the burst prefetch: loads the slot the tag word points at (with
-    /// plain loads; [`Conntrack::prefetch_slot_with`] chooses how). Returns a value of no
-    /// meaning that the caller keeps so the load is not optimised away.
-    #[inline]
-    pub fn prefetch_slot(&self, p: &CtPrefetch) -> u64 {
-        self.prefetch_slot_with::<Load>(p)
-    }
-
-    /// [`Conntrack::prefetch_slot`], bringing the slot of a likely hit in by `T`, in either
-    /// of the key's groups (a flow in its second group costs one more tag-word load here). A
-    /// likely new flow (no tag matches) still loads every line of its two groups, which its
-    /// insert reads and writes: prefetch instructions for those eight lines per frame
-    /// measured slower on the new-flow path than loads.
+    /// Second pass of the burst prefetch: brings in, by `T`, the slot the tag word points
+    /// at, in either of the key's groups (a flow in its second group costs one more tag-word
+    /// load here). A likely new flow (no tag matches) still loads every line of its two
+    /// groups, which its insert reads and writes: prefetch instructions for those eight lines
+    /// per frame measured slower on the new-flow path than loads. Returns a value of no
+    /// meaning that the caller keeps so that loads are not optimised away.
     #[inline]
     pub fn prefetch_slot_with<T: Touch>(&self, p: &CtPrefetch) -> u64 {
         if p.v6 {
