@@ -3,8 +3,8 @@
 //! # Layout
 //!
 //! A table is a power-of-two array of [`Slot`]s, each made of `AtomicU64` words: a control
-//! word, `K` key words (2 for IPv4: both addresses, then ports and protocol; 5 for IPv6) and
-//! an epoch word; beside the slots, one tag word per group of [`GROUP`] slots holds a byte
+//! word, `K` key words (2 for IPv4: the lower endpoint's address and port, then the higher
+//! one's and the protocol; 5 for IPv6) and an epoch word; beside the slots, one tag word per group of [`GROUP`] slots holds a byte
 //! of each slot's key hash so that a lookup reads two tag words and then only the slots
 //! whose byte matches. IPv4 entries cost 32 + 1 bytes, IPv6 entries 56 + 1.
 //!
@@ -74,7 +74,8 @@ pub(super) const TAG_BYTES: usize = std::mem::size_of::<AtomicU64>() / GROUP;
 /// Slots a flow may occupy (its two groups): lookups and inserts examine this many.
 pub const WINDOW: usize = 2 * GROUP;
 
-/// Normalised IPv4 key: addresses, then ports and protocol.
+/// Normalised IPv4 key: the lower endpoint as `address << 16 | port`, then the higher one
+/// shifted up a byte with the protocol in its low byte.
 pub(super) type Key4 = [u64; 2];
 /// Normalised IPv6 key: two words per address, then ports and protocol.
 pub(super) type Key6 = [u64; 5];

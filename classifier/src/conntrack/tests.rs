@@ -1036,8 +1036,8 @@ fn check_normalise_v4(src: u32, sport: u16, dst: u32, dport: u16) {
     let from_lo = a <= b;
     let (lo, hi) = if from_lo { (a, b) } else { (b, a) };
     let expected = [
-        (u64::from(lo.0) << 32) | u64::from(hi.0),
-        ports_word(lo.1, hi.1, 0),
+        (u64::from(lo.0) << 16) | u64::from(lo.1),
+        ((u64::from(hi.0) << 16) | u64::from(hi.1)) << 8,
     ];
     assert_eq!(normalise_v4(src, sport, dst, dport), (expected, from_lo));
 }
