@@ -172,7 +172,7 @@ impl<T: Touch> Worker<T> {
             // a meta or a prefetch of another frame.
             let mut metas = [Err(DropReason::Truncated); BURST];
             for (meta, pkt) in metas.iter_mut().zip(pkts.iter()).take(n) {
-                *meta = parse::parse(pkt.data);
+                parse::parse_into(pkt.data, meta);
             }
             let touches = &mut self.touches;
             let mut staged = [false; BURST];
