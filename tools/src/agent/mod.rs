@@ -569,7 +569,7 @@ pub fn run(opts: &RunOptions, stop: &Arc<AtomicBool>) -> Result<()> {
             let (snapshot, report) = builder.build(&manifests, &specs, &node_opts, epoch);
             log_report(&report);
             let local_ips = local_pod_ips(&snapshot, &specs);
-            reaper.drop_later(published.swap(Arc::new(snapshot)));
+            reaper.drop_shared_later(published.swap(Arc::new(snapshot)));
             if let Some(up) = uplink.as_mut() {
                 up.sync_local_pods(&local_ips);
             }
