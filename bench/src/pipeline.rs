@@ -64,6 +64,12 @@ pub struct Args {
     /// Packets measured per scenario.
     #[arg(long, default_value_t = 20_000_000)]
     packets: usize,
+    /// Rounds: every chosen scenario runs once per round (set-up included), scenarios
+    /// alternating, and the round with the median ns/packet is reported (with every
+    /// round's figure), so that a stretch of noise from the rest of the machine moves one
+    /// round, not the result. Default 3, or 1 with `--quick`.
+    #[arg(long)]
+    rounds: Option<usize>,
     /// A small, fast run for smoke tests (scale and packet counts divided by 100).
     #[arg(long)]
     quick: bool,
@@ -79,6 +85,8 @@ struct Outcome {
     hist: Histogram<u64>,
     expected: &'static str,
     matched: u64,
+    /// ns/packet of every round, in round order, when there was more than one.
+    rounds: Vec<f64>,
 }
 
 impl Outcome {
@@ -130,23 +138,39 @@ pub fn run(args: &Args) -> Result<()> {
     let cap = args.ct_capacity;
     PREFETCH.store(!args.no_prefetch, std::sync::atomic::Ordering::Relaxed);
     SLOT_HINTS.store(!args.slot_loads, std::sync::atomic::Ordering::Relaxed);
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
+    let mut runs: Vec<Vec<(Outcome, Vec<Outcome>)>> = chosen.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        for (scenario, runs) in chosen.iter().zip(&mut runs) {
+            let run = match *scenario {
+                "established" => {
+                    established(&w, flows, packets, "established", cap, args.breakdown)?
+                }
+                "established-1m" => established(
+                    &w,
+                    big_flows,
+                    packets,
+                    "established-1m",
+                    cap,
+                    args.breakdown,
+                )?,
+                "new" => (new_flows(&w, packets.min(1_000_000), cap)?, Vec::new()),
+                "denied" => (denied(&w, flows.min(10_000), packets, cap)?, Vec::new()),
+                "floor" => (floor(&w, flows, packets, cap)?, Vec::new()),
+                _ => unreachable!("checked above"),
+            };
+            if rounds > 1 {
+                eprintln!(
+                    "round {round}/{rounds}: {scenario} {:.1} ns/packet",
+                    run.0.ns_per_packet()
+                );
+            }
+            runs.push(run);
+        }
+    }
     let mut outcomes = Vec::new();
-    for scenario in chosen {
-        let (outcome, stages) = match scenario {
-            "established" => established(&w, flows, packets, "established", cap, args.breakdown)?,
-            "established-1m" => established(
-                &w,
-                big_flows,
-                packets,
-                "established-1m",
-                cap,
-                args.breakdown,
-            )?,
-            "new" => (new_flows(&w, packets.min(1_000_000), cap)?, Vec::new()),
-            "denied" => (denied(&w, flows.min(10_000), packets, cap)?, Vec::new()),
-            "floor" => (floor(&w, flows, packets, cap)?, Vec::new()),
-            _ => unreachable!("checked above"),
-        };
+    for runs in runs {
+        let (outcome, stages) = median_round(runs);
         print_outcome(&outcome);
         outcomes.push(outcome);
         for stage in stages {
@@ -169,12 +193,25 @@ pub fn run(args: &Args) -> Result<()> {
                     "packets": o.packets,
                     "burst": BURST,
                     "frame_bytes": testing::MIN_FRAME + 4,
+                    "rounds_ns_per_packet": o.rounds.iter().map(|&r| round2(r)).collect::<Vec<_>>(),
                 })
             })
             .collect();
         crate::write_json(path, &json!({ "results": results }))?;
     }
     Ok(())
+}
+
+/// The run whose ns/packet is the median of `runs` (the upper one of an even count), with
+/// every run's figure, in round order, in its `rounds` when there was more than one.
+fn median_round(mut runs: Vec<(Outcome, Vec<Outcome>)>) -> (Outcome, Vec<Outcome>) {
+    let all: Vec<f64> = runs.iter().map(|(o, _)| o.ns_per_packet()).collect();
+    runs.sort_by(|a, b| a.0.ns_per_packet().total_cmp(&b.0.ns_per_packet()));
+    let mut run = runs.swap_remove(runs.len() / 2);
+    if all.len() > 1 {
+        run.0.rounds = all;
+    }
+    run
 }
 
 fn round2(x: f64) -> f64 {
@@ -196,6 +233,15 @@ fn print_outcome(o: &Outcome) {
         o.packets,
         o.expected,
     );
+    if !o.rounds.is_empty() {
+        let each: Vec<String> = o.rounds.iter().map(|r| format!("{r:.1}")).collect();
+        println!(
+            "{:<16} the median of {} rounds (ns/packet, in order: {})",
+            "",
+            o.rounds.len(),
+            each.join(", ")
+        );
+    }
 }
 
 /// Whether workers run the prefetch stages (`--no-prefetch` turns them off).
@@ -319,6 +365,7 @@ fn measure(
         hist,
         expected,
         matched,
+        rounds: Vec::new(),
     })
 }
 
@@ -417,7 +464,7 @@ fn parse_and_track<T: Touch>(ct: &Conntrack, bufs: &[&mut [u8]], prefetch: bool)
     use classifier::parse::{self, Net, PacketMeta};
     let mut metas = [Err(DropReason::Truncated); BURST];
     for (meta, buf) in metas.iter_mut().zip(bufs) {
-        *meta = parse::parse(buf);
+        parse::parse_into(buf, meta);
     }
     let mut touches = [CtPrefetch::default(); BURST];
     let mut staged = [false; BURST];
@@ -510,6 +557,7 @@ fn measure_stage(
         hist,
         expected: "passed the stage",
         matched,
+        rounds: Vec::new(),
     })
 }
 

@@ -309,7 +309,7 @@ pub fn parse(frame: &[u8]) -> Result<PacketMeta, DropReason> {
 /// on the established path (docs/BENCHMARKS.md, round six). Frames the fast path does not
 /// take go to [`parse_full`], out of line.
 #[inline(always)]
-pub(crate) fn parse_into(frame: &[u8], out: &mut Result<PacketMeta, DropReason>) {
+pub fn parse_into(frame: &[u8], out: &mut Result<PacketMeta, DropReason>) {
     let fast = parse_fast_or(
         frame,
         |_| false,
