@@ -148,26 +148,35 @@ mod tests {
         }
     }
 
-    /// A shared value another thread still holds when the reaper gets it is freed on the
-    /// reaper's thread after that thread lets go, not on that thread.
+    /// A value published through an `ArcSwap`, as the agent publishes snapshots, and still
+    /// held by a worker's guard when it is swapped out and handed to the reaper, is freed on
+    /// the reaper's thread after the worker lets go, not by the worker.
     #[test]
-    fn shared_values_are_freed_on_the_reaper_thread_after_their_last_holder_lets_go() {
+    fn a_swapped_out_value_a_worker_still_holds_is_freed_on_the_reaper_thread() {
         let dropped_on = Arc::new(Mutex::new(None));
         let reaper = Reaper::spawn("test-reaper").expect("spawn");
-        let value = Arc::new(Probe(Arc::clone(&dropped_on)));
-        let (hold_tx, hold_rx) = crossbeam_channel::bounded::<Arc<Probe>>(0);
-        let (done_tx, done_rx) = crossbeam_channel::bounded::<ThreadId>(0);
-        let worker = std::thread::spawn(move || {
-            let held = hold_rx.recv().unwrap();
-            // Holds the value while the reaper gets its reference and looks at it.
-            std::thread::sleep(Duration::from_millis(20));
-            drop(held);
-            done_tx.send(std::thread::current().id()).unwrap();
-        });
-        hold_tx.send(Arc::clone(&value)).unwrap();
-        reaper.drop_shared_later(value);
-        let worker_id = done_rx.recv().unwrap();
-        worker.join().unwrap();
+        let published = Arc::new(arc_swap::ArcSwap::from_pointee(Probe(Arc::clone(
+            &dropped_on,
+        ))));
+        let (loaded_tx, loaded_rx) = crossbeam_channel::bounded::<()>(0);
+        let (swapped_tx, swapped_rx) = crossbeam_channel::bounded::<()>(0);
+        let worker = {
+            let published = Arc::clone(&published);
+            std::thread::spawn(move || {
+                let guard = published.load();
+                loaded_tx.send(()).unwrap();
+                swapped_rx.recv().unwrap();
+                // Holds the old value while the reaper gets it and looks at it.
+                std::thread::sleep(Duration::from_millis(20));
+                drop(guard);
+                std::thread::current().id()
+            })
+        };
+        loaded_rx.recv().unwrap();
+        let old = published.swap(Arc::new(Probe(Arc::new(Mutex::new(None)))));
+        reaper.drop_shared_later(old);
+        swapped_tx.send(()).unwrap();
+        let worker_id = worker.join().unwrap();
         drop(reaper);
         let on = *dropped_on.lock().unwrap();
         assert!(on.is_some(), "never freed");
