@@ -4,9 +4,10 @@
 //!
 //! A table is a power-of-two array of [`Slot`]s, each made of `AtomicU64` words: a control
 //! word, `K` key words (2 for IPv4: the lower endpoint's address and port, then the higher
-//! one's and the protocol; 5 for IPv6) and an epoch word; beside the slots, one tag word per group of [`GROUP`] slots holds a byte
-//! of each slot's key hash so that a lookup reads two tag words and then only the slots
-//! whose byte matches. IPv4 entries cost 32 + 1 bytes, IPv6 entries 56 + 1.
+//! one's and the protocol; 5 for IPv6) and an epoch word; beside the slots, one tag word per
+//! group of [`GROUP`] slots holds a byte of each slot's key hash so that a lookup reads two
+//! tag words and then only the slots whose byte matches. IPv4 entries cost 32 + 1 bytes,
+//! IPv6 entries 56 + 1.
 //!
 //! A key's window is its two groups in probe order: first its *home slot* (a slot of the
 //! first group chosen by the hash), then the rest of the first group from there, wrapping,
